@@ -1,0 +1,20 @@
+"""hf_stackwise: progressive, time-scheduled training for any Hugging Face model, inside one Trainer run."""
+
+from .schedule import Phase, RecipeError, Schedule
+
+__version__ = "0.1.0"
+
+__all__ = ["Phase", "RecipeError", "Schedule", "StackwiseArguments", "StackwiseTrainer", "Rack", "__version__"]
+
+
+def __getattr__(name):
+    # Heavy imports (torch, transformers) only when asked for.
+    if name in ("StackwiseArguments", "StackwiseTrainer"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    if name == "Rack":
+        from .rack import Rack
+
+        return Rack
+    raise AttributeError(f"module 'hf_stackwise' has no attribute {name!r}")

@@ -1,0 +1,91 @@
+"""Command line: ``hf-stackwise train RECIPE [--section.key value ...]`` and ``hf-stackwise validate RECIPE``.
+
+Thin by design: parse, call :mod:`hf_stackwise.run`, print. Recipe problems print as one readable
+paragraph and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .checkpoint import OutputDirError, ResumeError
+from .schedule import RecipeError
+
+USER_ERRORS = (RecipeError, ResumeError, OutputDirError)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-stackwise",
+        description="Progressive, time-scheduled training for Hugging Face models, inside one Trainer run.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("train", "run a recipe: validate it, train through every phase, save the model to training.output_dir"),
+        ("validate", "check a recipe against the model's config and the data, print its phases; load no weights"),
+    ):
+        cmd = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="Override any recipe key after the recipe: --training.max_steps 100 --schedule.0.until 0.4",
+        )
+        cmd.add_argument("recipe", help="path of the YAML recipe")
+        cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    return parser
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_phases(trace, total_steps: int) -> None:
+    bounds = [start for start, _, _ in trace] + [total_steps]
+    for (start, name, stacks), end in zip(trace, bounds[1:]):
+        print(
+            f"  {name:<16} steps {start:>6}-{end - 1:<6} t {start / total_steps:.2f}-{end / total_steps:.2f}  "
+            f"train stacks {list(stacks)}"
+        )
+
+
+def _end_distributed() -> None:
+    # A clean exit for torchrun / accelerate launch (facts.md: rare abort on exit otherwise).
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("hf_stackwise").setLevel(logging.INFO)
+    try:
+        from . import run
+        from .recipe import load_recipe
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "validate":
+            prepared = run.prepare(recipe)
+            resolved = recipe.schedule.resolve(prepared.total_steps)
+            stacks = len(prepared.rack["boundaries"]) - 1
+            print(f"{args.recipe}: valid. {stacks} stacks over {prepared.rack['num_blocks']} blocks "
+                  f"({prepared.rack['layers']}), {prepared.total_steps} steps:")
+            _print_phases(resolved.trace(stacks), prepared.total_steps)
+            return 0
+        summary = run.train(recipe)
+    except USER_ERRORS as err:
+        print(f"hf-stackwise: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        _end_distributed()
+    if _is_main_process():
+        print(f"hf-stackwise: trained {summary['global_step']} steps; model saved to {summary['output_dir']}")
+        _print_phases(summary["trace"], summary["global_step"])
+        if summary["eval_loss_first"] is not None:
+            print(f"eval loss: first {summary['eval_loss_first']:.4f} -> last {summary['eval_loss_last']:.4f}")
+    return 0

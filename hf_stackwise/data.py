@@ -1,0 +1,64 @@
+"""Causal-LM data from ``datasets.load_dataset``: tokenize, chunk to ``max_seq_length``, split off eval.
+
+Tokenization and chunking go through ``Dataset.map`` so the datasets cache makes a second run skip them.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from .schedule import RecipeError
+
+
+def _load(spec: dict, key: str) -> Dataset:
+    spec = dict(spec)
+    split = spec.pop("split", "train")
+    try:
+        loaded = load_dataset(**spec, split=split)
+    except FileNotFoundError as err:
+        raise RecipeError(f"{key}: {err}; check `data_files` / `path`") from None
+    if isinstance(loaded, DatasetDict):  # a split that was not a plain name
+        loaded = loaded[next(iter(loaded))]
+    return loaded
+
+
+def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_length: int, key: str) -> Dataset:
+    """Tokenize ``text_column``, append EOS per text, concatenate and cut into full ``max_seq_length`` chunks."""
+    if text_column not in dataset.column_names:
+        raise RecipeError(
+            f"data.text_column: {text_column!r} is not a column of {key} (columns: {', '.join(dataset.column_names)})"
+        )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        texts = [t for t in batch[text_column] if t and t.strip()]
+        return {"input_ids": [ids + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]}
+
+    def chunk(batch):
+        flat = [tok for ids in batch["input_ids"] for tok in ids]
+        usable = len(flat) // max_seq_length * max_seq_length
+        chunks = [flat[i : i + max_seq_length] for i in range(0, usable, max_seq_length)]
+        return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
+
+    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {key}")
+    chunks = tokens.map(chunk, batched=True, batch_size=1000, desc=f"chunk {key} to {max_seq_length}")
+    if len(chunks) == 0:
+        raise RecipeError(
+            f"{key}: no example of {max_seq_length} tokens after tokenizing; add text or lower `data.max_seq_length`"
+        )
+    return chunks
+
+
+def build_datasets(data: dict, tokenizer, max_seq_length: int, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Train and (optional) eval datasets for the recipe's ``data`` section."""
+    text_column = data.get("text_column", "text")
+    train = tokenize_and_chunk(_load(data["train"], "data.train"), tokenizer, text_column, max_seq_length, "data.train")
+    evaluation = None
+    if data.get("eval") is not None:
+        evaluation = tokenize_and_chunk(_load(data["eval"], "data.eval"), tokenizer, text_column, max_seq_length, "data.eval")
+    elif data.get("eval_fraction"):
+        split = train.train_test_split(test_size=data["eval_fraction"], seed=seed)
+        train, evaluation = split["train"], split["test"]
+    if evaluation is not None and data.get("max_eval_samples"):
+        evaluation = evaluation.select(range(min(len(evaluation), data["max_eval_samples"])))
+    return train, evaluation

@@ -1,0 +1,199 @@
+"""The rack: a model's block list grouped into contiguous stacks.
+
+A *block* is one transformer layer; a *stack* is a contiguous group of blocks; the *rack* is the
+ordered list of stacks. Parameters outside the blocks belong to two more units: ``embeddings``
+(everything registered before the first block) and ``head`` (everything after the last block:
+final norm, LM or MLM head). A parameter shared by both (tied embeddings) belongs to both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .schedule import EMBEDDINGS, HEAD, RecipeError, stack_unit
+
+# Where known families keep their block list, relative to the model passed in (head model or base model).
+KNOWN_LAYER_PATHS = (
+    "model.layers",  # Llama, SmolLM2, Qwen2, Mistral, Gemma, Phi-3 (…ForCausalLM)
+    "layers",  # the same families' base models, GPT-NeoX base
+    "transformer.h",  # GPT-2, GPT-J, Falcon (…LMHeadModel)
+    "h",  # GPT-2 base
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "bert.encoder.layer",  # BERT / MiniLM (…ForMaskedLM, …ForSequenceClassification)
+    "roberta.encoder.layer",  # RoBERTa
+    "encoder.layer",  # BERT / RoBERTa base models
+    "model.decoder.layers",  # OPT
+)
+
+
+def num_layers_from_config(config) -> int | None:
+    """The block count a transformers config declares (``num_hidden_layers`` or ``n_layer``)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_layers_path(model: nn.Module, layers: str | None = None) -> str:
+    """Dotted path of the model's block list: ``layers`` if given, else auto-detected."""
+    if layers is not None:
+        module = _get_submodule(model, layers)
+        if not isinstance(module, nn.ModuleList):
+            raise RecipeError(
+                f"rack.layers: {layers!r} does not name a torch.nn.ModuleList of blocks in "
+                f"{type(model).__name__}; point it at the list of transformer layers"
+            )
+        return layers
+    expected = num_layers_from_config(getattr(model, "config", None))
+    for path in KNOWN_LAYER_PATHS:
+        module = _get_submodule(model, path)
+        if isinstance(module, nn.ModuleList) and (expected is None or len(module) == expected):
+            return path
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name and (expected is None or len(module) == expected)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    hint = f" (candidates: {', '.join(candidates)})" if candidates else ""
+    raise RecipeError(
+        f"rack.layers: cannot tell where {type(model).__name__} keeps its transformer blocks{hint}; set "
+        "`rack.layers` to the dotted path of the block list, e.g. `model.layers`"
+    )
+
+
+def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def resolve_boundaries(
+    num_blocks: int, blocks_per_stack: int | None = None, boundaries: list[int] | None = None
+) -> tuple[int, ...]:
+    """Block boundaries of the stacks: ``(0, b1, ..., num_blocks)``; stack i holds blocks [b_i, b_{i+1})."""
+    if blocks_per_stack is not None and boundaries is not None:
+        raise RecipeError("rack: give either `blocks_per_stack` or `boundaries`, not both")
+    if boundaries is not None:
+        b = list(boundaries)
+        if not b or any(not isinstance(x, int) or isinstance(x, bool) for x in b):
+            raise RecipeError(f"rack.boundaries: {boundaries!r} is not a list of block indices")
+        if b[0] != 0:
+            b = [0, *b]
+        if b[-1] != num_blocks:
+            if b[-1] > num_blocks:
+                raise RecipeError(
+                    f"rack.boundaries: {boundaries!r} goes beyond the model's {num_blocks} blocks; "
+                    f"the last boundary must be at most {num_blocks}"
+                )
+            b.append(num_blocks)
+        if any(b2 <= b1 for b1, b2 in zip(b, b[1:], strict=False)):
+            raise RecipeError(f"rack.boundaries: {boundaries!r} must be strictly increasing block indices")
+        return tuple(b)
+    if blocks_per_stack is None:
+        blocks_per_stack = 1
+    if not isinstance(blocks_per_stack, int) or isinstance(blocks_per_stack, bool) or blocks_per_stack < 1:
+        raise RecipeError(f"rack.blocks_per_stack: {blocks_per_stack!r} is not a positive integer")
+    if num_blocks % blocks_per_stack:
+        raise RecipeError(
+            f"rack.blocks_per_stack: {blocks_per_stack} does not divide the model's {num_blocks} blocks; "
+            "pick a divisor or give explicit `rack.boundaries`"
+        )
+    return tuple(range(0, num_blocks + 1, blocks_per_stack))
+
+
+@dataclass
+class Rack:
+    """A model seen as stacks of blocks; owns the parameter → unit map and the active-depth switch."""
+
+    model: nn.Module
+    layers_path: str
+    boundaries: tuple[int, ...]
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        layers: str | None = None,
+        blocks_per_stack: int | None = None,
+        boundaries: list[int] | None = None,
+    ) -> Rack:
+        path = find_layers_path(model, layers)
+        blocks = model.get_submodule(path)
+        return cls(model, path, resolve_boundaries(len(blocks), blocks_per_stack, boundaries))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_path)
+
+    @property
+    def num_stacks(self) -> int:
+        return len(self.boundaries) - 1
+
+    @property
+    def num_blocks(self) -> int:
+        return self.boundaries[-1]
+
+    def stack_blocks(self, index: int) -> range:
+        """Block indices of stack ``index``."""
+        return range(self.boundaries[index], self.boundaries[index + 1])
+
+    def topology(self) -> dict:
+        """Plain description stored in checkpoint manifests."""
+        return {"layers": self.layers_path, "num_blocks": self.num_blocks, "boundaries": list(self.boundaries)}
+
+    def parameter_units(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters per unit, in registration order; a tied parameter is listed under each unit that uses it."""
+        block_stack = {}
+        for s in range(self.num_stacks):
+            for b in self.stack_blocks(s):
+                block_stack[b] = s
+        prefix = self.layers_path + "."
+        units: dict[str, list[tuple[str, nn.Parameter]]] = {EMBEDDINGS: []}
+        units.update({stack_unit(s): [] for s in range(self.num_stacks)})
+        units[HEAD] = []
+        seen_blocks = False
+        seen: dict[str, set[int]] = {u: set() for u in units}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if name.startswith(prefix):
+                seen_blocks = True
+                unit = stack_unit(block_stack[int(name[len(prefix) :].split(".", 1)[0])])
+            else:
+                unit = HEAD if seen_blocks else EMBEDDINGS
+            if id(param) not in seen[unit]:
+                seen[unit].add(id(param))
+                units[unit].append((name, param))
+        return units
+
+    @contextlib.contextmanager
+    def active_depth(self, stacks: int):
+        """Run only the first ``stacks`` stacks inside this context; the head reads after the last of them.
+
+        The full block list stays registered (state dicts, checkpoints and optimizer see every block);
+        only the forward pass sees the truncated list.
+        """
+        num_blocks = self.boundaries[stacks]
+        if num_blocks == self.num_blocks:
+            yield
+            return
+        parent_path, _, attr = self.layers_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        full = parent._modules[attr]
+        parent._modules[attr] = nn.ModuleList(list(full)[:num_blocks])
+        try:
+            yield
+        finally:
+            parent._modules[attr] = full
+
+
+def parameter_fingerprint(param: torch.Tensor) -> tuple[float, float]:
+    """Cheap fingerprint of a tensor's values (float64 sum and sum of squares) to detect changes."""
+    data = param.detach().to(torch.float64)
+    return float(data.sum()), float((data * data).sum())

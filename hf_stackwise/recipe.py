@@ -1,0 +1,238 @@
+"""The YAML recipe: sections ``model``, ``rack``, ``data``, ``schedule``, ``training``.
+
+``load_recipe`` reads a file, applies command-line overrides (``--training.max_steps 10``) and
+validates the whole recipe statically (keys, types, schedule), raising one :class:`RecipeError` that
+lists every problem with its key path. Checks that need the model's config (layer counts) or the data
+happen in :mod:`hf_stackwise.run`, still before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from .schedule import RecipeError, Schedule
+
+SECTIONS = ("model", "rack", "data", "schedule", "training")
+MODEL_KEYS = ("name_or_path", "dtype")
+# from_pretrained keyword arguments a recipe may pass through the `model` section
+FROM_PRETRAINED_KEYS = (
+    "revision",
+    "subfolder",
+    "trust_remote_code",
+    "attn_implementation",
+    "gguf_file",
+    "local_files_only",
+    "cache_dir",
+    "low_cpu_mem_usage",
+)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+RACK_KEYS = ("blocks_per_stack", "boundaries", "layers")
+DATA_KEYS = ("train", "eval", "eval_fraction", "text_column", "max_seq_length", "task", "max_eval_samples")
+TASKS = ("clm",)
+# TrainingArguments fields the recipe sets elsewhere, with where they belong instead.
+TRAINING_OWNED_ELSEWHERE = {
+    "schedule": "the top-level `schedule:` section",
+    "blocks_per_stack": "`rack.blocks_per_stack`",
+    "stack_boundaries": "`rack.boundaries`",
+    "rack_layers": "`rack.layers`",
+    "lr_scheduler_type": "`lr_schedule` on each phase (constant | linear | cosine)",
+    "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
+    "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
+}
+
+
+@dataclass
+class Recipe:
+    """A statically validated recipe; sections stay plain dicts/lists (JSON-friendly)."""
+
+    model: dict
+    rack: dict
+    data: dict
+    schedule: Schedule
+    training: dict
+    raw: dict
+    path: str | None = None
+
+    @property
+    def resume_from_checkpoint(self):
+        return self.training.get("resume_from_checkpoint")
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
+    """``["--training.max_steps", "10", "--schedule.0.until=0.5"]`` → ``[(key, value), ...]`` (YAML-typed)."""
+    pairs = []
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise RecipeError(f"override {item!r}: expected `--section.key value` (e.g. `--training.max_steps 10`)")
+        key = item[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(items):
+            text = items[i + 1]
+            i += 2
+        else:
+            raise RecipeError(f"override --{key}: missing its value")
+        pairs.append((key, yaml.safe_load(text)))
+    return pairs
+
+
+def apply_overrides(raw: dict, overrides: list[tuple[str, object]]) -> dict:
+    """Set dotted keys (``schedule.1.until``) in a copy of the raw recipe."""
+    data = copy.deepcopy(raw)
+    for key, value in overrides:
+        parts = key.split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"override --{key}: {path} is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        last = parts[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise RecipeError(f"override --{key}: {last} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"override --{key}: {'.'.join(parts[:-1])} is not a section")
+    return data
+
+
+def _check_keys(section: dict, allowed: tuple[str, ...], path: str, problems: list[str]) -> None:
+    for key in section:
+        if key not in allowed:
+            problems.append(f"{path}.{key}: unknown key; known keys are {', '.join(allowed)}")
+
+
+def _check_model(model, problems: list[str]) -> dict:
+    if not isinstance(model, dict):
+        problems.append("model: expected a mapping with at least `name_or_path`")
+        return {}
+    _check_keys(model, MODEL_KEYS + FROM_PRETRAINED_KEYS, "model", problems)
+    name = model.get("name_or_path")
+    if not isinstance(name, str) or not name:
+        problems.append("model.name_or_path: missing; give a local model folder or a Hub id")
+    dtype = model.get("dtype", "auto")
+    if dtype not in DTYPES:
+        problems.append(f"model.dtype: {dtype!r} is not one of {DTYPES}")
+    return model
+
+
+def _check_rack(rack, problems: list[str]) -> dict:
+    if rack is None:
+        return {}
+    if not isinstance(rack, dict):
+        problems.append("rack: expected a mapping (blocks_per_stack, boundaries, layers)")
+        return {}
+    _check_keys(rack, RACK_KEYS, "rack", problems)
+    bps = rack.get("blocks_per_stack")
+    if bps is not None and (not isinstance(bps, int) or isinstance(bps, bool) or bps < 1):
+        problems.append(f"rack.blocks_per_stack: {bps!r} is not a positive integer")
+    bounds = rack.get("boundaries")
+    if bounds is not None and (
+        not isinstance(bounds, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+    ):
+        problems.append(f"rack.boundaries: {bounds!r} is not a list of block indices")
+    if bps is not None and bounds is not None:
+        problems.append("rack: give either `blocks_per_stack` or `boundaries`, not both")
+    layers = rack.get("layers")
+    if layers is not None and not isinstance(layers, str):
+        problems.append(f"rack.layers: {layers!r} is not a dotted path such as `model.layers`")
+    return rack
+
+
+def _check_dataset_spec(spec, path: str, problems: list[str]) -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        problems.append(
+            f"{path}: expected `datasets.load_dataset` arguments with at least `path`, "
+            'e.g. {path: text, data_files: "corpus/*.txt"}'
+        )
+
+
+def _check_data(data, problems: list[str]) -> dict:
+    if not isinstance(data, dict):
+        problems.append("data: expected a mapping with at least `train` (datasets.load_dataset arguments)")
+        return {}
+    _check_keys(data, DATA_KEYS, "data", problems)
+    _check_dataset_spec(data.get("train"), "data.train", problems)
+    if data.get("eval") is not None:
+        _check_dataset_spec(data["eval"], "data.eval", problems)
+    fraction = data.get("eval_fraction", 0.0)
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction < 1:
+        problems.append(f"data.eval_fraction: {fraction!r} is not a fraction in [0, 1)")
+    if data.get("eval") is not None and fraction:
+        problems.append("data: give either `eval` or `eval_fraction`, not both")
+    for key in ("max_seq_length", "max_eval_samples"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            problems.append(f"data.{key}: {value!r} is not a positive integer")
+    if not isinstance(data.get("text_column", "text"), str):
+        problems.append(f"data.text_column: {data.get('text_column')!r} is not a column name")
+    if data.get("task", "clm") not in TASKS:
+        problems.append(f"data.task: {data.get('task')!r} is not one of {TASKS}")
+    return data
+
+
+def _check_training(training, problems: list[str]) -> dict:
+    if not isinstance(training, dict):
+        problems.append("training: expected a mapping of TrainingArguments fields with at least `output_dir`")
+        return {}
+    for key, where in TRAINING_OWNED_ELSEWHERE.items():
+        if key in training:
+            problems.append(f"training.{key}: set by the schedule; use {where}")
+    if not isinstance(training.get("output_dir"), str):
+        problems.append("training.output_dir: missing; say where checkpoints and the final model go")
+    return training
+
+
+def validate_recipe(raw, path: str | None = None) -> Recipe:
+    """Validate a raw recipe mapping statically; raise one RecipeError listing every problem."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path or 'recipe'}: expected a YAML mapping with sections {', '.join(SECTIONS)}")
+    problems: list[str] = []
+    for key in raw:
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section; known sections are {', '.join(SECTIONS)}")
+    for key in ("model", "data", "schedule", "training"):
+        if key not in raw:
+            problems.append(f"{key}: missing section")
+    model = _check_model(raw.get("model"), problems) if "model" in raw else {}
+    rack = _check_rack(raw.get("rack"), problems)
+    data = _check_data(raw.get("data"), problems) if "data" in raw else {}
+    training = _check_training(raw.get("training"), problems) if "training" in raw else {}
+    schedule = None
+    if "schedule" in raw:
+        try:
+            schedule = Schedule.from_list(raw["schedule"])
+        except RecipeError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(model=model, rack=rack, data=data, schedule=schedule, training=training, raw=raw, path=path)
+
+
+def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and statically validate a recipe file."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe: {path!r} is not a file; give the path of a YAML recipe")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe: {path!r} is not valid YAML: {err}") from None
+    if overrides:
+        raw = apply_overrides(raw or {}, parse_overrides(overrides))
+    return validate_recipe(raw, path)

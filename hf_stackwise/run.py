@@ -1,0 +1,173 @@
+"""From a recipe to a trained model. Every check that needs the model's config or the data runs
+before a weight is loaded and before the output directory is touched (``product.md``, principle 7).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+
+from .checkpoint import check_output_dir, check_resumable, last_complete_checkpoint, run_identity
+from .data import build_datasets
+from .rack import find_layers_path, resolve_boundaries
+from .recipe import FROM_PRETRAINED_KEYS, Recipe
+from .schedule import RecipeError
+from .trainer import StackwiseArguments, StackwiseTrainer
+
+TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs except the weights."""
+
+    recipe: Recipe
+    args: StackwiseArguments
+    config: object
+    tokenizer: object
+    train_dataset: object
+    eval_dataset: object
+    rack: dict
+    total_steps: int
+    resume_from_checkpoint: str | None
+
+
+def build_arguments(recipe: Recipe) -> StackwiseArguments:
+    """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
+    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    known = {f.name for f in fields(StackwiseArguments) if f.init}
+    unknown = [k for k in training if k not in known]
+    if unknown:
+        raise RecipeError([f"training.{k}: not a TrainingArguments field; check the spelling" for k in unknown])
+    try:
+        return StackwiseArguments(
+            **training,
+            schedule=recipe.raw["schedule"],
+            blocks_per_stack=recipe.rack.get("blocks_per_stack"),
+            stack_boundaries=recipe.rack.get("boundaries"),
+            rack_layers=recipe.rack.get("layers"),
+        )
+    except RecipeError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"training: {err}") from None
+
+
+def _model_kwargs(recipe: Recipe, keys) -> dict:
+    return {k: recipe.model[k] for k in keys if k in recipe.model}
+
+
+def load_config(recipe: Recipe):
+    path = os.path.expanduser(recipe.model["name_or_path"])
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if looks_local and not os.path.exists(path):
+        raise RecipeError(
+            f"model.name_or_path: {path!r} does not exist; give a local model folder or a Hub id like `org/name`"
+        )
+    try:
+        return AutoConfig.from_pretrained(path, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS))
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
+
+
+def rack_from_config(recipe: Recipe, config) -> dict:
+    """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks."""
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise RecipeError(
+            f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
+        ) from None
+    layers = find_layers_path(skeleton, recipe.rack.get("layers"))
+    boundaries = resolve_boundaries(
+        len(skeleton.get_submodule(layers)), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries")
+    )
+    recipe.schedule.validate_rack(len(boundaries) - 1)
+    return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}
+
+
+def planned_total_steps(args: StackwiseArguments, num_examples: int) -> int:
+    """Optimizer steps of the run, as the Trainer will compute them (max_steps, or epochs × steps per epoch)."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(num_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
+    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Validate the recipe against the model's config, the data and the output directory; load no weights."""
+    args = build_arguments(recipe)
+    config = load_config(recipe)
+    rack = rack_from_config(recipe, config)
+    max_seq_length = recipe.data.get("max_seq_length", 512)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and max_seq_length > positions:
+        raise RecipeError(f"data.max_seq_length: {max_seq_length} exceeds the model's {positions} positions")
+    tokenizer = AutoTokenizer.from_pretrained(
+        recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS)
+    )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
+    total_steps = planned_total_steps(args, len(train_dataset))
+    recipe.schedule.resolve(total_steps)  # every phase gets at least one step
+    identity = run_identity(recipe.schedule.to_list(), rack, args.max_steps if args.max_steps > 0 else None)
+    resume = recipe.resume_from_checkpoint
+    if resume is True:
+        resume = last_complete_checkpoint(args.output_dir)
+        if resume is None:
+            raise RecipeError(
+                f"training.resume_from_checkpoint: true, but {args.output_dir!r} holds no complete checkpoint; "
+                "set it to false to start a new run"
+            )
+    elif resume is False:
+        resume = None
+    if resume is not None:
+        check_resumable(resume, identity)
+    else:
+        check_output_dir(args.output_dir, identity, resuming=False, overwrite=args.overwrite_output_dir)
+    return Prepared(recipe, args, config, tokenizer, train_dataset, eval_dataset, rack, total_steps, resume)
+
+
+def load_model(prepared: Prepared):
+    recipe = prepared.recipe
+    dtype = recipe.model.get("dtype", "auto")
+    return AutoModelForCausalLM.from_pretrained(
+        recipe.model["name_or_path"], dtype=dtype, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS)
+    )
+
+
+def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
+    return StackwiseTrainer(
+        model=model if model is not None else load_model(prepared),
+        args=prepared.args,
+        train_dataset=prepared.train_dataset,
+        eval_dataset=prepared.eval_dataset,
+        processing_class=prepared.tokenizer,
+        data_collator=default_data_collator,
+    )
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe end to end; returns a summary (eval losses, output folder)."""
+    prepared = prepare(recipe)
+    trainer = build_trainer(prepared)
+    trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
+    if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
+        evals.append(trainer.evaluate()["eval_loss"])
+    trainer.save_model(prepared.args.output_dir)
+    return {
+        "output_dir": prepared.args.output_dir,
+        "global_step": trainer.state.global_step,
+        "eval_loss_first": evals[0] if evals else None,
+        "eval_loss_last": evals[-1] if evals else None,
+        "trace": trainer.resolved.trace(trainer.num_stacks),
+    }

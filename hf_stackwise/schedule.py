@@ -1,0 +1,398 @@
+"""The phase schedule: phases over normalized time t in [0, 1], resolved once to integer steps.
+
+Standard library only, so every rule here is testable in milliseconds. A stack index always means a
+position in the current rack, counted from the bottom (0 is the stack closest to the embeddings).
+
+The rack state at step k is a pure function of (schedule, k): :meth:`ResolvedSchedule.state_at`
+derives the phase, active depth, trainable units and learning rates from the step alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+TRAIN_KEYWORDS = ("top", "all", "none")
+LIST_KEYWORDS = ("top",)  # allowed inside a list of stack indices: `train: [top]`, `train: [2, top]`
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRAIN_OR_FREEZE = ("train", "freeze")
+PHASE_KEYS = (
+    "name",
+    "until",
+    "stacks",
+    "train",
+    "embeddings",
+    "head",
+    "learning_rate",
+    "warmup",
+    "lr_schedule",
+    "weight_decay",
+    "layer_lr_decay",
+)
+EMBEDDINGS = "embeddings"
+HEAD = "head"
+
+
+class RecipeError(ValueError):
+    """Every problem found in a recipe, each naming its key path and the fix."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+def stack_unit(index: int) -> str:
+    """Name of the parameter unit (and optimizer group) of stack ``index``."""
+    return f"stack_{index}"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of the schedule, as written in the recipe (with defaults filled in)."""
+
+    name: str
+    until: float
+    stacks: int | None = None  # active depth: the first `stacks` stacks run; None = all
+    train: str | tuple[int | str, ...] = "all"  # stack indices (and `top`) or one of TRAIN_KEYWORDS
+    embeddings: str | None = None  # train | freeze; None = train only with `train: all`
+    head: str | None = None  # train | freeze; None = train only with `train: all`
+    learning_rate: float | None = None  # None = training.learning_rate
+    warmup: float = 0.0  # fraction of this phase
+    lr_schedule: str = "constant"  # within the phase, after warm-up
+    weight_decay: float | None = None  # None = training.weight_decay
+    layer_lr_decay: float = 1.0  # stack i gets lr * decay ** (top active stack - i)
+
+    def active_depth(self, num_stacks: int) -> int:
+        """Number of stacks that run in this phase."""
+        return num_stacks if self.stacks is None else self.stacks
+
+    def trainable_stacks(self, num_stacks: int) -> tuple[int, ...]:
+        """Indices of the stacks whose weights train in this phase."""
+        depth = self.active_depth(num_stacks)
+        if self.train == "all":
+            return tuple(range(depth))
+        if self.train == "top":
+            return (depth - 1,)
+        if self.train == "none":
+            return ()
+        return tuple(sorted({depth - 1 if i == "top" else i for i in self.train}))
+
+    def trains_embeddings(self) -> bool:
+        return self.embeddings == "train" if self.embeddings is not None else self.train == "all"
+
+    def trains_head(self) -> bool:
+        return self.head == "train" if self.head is not None else self.train == "all"
+
+    def trainable_units(self, num_stacks: int) -> frozenset[str]:
+        """Units (``embeddings``, ``stack_i``, ``head``) that train in this phase."""
+        units = {stack_unit(i) for i in self.trainable_stacks(num_stacks)}
+        if self.trains_embeddings():
+            units.add(EMBEDDINGS)
+        if self.trains_head():
+            units.add(HEAD)
+        return frozenset(units)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if isinstance(self.train, tuple):
+            data["train"] = list(self.train)
+        return data
+
+
+def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) -> Phase | None:
+    path = f"schedule[{index}]"
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a mapping of phase fields, got {type(raw).__name__}")
+        return None
+    for key in raw:
+        if key not in PHASE_KEYS:
+            problems.append(f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}")
+    values: dict = {"name": raw.get("name", f"phase{index}")}
+    if not isinstance(values["name"], str) or not values["name"]:
+        problems.append(f"{path}.name: {values['name']!r} is not a non-empty string")
+
+    until = raw.get("until")
+    if until is None:
+        problems.append(f"{path}.until: missing; every phase needs the normalized time it ends at, in (0, 1]")
+        until = float("nan")
+    elif not _is_number(until):
+        problems.append(f"{path}.until: {until!r} is not a number in (0, 1]")
+        until = float("nan")
+    elif not 0 < until <= 1:
+        problems.append(f"{path}.until: {until} is not in (0, 1]")
+    elif until <= previous_until:
+        problems.append(
+            f"{path}.until: {until} does not come after the previous phase's end ({previous_until}); "
+            "`until` values must be strictly increasing"
+        )
+    values["until"] = float(until)
+
+    stacks = raw.get("stacks")
+    if stacks is not None and not (_is_int(stacks) and stacks >= 1):
+        problems.append(f"{path}.stacks: {stacks!r} is not a positive integer (the number of active stacks)")
+        stacks = None
+    values["stacks"] = stacks
+
+    train = raw.get("train", "all")
+    if isinstance(train, str):
+        if train not in TRAIN_KEYWORDS:
+            problems.append(f"{path}.train: {train!r} is not a list of stack indices or one of {TRAIN_KEYWORDS}")
+            train = "none"
+    elif _is_int(train):
+        train = [train]
+    if isinstance(train, list):
+        bad = [i for i in train if not ((_is_int(i) and i >= 0) or i in LIST_KEYWORDS)]
+        if bad:
+            problems.append(
+                f"{path}.train: {bad!r} are not stack indices (non-negative integers) or one of {LIST_KEYWORDS}"
+            )
+            train = "none"
+        else:
+            train = tuple(train)
+    elif not isinstance(train, str):
+        problems.append(f"{path}.train: {train!r} is not a list of stack indices or one of {TRAIN_KEYWORDS}")
+        train = "none"
+    values["train"] = train
+
+    for key in (EMBEDDINGS, HEAD):
+        value = raw.get(key)
+        if value is not None and value not in TRAIN_OR_FREEZE:
+            problems.append(f"{path}.{key}: {value!r} is not one of {TRAIN_OR_FREEZE}")
+            value = None
+        values[key] = value
+
+    lr = raw.get("learning_rate")
+    if lr is not None and not (_is_number(lr) and lr >= 0):
+        problems.append(f"{path}.learning_rate: {lr!r} is not a non-negative number")
+        lr = None
+    values["learning_rate"] = None if lr is None else float(lr)
+
+    warmup = raw.get("warmup", 0.0)
+    if not (_is_number(warmup) and 0 <= warmup < 1):
+        problems.append(f"{path}.warmup: {warmup!r} is not a fraction of the phase in [0, 1)")
+        warmup = 0.0
+    values["warmup"] = float(warmup)
+
+    lr_schedule = raw.get("lr_schedule", "constant")
+    if lr_schedule not in LR_SCHEDULES:
+        problems.append(f"{path}.lr_schedule: {lr_schedule!r} is not one of {LR_SCHEDULES}")
+        lr_schedule = "constant"
+    values["lr_schedule"] = lr_schedule
+
+    wd = raw.get("weight_decay")
+    if wd is not None and not (_is_number(wd) and wd >= 0):
+        problems.append(f"{path}.weight_decay: {wd!r} is not a non-negative number")
+        wd = None
+    values["weight_decay"] = None if wd is None else float(wd)
+
+    decay = raw.get("layer_lr_decay", 1.0)
+    if not (_is_number(decay) and decay > 0):
+        problems.append(f"{path}.layer_lr_decay: {decay!r} is not a positive number (1.0 = no decay)")
+        decay = 1.0
+    values["layer_lr_decay"] = float(decay)
+    return Phase(**values)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The ordered phases of a recipe; the first starts at t = 0, the last ends at t = 1."""
+
+    phases: tuple[Phase, ...]
+
+    @classmethod
+    def from_list(cls, raw) -> Schedule:
+        """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems."""
+        problems: list[str] = []
+        if not isinstance(raw, list) or not raw:
+            raise RecipeError("schedule: expected a non-empty list of phases, each with at least `until`")
+        phases = []
+        previous = 0.0
+        for index, item in enumerate(raw):
+            phase = _parse_phase(item, index, previous, problems)
+            if phase is not None:
+                phases.append(phase)
+                if not math.isnan(phase.until):
+                    previous = max(previous, phase.until)
+        names = [p.name for p in phases]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"schedule: phase name {name!r} is used more than once; give each phase its own name")
+        if phases and not problems and phases[-1].until != 1.0:
+            problems.append(
+                f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0"
+            )
+        if problems:
+            raise RecipeError(problems)
+        return cls(tuple(phases))
+
+    def to_list(self) -> list[dict]:
+        return [p.to_dict() for p in self.phases]
+
+    def fingerprint(self) -> str:
+        """A stable hash of the normalized schedule (stored in checkpoints to refuse edited resumes)."""
+        text = json.dumps(self.to_list(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def validate_rack(self, num_stacks: int) -> None:
+        """Check stack references against the real number of stacks in the rack."""
+        problems = []
+        for index, phase in enumerate(self.phases):
+            path = f"schedule[{index}]"
+            if phase.stacks is not None and phase.stacks > num_stacks:
+                problems.append(
+                    f"{path}.stacks: {phase.stacks} but the rack has only {num_stacks} stacks; "
+                    f"use a value in 1..{num_stacks}"
+                )
+                continue
+            depth = phase.active_depth(num_stacks)
+            if not phase.trainable_units(num_stacks):
+                problems.append(
+                    f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
+                    "name a stack in `train` or set `head: train`"
+                )
+            if isinstance(phase.train, tuple):
+                indices = [i for i in phase.train if not isinstance(i, str)]
+                beyond = [i for i in indices if i >= num_stacks]
+                inactive = [i for i in indices if num_stacks > i >= depth]
+                if beyond:
+                    problems.append(
+                        f"{path}.train: stack {beyond} does not exist; the rack has {num_stacks} stacks "
+                        f"(indices 0..{num_stacks - 1})"
+                    )
+                if inactive:
+                    problems.append(
+                        f"{path}.train: stack {inactive} is not active in this phase (`stacks: {depth}` runs "
+                        f"stacks 0..{depth - 1}); raise `stacks` or train an active stack"
+                    )
+        if problems:
+            raise RecipeError(problems)
+
+    def ever_trainable_units(self, num_stacks: int) -> frozenset[str]:
+        """The superset: every unit that trains in at least one phase."""
+        units: set[str] = set()
+        for phase in self.phases:
+            units |= phase.trainable_units(num_stacks)
+        return frozenset(units)
+
+    def resolve(self, total_steps: int) -> ResolvedSchedule:
+        """Resolve phase boundaries to integer steps: phase i covers steps [start, end)."""
+        if total_steps < 1:
+            raise RecipeError(
+                f"training.max_steps: the run has {total_steps} optimizer steps; set `max_steps` to a positive "
+                "number or give `num_train_epochs` with a dataset of known length"
+            )
+        bounds = []
+        start = 0
+        problems = []
+        for index, phase in enumerate(self.phases):
+            end = total_steps if phase.until == 1.0 else round(phase.until * total_steps)
+            if end <= start:
+                problems.append(
+                    f"schedule[{index}].until: phase {phase.name!r} gets no optimizer step at {total_steps} total "
+                    f"steps (ends at step {end}); raise `training.max_steps` or widen the phase"
+                )
+            bounds.append((start, end))
+            start = max(start, end)
+        if problems:
+            raise RecipeError(problems)
+        return ResolvedSchedule(self, total_steps, tuple(bounds))
+
+
+@dataclass(frozen=True)
+class PhaseState:
+    """What the rack looks like at one step."""
+
+    index: int
+    name: str
+    active_depth: int
+    trainable_stacks: tuple[int, ...]
+    trainable_units: frozenset[str]
+
+
+@dataclass(frozen=True)
+class ResolvedSchedule:
+    """A schedule with its boundaries resolved to steps for one run length."""
+
+    schedule: Schedule
+    total_steps: int
+    bounds: tuple[tuple[int, int], ...]
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def phase_index(self, step: int) -> int:
+        """Index of the phase that step ``step`` (0-based optimizer step) belongs to; clamped to the last."""
+        for index, (_, end) in enumerate(self.bounds):
+            if step < end:
+                return index
+        return len(self.bounds) - 1
+
+    def t(self, step: int) -> float:
+        """Normalized time of ``step``."""
+        return step / self.total_steps
+
+    def state_at(self, step: int, num_stacks: int) -> PhaseState:
+        index = self.phase_index(step)
+        key = (index, num_stacks)
+        if key not in self._cache:
+            phase = self.schedule.phases[index]
+            self._cache[key] = PhaseState(
+                index=index,
+                name=phase.name,
+                active_depth=phase.active_depth(num_stacks),
+                trainable_stacks=phase.trainable_stacks(num_stacks),
+                trainable_units=phase.trainable_units(num_stacks),
+            )
+        return self._cache[key]
+
+    def lr_factor(self, step: int) -> float:
+        """Shape of the learning rate inside the phase of ``step``: warm-up, then constant/linear/cosine."""
+        index = self.phase_index(step)
+        phase = self.schedule.phases[index]
+        start, end = self.bounds[index]
+        length = end - start
+        position = min(step, end - 1) - start
+        warmup_steps = round(phase.warmup * length)
+        if position < warmup_steps:
+            return position / max(1, warmup_steps)
+        if phase.lr_schedule == "constant":
+            return 1.0
+        progress = (position - warmup_steps) / max(1, length - warmup_steps)
+        if phase.lr_schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int) -> float:
+        """Learning rate of ``unit`` at ``step``; 0 for a unit that does not train then.
+
+        Stack ``i`` gets ``lr * layer_lr_decay ** (top - i)`` with ``top`` the highest active stack; the
+        embeddings sit one level below stack 0 and the head at the top's rate.
+        """
+        state = self.state_at(step, num_stacks)
+        if unit not in state.trainable_units:
+            return 0.0
+        phase = self.schedule.phases[state.index]
+        lr = (phase.learning_rate if phase.learning_rate is not None else base_lr) * self.lr_factor(step)
+        top = state.active_depth - 1
+        if unit == HEAD:
+            return lr
+        level = -1 if unit == EMBEDDINGS else int(unit.removeprefix("stack_"))
+        return lr * phase.layer_lr_decay ** (top - level)
+
+    def trace(self, num_stacks: int) -> list[tuple[int, str, tuple[int, ...]]]:
+        """``(first step, phase name, trainable stacks)`` per phase: the golden trace tests compare against."""
+        return [
+            (start, self.schedule.phases[i].name, self.state_at(start, num_stacks).trainable_stacks)
+            for i, (start, _) in enumerate(self.bounds)
+        ]

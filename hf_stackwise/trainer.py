@@ -1,0 +1,355 @@
+"""``StackwiseTrainer``: a ``transformers.Trainer`` that executes a phase schedule over a rack.
+
+How it stays correct (see ``product.md``, principles 1–3):
+
+1. The rack state at step k is a pure function of (schedule, k). ``training_step`` derives the phase
+   from ``state.global_step`` and applies it when it differs from the one applied; nothing else is
+   remembered, so a resumed run rebuilds exactly the same state.
+2. One optimizer over the superset: every parameter that trains in *any* phase has
+   ``requires_grad=True`` when the optimizer is built and DDP wraps the model. Phases then flip
+   ``requires_grad`` and drop the gradients of frozen parameters; optimizers skip parameters whose
+   ``.grad is None``. Parameter groups are per unit (embeddings, stack_i, head) so each phase sets its
+   own learning rates through one ``LambdaLR``.
+3. After every transition the invariant is checked: trainable ⊆ optimized, and parameters frozen in
+   the previous phase are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_optimizer import is_optimizer_factory
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .checkpoint import (
+    MANIFEST_NAME,
+    RUN_MANIFEST_NAME,
+    FORMAT_VERSION,
+    ResumeError,
+    check_output_dir,
+    check_resumable,
+    last_complete_checkpoint,
+    run_identity,
+    write_json,
+)
+from .rack import Rack, parameter_fingerprint
+from .schedule import HEAD, EMBEDDINGS, RecipeError, ResolvedSchedule, Schedule, stack_unit
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class StackwiseArguments(TrainingArguments):
+    """``TrainingArguments`` plus the schedule and the rack layout; every field is plain JSON."""
+
+    # Parameters that define the schedule
+    schedule: list[dict] | None = field(
+        default=None,
+        metadata={"help": "The phases: a list of mappings with `until`, `train`, `stacks`, `learning_rate`, ..."},
+    )
+    # Parameters that define the rack
+    blocks_per_stack: int | None = field(
+        default=None, metadata={"help": "Blocks per stack (stacks of equal size). Default: one block per stack."}
+    )
+    stack_boundaries: list[int] | None = field(
+        default=None, metadata={"help": "Explicit block boundaries of the stacks, e.g. [0, 6, 12, 30]."}
+    )
+    rack_layers: str | None = field(
+        default=None, metadata={"help": "Dotted path of the block list when auto-detection cannot tell."}
+    )
+    # Parameters that protect the user's results
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow a fresh run into an output directory holding another run (its checkpoints go)."},
+    )
+    check_invariants: bool = field(
+        default=True,
+        metadata={"help": "After each transition, check trainable ⊆ optimized and frozen parameters unchanged."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.schedule is None:
+            self.schedule = [{"name": "all", "until": 1.0, "train": "all"}]
+        Schedule.from_list(self.schedule)  # fail early, with key paths
+        if self.ddp_find_unused_parameters is None:
+            # Frozen or inactive stacks produce no gradient: DDP must look for unused parameters.
+            self.ddp_find_unused_parameters = True
+
+
+class StackwiseTrainer(Trainer):
+    """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
+
+    def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
+        if not isinstance(args, StackwiseArguments):
+            raise TypeError("StackwiseTrainer needs `args` to be a StackwiseArguments")
+        if args.fsdp or args.deepspeed:
+            raise RecipeError(
+                "training.fsdp / training.deepspeed: phase transitions change the trainable set, which sharded "
+                "optimizers do not support here yet; use DDP (`accelerate launch` / `torchrun`) instead"
+            )
+        if kwargs.get("optimizers", (None, None))[1] is not None:
+            raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
+        super().__init__(model=model, args=args, **kwargs)
+        self.schedule = Schedule.from_list(args.schedule)
+        self.rack = Rack.from_model(self.model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
+        self.schedule.validate_rack(self.rack.num_stacks)
+        if args.ddp_find_unused_parameters is False and len(self.schedule.phases) > 1:
+            raise RecipeError(
+                "training.ddp_find_unused_parameters: false, but the schedule changes which parameters get "
+                "gradients; leave it unset (true)"
+            )
+        self.resolved: ResolvedSchedule | None = (
+            self.schedule.resolve(args.max_steps) if args.max_steps and args.max_steps > 0 else None
+        )
+        self._params = self._collect_parameters()
+        self._phase_state = None
+        self._frozen: list[tuple[str, torch.nn.Parameter]] = []
+        self._fingerprints: dict[str, tuple[float, float]] = {}
+        self._trainable_count = 0
+        self._resume_manifest: dict | None = None
+
+    # ---- the rack's parameters -------------------------------------------------------------
+
+    def _collect_parameters(self) -> list[tuple[str, torch.nn.Parameter, tuple[str, ...]]]:
+        """Each parameter once, with the units that own it (two for tied embeddings)."""
+        owners: dict[int, list[str]] = {}
+        first: dict[int, tuple[str, torch.nn.Parameter]] = {}
+        for unit, params in self.rack.parameter_units().items():
+            for name, param in params:
+                owners.setdefault(id(param), []).append(unit)
+                first.setdefault(id(param), (name, param))
+        return [(name, param, tuple(owners[pid])) for pid, (name, param) in first.items()]
+
+    @property
+    def num_stacks(self) -> int:
+        return self.rack.num_stacks
+
+    # ---- optimizer and scheduler over the superset ------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """One optimizer over every parameter that ever trains, grouped by owning units and decay."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        ever = self.schedule.ever_trainable_units(self.num_stacks)
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[tuple[str, ...], bool], list] = {}
+        for name, param, owners in self._params:
+            in_superset = any(u in ever for u in owners)
+            param.requires_grad_(in_superset)
+            if in_superset:
+                groups.setdefault((owners, name in decay_names), []).append(param)
+        param_groups = [
+            {
+                "params": params,
+                "lr": 1.0,  # LambdaLR multiplies this by the absolute per-phase learning rate
+                "weight_decay": self.args.weight_decay if decay else 0.0,
+                "stackwise_units": list(owners),
+                "stackwise_decay": decay,
+            }
+            for (owners, decay), params in groups.items()
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise RecipeError(
+                f"training.optim: {self.args.optim!r} builds its own parameter groups, which a phase schedule "
+                "cannot drive; use an AdamW variant, SGD, Adafactor, RMSprop, Lion or another standard optimizer"
+            )
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """A ``LambdaLR`` whose per-group factor is the absolute learning rate the schedule gives at that step."""
+        if self.lr_scheduler is None:
+            self._resolve(num_training_steps)
+            optimizer = self.optimizer if optimizer is None else optimizer
+            self.lr_scheduler = LambdaLR(optimizer, [self._group_lr(g["stackwise_units"]) for g in optimizer.param_groups])
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _group_lr(self, units: list[str]):
+        base_lr = self.args.learning_rate
+
+        def lr_at(step: int) -> float:
+            return max(self.resolved.unit_lr(step, unit, base_lr, self.num_stacks) for unit in units)
+
+        return lr_at
+
+    def _resolve(self, total_steps: int) -> None:
+        if self.resolved is None or self.resolved.total_steps != total_steps:
+            self.resolved = self.schedule.resolve(total_steps)
+        saved = (self._resume_manifest or {}).get("run", {}).get("total_steps")
+        if saved is not None and saved != total_steps:
+            raise ResumeError(
+                f"training.max_steps: the checkpoint's run has {saved} steps but this run resolves to "
+                f"{total_steps}; phase boundaries would move. Restore the original length."
+            )
+
+    def _get_learning_rate(self) -> float:
+        """The phase's peak learning rate (the Trainer would report param group 0, often a frozen unit)."""
+        return max(self.lr_scheduler.get_last_lr())
+
+    # ---- phases -------------------------------------------------------------------------------
+
+    def _apply_phase(self, step: int) -> None:
+        """Make the rack match the phase of ``step``; a no-op inside a phase."""
+        state = self.resolved.state_at(step, self.num_stacks)
+        if self._phase_state is not None and state.index == self._phase_state.index:
+            return
+        if self.args.check_invariants:
+            self._check_frozen_untouched()
+        trainable_units = state.trainable_units
+        phase = self.schedule.phases[state.index]
+        self._frozen = []
+        self._trainable_count = 0
+        for name, param, owners in self._params:
+            trainable = any(u in trainable_units for u in owners)
+            param.requires_grad_(trainable)
+            if trainable:
+                self._trainable_count += param.numel()
+            else:
+                param.grad = None
+                self._frozen.append((name, param))
+        weight_decay = phase.weight_decay if phase.weight_decay is not None else self.args.weight_decay
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = weight_decay if group["stackwise_decay"] else 0.0
+        self._check_trainable_optimized()
+        if self.args.check_invariants:
+            self._fingerprints = {name: parameter_fingerprint(p) for name, p in self._frozen}
+        self._phase_state = state
+        logger.info(
+            f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}, "
+            f"active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
+            f"{self._trainable_count:,} trainable parameters"
+        )
+
+    def _check_trainable_optimized(self) -> None:
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        stray = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
+        if stray:
+            raise RuntimeError(
+                f"hf_stackwise invariant broken: {len(stray)} trainable parameters are not in the optimizer "
+                f"(first: {stray[0]}); they would never update"
+            )
+
+    def _check_frozen_untouched(self) -> None:
+        by_name = {name: p for name, p in self._frozen}
+        changed = [n for n, fp in self._fingerprints.items() if parameter_fingerprint(by_name[n]) != fp]
+        if changed:
+            phase = self._phase_state.name if self._phase_state else "?"
+            raise RuntimeError(
+                f"hf_stackwise invariant broken: {len(changed)} parameters frozen in phase {phase!r} changed "
+                f"(first: {changed[0]})"
+            )
+
+    def _eval_depth(self) -> int:
+        """Eval runs the depth of the phase that produced the current weights."""
+        if self.resolved is None:
+            return self.num_stacks
+        step = max(self.state.global_step - 1, 0)
+        return self.resolved.state_at(step, self.num_stacks).active_depth
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._apply_phase(self.state.global_step)
+        with self.rack.active_depth(self._phase_state.active_depth):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        for _, param in self._frozen:
+            param.grad = None
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self.rack.active_depth(self._eval_depth()):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # ---- logs ---------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add ``t``, the phase, the trainable parameter count and each unit's learning rate."""
+        if self.resolved is not None and self._phase_state is not None:
+            step = self.state.global_step
+            logs["t"] = round(self.resolved.t(step), 6)
+            logs["phase"] = self._phase_state.name
+            logs["phase_index"] = self._phase_state.index
+            logs["trainable_params"] = self._trainable_count
+            if not any(k.startswith("eval_") for k in logs):
+                lr_step = max(step - 1, 0)
+                ever = self.schedule.ever_trainable_units(self.num_stacks)
+                units = [EMBEDDINGS] + [stack_unit(i) for i in range(self.num_stacks)] + [HEAD]
+                for unit in units:
+                    if unit in ever:
+                        lr = self.resolved.unit_lr(lr_step, unit, self.args.learning_rate, self.num_stacks)
+                        logs[f"learning_rate/{unit}"] = lr
+        super().log(logs, start_time)
+
+    # ---- checkpoints, resume and the output directory -----------------------------------------
+
+    def run_identity(self) -> dict:
+        total = self.resolved.total_steps if self.resolved is not None else None
+        return run_identity(self.schedule.to_list(), self.rack.topology(), total)
+
+    def _manifest(self) -> dict:
+        step = self.state.global_step
+        state = self.resolved.state_at(max(step - 1, 0), self.num_stacks)
+        return {
+            "format_version": FORMAT_VERSION,
+            "schedule_hash": self.schedule.fingerprint(),
+            "run": self.run_identity(),
+            "rack": self.rack.topology(),
+            "global_step": step,
+            "t": self.resolved.t(step),
+            "phase": {"index": state.index, "name": state.name, "trainable_stacks": list(state.trainable_stacks)},
+            "next_phase": self.resolved.state_at(step, self.num_stacks).name,
+        }
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``stackwise_state.json`` first, so Hub pushes of the checkpoint carry it."""
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            write_json(os.path.join(folder, MANIFEST_NAME), self._manifest())
+        super()._save_checkpoint(model, trial)
+
+    def prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """Check the output directory and the checkpoint before any training; returns the checkpoint to resume."""
+        args = self.args
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ResumeError(
+                    f"training.resume_from_checkpoint: true, but {args.output_dir!r} holds no complete checkpoint; "
+                    "set it to false to start a new run"
+                )
+        elif resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        identity = self.run_identity()
+        if resume_from_checkpoint is not None:
+            self._resume_manifest = check_resumable(resume_from_checkpoint, identity)
+        else:
+            check_output_dir(args.output_dir, identity, resuming=False, overwrite=args.overwrite_output_dir)
+        if args.should_save:
+            if resume_from_checkpoint is None and args.overwrite_output_dir and os.path.isdir(args.output_dir):
+                for name in os.listdir(args.output_dir):
+                    if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
+                        logger.warning(f"overwrite_output_dir: removing {name} of the previous run")
+                        shutil.rmtree(os.path.join(args.output_dir, name))
+            os.makedirs(args.output_dir, exist_ok=True)
+            write_json(os.path.join(args.output_dir, RUN_MANIFEST_NAME), identity)
+        return resume_from_checkpoint
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Run the whole schedule; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint."""
+        checkpoint = self.prepare_output_dir(resume_from_checkpoint)
+        self._phase_state = None
+        output = super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+        if self.args.check_invariants and self._phase_state is not None:
+            self._check_frozen_untouched()
+        return output
