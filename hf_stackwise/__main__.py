@@ -1,4 +1,4 @@
-"""``python -m hf_stackwise`` = ``hf-stackwise`` (so ``accelerate launch -m hf_stackwise`` and ``torchrun -m`` work)."""
+"""``python -m hf_stackwise`` is ``hf-stackwise``, so ``accelerate launch -m`` and ``torchrun -m`` work."""
 
 import sys
 

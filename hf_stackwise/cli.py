@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             prepared = run.prepare(recipe)
             resolved = recipe.schedule.resolve(prepared.total_steps)
             stacks = len(prepared.rack["boundaries"]) - 1
-            print(f"{args.recipe}: valid. {stacks} stacks over {prepared.rack['num_blocks']} blocks "
-                  f"({prepared.rack['layers']}), {prepared.total_steps} steps:")
+            print(
+                f"{args.recipe}: valid. {stacks} stacks over {prepared.rack['num_blocks']} blocks "
+                f"({prepared.rack['layers']}), {prepared.total_steps} steps:"
+            )
             _print_phases(resolved.trace(stacks), prepared.total_steps)
             return 0
         summary = run.train(recipe)

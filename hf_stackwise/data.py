@@ -52,10 +52,14 @@ def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_le
 def build_datasets(data: dict, tokenizer, max_seq_length: int, seed: int) -> tuple[Dataset, Dataset | None]:
     """Train and (optional) eval datasets for the recipe's ``data`` section."""
     text_column = data.get("text_column", "text")
-    train = tokenize_and_chunk(_load(data["train"], "data.train"), tokenizer, text_column, max_seq_length, "data.train")
+    train = tokenize_and_chunk(
+        _load(data["train"], "data.train"), tokenizer, text_column, max_seq_length, "data.train"
+    )
     evaluation = None
     if data.get("eval") is not None:
-        evaluation = tokenize_and_chunk(_load(data["eval"], "data.eval"), tokenizer, text_column, max_seq_length, "data.eval")
+        evaluation = tokenize_and_chunk(
+            _load(data["eval"], "data.eval"), tokenizer, text_column, max_seq_length, "data.eval"
+        )
     elif data.get("eval_fraction"):
         split = train.train_test_split(test_size=data["eval_fraction"], seed=seed)
         train, evaluation = split["train"], split["test"]

@@ -96,7 +96,9 @@ def planned_total_steps(args: StackwiseArguments, num_examples: int) -> int:
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
     batches = math.ceil(num_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
-    per_epoch = max(batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1)
+    per_epoch = max(
+        batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1
+    )
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
@@ -109,9 +111,7 @@ def prepare(recipe: Recipe) -> Prepared:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and max_seq_length > positions:
         raise RecipeError(f"data.max_seq_length: {max_seq_length} exceeds the model's {positions} positions")
-    tokenizer = AutoTokenizer.from_pretrained(
-        recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS)
-    )
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)

@@ -231,9 +231,7 @@ class Schedule:
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"schedule: phase name {name!r} is used more than once; give each phase its own name")
         if phases and not problems and phases[-1].until != 1.0:
-            problems.append(
-                f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0"
-            )
+            problems.append(f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0")
         if problems:
             raise RecipeError(problems)
         return cls(tuple(phases))

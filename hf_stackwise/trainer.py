@@ -28,9 +28,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoint import (
+    FORMAT_VERSION,
     MANIFEST_NAME,
     RUN_MANIFEST_NAME,
-    FORMAT_VERSION,
     ResumeError,
     check_output_dir,
     check_resumable,
@@ -39,7 +39,7 @@ from .checkpoint import (
     write_json,
 )
 from .rack import Rack, parameter_fingerprint
-from .schedule import HEAD, EMBEDDINGS, RecipeError, ResolvedSchedule, Schedule, stack_unit
+from .schedule import EMBEDDINGS, HEAD, RecipeError, ResolvedSchedule, Schedule, stack_unit
 
 logger = logging.get_logger(__name__)
 
@@ -170,7 +170,9 @@ class StackwiseTrainer(Trainer):
         if self.lr_scheduler is None:
             self._resolve(num_training_steps)
             optimizer = self.optimizer if optimizer is None else optimizer
-            self.lr_scheduler = LambdaLR(optimizer, [self._group_lr(g["stackwise_units"]) for g in optimizer.param_groups])
+            self.lr_scheduler = LambdaLR(
+                optimizer, [self._group_lr(g["stackwise_units"]) for g in optimizer.param_groups]
+            )
             self._created_lr_scheduler = True
         return self.lr_scheduler
 

@@ -46,9 +46,7 @@ def build_tokenizer(vocab_size: int = VOCAB):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(pydoc_paragraphs(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", mask_token="[MASK]"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", mask_token="[MASK]")
 
 
 def tiny_config(family: str = "llama", layers: int = 4, vocab: int = VOCAB):
@@ -58,20 +56,32 @@ def tiny_config(family: str = "llama", layers: int = 4, vocab: int = VOCAB):
     common = {"vocab_size": vocab}
     if family in ("llama", "qwen2", "mistral"):
         extra = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
         )
     elif family == "gpt2":
         extra = dict(n_embd=64, n_layer=layers, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
     elif family == "gpt_neox":
         extra = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
             max_position_embeddings=256,
         )
     elif family in ("bert", "roberta"):
         extra = dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-            max_position_embeddings=256 + 2, pad_token_id=1,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256 + 2,
+            pad_token_id=1,
         )
     else:
         raise ValueError(family)

@@ -178,9 +178,7 @@ def test_logs_carry_t_phase_trainable_count_and_stack_learning_rates(tmp_path, t
 
 def test_inactive_stacks_do_not_run(tmp_path, token_dataset):
     """With `stacks: 2` the head reads after stack 1: the loss equals that of a 2-block model."""
-    trainer = make_trainer(
-        tmp_path, token_dataset, schedule=[{"until": 1.0, "stacks": 2, "train": [1]}], max_steps=1
-    )
+    trainer = make_trainer(tmp_path, token_dataset, schedule=[{"until": 1.0, "stacks": 2, "train": [1]}], max_steps=1)
     model = trainer.model
     batch = torch.tensor(token_dataset[:2]["input_ids"])
     with trainer.rack.active_depth(2), torch.no_grad():
