@@ -40,9 +40,18 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def run_identity(schedule: list[dict], rack: dict, total_steps: int | None) -> dict:
-    """What makes two runs 'the same run' for resume and output-directory purposes."""
-    return {"format_version": FORMAT_VERSION, "schedule": schedule, "rack": rack, "total_steps": total_steps}
+def run_identity(schedule: list[dict], rack: dict, total_steps: int | None, defaults: dict | None = None) -> dict:
+    """What makes two runs 'the same run' for resume and output-directory purposes.
+
+    ``defaults`` are the training values phases fall back to (``learning_rate``, ``weight_decay``).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "schedule": schedule,
+        "rack": rack,
+        "total_steps": total_steps,
+        "defaults": defaults or {},
+    }
 
 
 def complete_checkpoints(output_dir: str) -> list[str]:
@@ -77,6 +86,13 @@ def describe_differences(saved: dict, current: dict) -> list[str]:
         for key in sorted(set(old) | set(new)):
             if old.get(key) != new.get(key):
                 changes.append(f"schedule[{i}].{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    old_defaults, new_defaults = saved.get("defaults", {}), current.get("defaults", {})
+    for key in sorted(set(old_defaults) | set(new_defaults)):
+        if old_defaults.get(key) != new_defaults.get(key):
+            changes.append(
+                f"training.{key}: {old_defaults.get(key)!r} in the checkpoint, {new_defaults.get(key)!r} now "
+                "(phases without their own value use it)"
+            )
     if saved.get("rack") != current.get("rack"):
         changes.append(f"rack: {saved.get('rack')} in the checkpoint, {current.get('rack')} now")
     old_total, new_total = saved.get("total_steps"), current.get("total_steps")

@@ -117,7 +117,8 @@ def prepare(recipe: Recipe) -> Prepared:
     train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
     total_steps = planned_total_steps(args, len(train_dataset))
     recipe.schedule.resolve(total_steps)  # every phase gets at least one step
-    identity = run_identity(recipe.schedule.to_list(), rack, args.max_steps if args.max_steps > 0 else None)
+    defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
+    identity = run_identity(recipe.schedule.to_list(), rack, args.max_steps if args.max_steps > 0 else None, defaults)
     resume = recipe.resume_from_checkpoint
     if resume is True:
         resume = last_complete_checkpoint(args.output_dir)

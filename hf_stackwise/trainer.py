@@ -294,7 +294,8 @@ class StackwiseTrainer(Trainer):
 
     def run_identity(self) -> dict:
         total = self.resolved.total_steps if self.resolved is not None else None
-        return run_identity(self.schedule.to_list(), self.rack.topology(), total)
+        defaults = {"learning_rate": self.args.learning_rate, "weight_decay": self.args.weight_decay}
+        return run_identity(self.schedule.to_list(), self.rack.topology(), total, defaults)
 
     def _manifest(self) -> dict:
         step = self.state.global_step

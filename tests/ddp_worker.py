@@ -1,0 +1,74 @@
+"""Run by tests/test_ddp.py, under `torchrun --nproc_per_node 2` or as one plain process.
+
+Trains a tiny Llama through transitions that freeze and unfreeze stacks, records the phase trace from
+the parameters' own `requires_grad` flags, and saves each rank's final weights and trace.
+usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from conftest import tiny_causal_lm
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+
+SCHEDULE = [
+    {"name": "top", "until": 0.25, "train": ["top"]},
+    {"name": "bottom", "until": 0.5, "train": [0, 1], "embeddings": "train"},
+    {"name": "shallow", "until": 0.75, "stacks": 2, "train": [1], "head": "train"},
+    {"name": "all", "until": 1.0, "train": "all"},
+]
+
+
+class Trace(TrainerCallback):
+    def __init__(self, model):
+        self.model = model
+        self.rows = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        layers = self.model.model.layers
+        stacks = [i for i in range(len(layers)) if any(p.requires_grad for p in layers[i].parameters())]
+        self.rows.append([state.global_step - 1, stacks])
+
+
+def main(output_dir: str, batch: int) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (96, 32), generator=g).tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    model = tiny_causal_lm("llama")
+    args = StackwiseArguments(
+        output_dir=output_dir,
+        max_steps=8,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        schedule=SCHEDULE,
+        blocks_per_stack=1,
+        logging_steps=1,
+        dataloader_drop_last=True,
+    )
+    trainer = StackwiseTrainer(model=model, args=args, train_dataset=dataset)
+    trace = Trace(trainer.model)
+    trainer.add_callback(trace)
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, f"{output_dir}/rank{rank}.pt")
+    with open(f"{output_dir}/trace{rank}.json", "w") as f:
+        json.dump({"trace": trace.rows, "world_size": args.world_size}, f)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

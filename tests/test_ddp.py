@@ -1,0 +1,98 @@
+"""Real 2-process DDP on CPU (torchrun, gloo): transitions that freeze and unfreeze stacks keep both ranks
+identical and match one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hf_stackwise.cli import main as cli_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, cwd=HERE):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    result = subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun("ddp_worker.py", str(two), "2")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
+    subprocess.run([sys.executable, "ddp_worker.py", str(one), "4"], cwd=HERE, env=env, check=True, timeout=300)
+    rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    traces = [json.loads(p.read_text()) for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")]
+    assert [t["world_size"] for t in traces] == [2, 2, 1]
+    golden = [[0, [3]], [1, [3]], [2, [0, 1]], [3, [0, 1]], [4, [1]], [5, [1]], [6, [0, 1, 2, 3]], [7, [0, 1, 2, 3]]]
+    assert all(t["trace"] == golden for t in traces)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)
+    # the run really trained a stack it unfroze late (not a vacuous equality)
+    from conftest import tiny_causal_lm
+
+    fresh = dict(tiny_causal_lm("llama").named_parameters())
+    assert not torch.equal(rank0["model.layers.2.mlp.up_proj.weight"], fresh["model.layers.2.mlp.up_proj.weight"])
+
+
+def test_torchrun_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files):
+    train_file, eval_file = pydoc_files
+    recipe = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 2},
+        "data": {"train": {"path": "text", "data_files": train_file}, "max_seq_length": 32},
+        "schedule": [
+            {"name": "top", "until": 0.5, "train": ["top"]},
+            {"name": "bottom", "until": 1.0, "train": [0], "embeddings": "train"},
+        ],
+        "training": {
+            "max_steps": 4,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "report_to": "none",
+            "save_strategy": "no",
+            "use_cpu": True,
+            "seed": 0,
+            "dataloader_drop_last": True,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    torchrun("-m", "hf_stackwise", "train", str(path), "--training.output_dir", str(tmp_path / "ddp"), cwd=tmp_path)
+    code = cli_main(
+        [
+            "train",
+            str(path),
+            "--training.output_dir",
+            str(tmp_path / "one"),
+            "--training.per_device_train_batch_size",
+            "4",
+        ]
+    )
+    assert code == 0
+    ddp, single = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    start = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=1e-5)
+    assert not torch.equal(single["model.layers.3.mlp.up_proj.weight"], start["model.layers.3.mlp.up_proj.weight"])
+    assert not torch.equal(single["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(single["lm_head.weight"], start["lm_head.weight"])  # the head never trains
