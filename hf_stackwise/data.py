@@ -5,7 +5,7 @@ Tokenization and chunking go through ``Dataset.map`` so the datasets cache makes
 
 from __future__ import annotations
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from .schedule import RecipeError
 
@@ -17,14 +17,14 @@ def _load(spec: dict, key: str) -> Dataset:
         loaded = load_dataset(**spec, split=split)
     except FileNotFoundError as err:
         raise RecipeError(f"{key}: {err}; check `data_files` / `path`") from None
-    if isinstance(loaded, DatasetDict):  # a split that was not a plain name
+    if isinstance(loaded, (DatasetDict, IterableDatasetDict)):  # a split that was not a plain name
         loaded = loaded[next(iter(loaded))]
     return loaded
 
 
 def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_length: int, key: str) -> Dataset:
     """Tokenize ``text_column``, append EOS per text, concatenate and cut into full ``max_seq_length`` chunks."""
-    if text_column not in dataset.column_names:
+    if dataset.column_names is not None and text_column not in dataset.column_names:
         raise RecipeError(
             f"data.text_column: {text_column!r} is not a column of {key} (columns: {', '.join(dataset.column_names)})"
         )
@@ -40,8 +40,13 @@ def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_le
         chunks = [flat[i : i + max_seq_length] for i in range(0, usable, max_seq_length)]
         return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
 
-    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {key}")
-    chunks = tokens.map(chunk, batched=True, batch_size=1000, desc=f"chunk {key} to {max_seq_length}")
+    streaming = isinstance(dataset, IterableDataset)
+    tokenize_kwargs = {} if streaming else {"desc": f"tokenize {key}"}
+    chunk_kwargs = {} if streaming else {"desc": f"chunk {key} to {max_seq_length}"}
+    tokens = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, **tokenize_kwargs)
+    chunks = tokens.map(chunk, batched=True, batch_size=1000, **chunk_kwargs)
+    if isinstance(chunks, IterableDataset):  # streaming: its length is unknown until read
+        return chunks
     if len(chunks) == 0:
         raise RecipeError(
             f"{key}: no example of {max_seq_length} tokens after tokenizing; add text or lower `data.max_seq_length`"
@@ -61,8 +66,12 @@ def build_datasets(data: dict, tokenizer, max_seq_length: int, seed: int) -> tup
             _load(data["eval"], "data.eval"), tokenizer, text_column, max_seq_length, "data.eval"
         )
     elif data.get("eval_fraction"):
+        if isinstance(train, IterableDataset):
+            raise RecipeError("data.eval_fraction: a streaming dataset cannot be split; give `data.eval` instead")
         split = train.train_test_split(test_size=data["eval_fraction"], seed=seed)
         train, evaluation = split["train"], split["test"]
-    if evaluation is not None and data.get("max_eval_samples"):
+    if isinstance(evaluation, IterableDataset) and data.get("max_eval_samples"):
+        evaluation = evaluation.take(data["max_eval_samples"])
+    elif evaluation is not None and data.get("max_eval_samples"):
         evaluation = evaluation.select(range(min(len(evaluation), data["max_eval_samples"])))
     return train, evaluation

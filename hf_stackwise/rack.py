@@ -179,18 +179,21 @@ class Rack:
         The full block list stays registered (state dicts, checkpoints and optimizer see every block);
         only the forward pass sees the truncated list.
         """
+        if not 1 <= stacks <= self.num_stacks:
+            raise ValueError(f"active depth {stacks} is not in 1..{self.num_stacks}")
         num_blocks = self.boundaries[stacks]
         if num_blocks == self.num_blocks:
             yield
             return
         parent_path, _, attr = self.layers_path.rpartition(".")
         parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        full = parent._modules[attr]
-        parent._modules[attr] = nn.ModuleList(list(full)[:num_blocks])
+        # Shadow the attribute in the instance dict: forward sees the short list (instance attributes win
+        # over nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
+        parent.__dict__[attr] = nn.ModuleList(list(parent._modules[attr])[:num_blocks])
         try:
             yield
         finally:
-            parent._modules[attr] = full
+            del parent.__dict__[attr]
 
 
 def parameter_fingerprint(param: torch.Tensor) -> tuple[float, float]:

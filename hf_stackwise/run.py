@@ -4,8 +4,11 @@ before a weight is loaded and before the output directory is touched (``product.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, fields
 
 import torch
@@ -36,6 +39,34 @@ class Prepared:
     resume_from_checkpoint: str | None
 
 
+def _matches(value, hint) -> bool:
+    """Whether a YAML value fits a dataclass annotation (unknown annotations are left to TrainingArguments)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, (str, hint))
+    if hint in (list, tuple) or origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
     training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
@@ -43,6 +74,14 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     unknown = [k for k in training if k not in known]
     if unknown:
         raise RecipeError([f"training.{k}: not a TrainingArguments field; check the spelling" for k in unknown])
+    hints = typing.get_type_hints(StackwiseArguments)
+    wrong = [
+        f"training.{k}: {v!r} is not of type {_type_name(hints[k])}"
+        for k, v in training.items()
+        if k in hints and not _matches(v, hints[k])
+    ]
+    if wrong:
+        raise RecipeError(wrong)
     try:
         return StackwiseArguments(
             **training,
@@ -91,10 +130,15 @@ def rack_from_config(recipe: Recipe, config) -> dict:
     return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}
 
 
-def planned_total_steps(args: StackwiseArguments, num_examples: int) -> int:
+def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> int:
     """Optimizer steps of the run, as the Trainer will compute them (max_steps, or epochs × steps per epoch)."""
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
+    if num_examples is None:
+        raise RecipeError(
+            "training.max_steps: the training data is streamed, so epochs give no step count and phase "
+            "boundaries cannot be placed; set `training.max_steps`"
+        )
     batches = math.ceil(num_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
     per_epoch = max(
         batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1
@@ -115,7 +159,8 @@ def prepare(recipe: Recipe) -> Prepared:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
-    total_steps = planned_total_steps(args, len(train_dataset))
+    num_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+    total_steps = planned_total_steps(args, num_examples)
     recipe.schedule.resolve(total_steps)  # every phase gets at least one step
     defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
     identity = run_identity(recipe.schedule.to_list(), rack, args.max_steps if args.max_steps > 0 else None, defaults)

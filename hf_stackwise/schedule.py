@@ -225,9 +225,9 @@ class Schedule:
             phase = _parse_phase(item, index, previous, problems)
             if phase is not None:
                 phases.append(phase)
-                if not math.isnan(phase.until):
+                if 0 < phase.until <= 1:  # an invalid `until` is reported once, not again for the next phase
                     previous = max(previous, phase.until)
-        names = [p.name for p in phases]
+        names = [p.name for p in phases if isinstance(p.name, str)]  # others are reported under `.name`
         for name in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"schedule: phase name {name!r} is used more than once; give each phase its own name")
         if phases and not problems and phases[-1].until != 1.0:
@@ -361,7 +361,7 @@ class ResolvedSchedule:
         start, end = self.bounds[index]
         length = end - start
         position = min(step, end - 1) - start
-        warmup_steps = round(phase.warmup * length)
+        warmup_steps = min(round(phase.warmup * length), length - 1)  # always leave a step at full rate
         if position < warmup_steps:
             return position / max(1, warmup_steps)
         if phase.lr_schedule == "constant":

@@ -1,0 +1,187 @@
+"""Recipe validation (static and against the model's config and data), overrides, and every shipped recipe."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import pytest
+import yaml
+
+from hf_stackwise import run
+from hf_stackwise.recipe import apply_overrides, load_recipe, parse_overrides, validate_recipe
+from hf_stackwise.schedule import RecipeError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+def base_recipe(model_dir="some/model", train_file="train.txt"):
+    return {
+        "model": {"name_or_path": model_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 1},
+        "data": {"train": {"path": "text", "data_files": train_file}, "max_seq_length": 32},
+        "schedule": [
+            {"name": "top", "until": 0.5, "train": ["top"]},
+            {"name": "all", "until": 1.0, "train": "all"},
+        ],
+        "training": {"output_dir": "out", "max_steps": 4, "use_cpu": True, "report_to": "none"},
+    }
+
+
+def errors_of(raw) -> list[str]:
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(raw)
+    return info.value.problems
+
+
+def with_change(path: str, value):
+    raw = base_recipe()
+    return apply_overrides(raw, [(path, value)])
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("schedule.1.until", 0.9, "schedule[1].until: 0.9 but the last phase must end at 1.0"),
+        ("schedule.1.until", 0.5, "schedule[1].until: 0.5 does not come after the previous phase's end"),
+        ("schedule.0.until", 1.3, "schedule[0].until: 1.3 is not in (0, 1]"),
+        ("schedule.0.until", "half", "schedule[0].until: 'half' is not a number"),
+        ("schedule.0.trian", [1], "schedule[0].trian: unknown phase field"),
+        ("schedule.0.train", "bottom", "schedule[0].train: 'bottom' is not a list of stack indices"),
+        ("schedule.0.learning_rate", "fast", "schedule[0].learning_rate: 'fast' is not a non-negative number"),
+        ("schedule.0.stacks", 0, "schedule[0].stacks: 0 is not a positive integer"),
+        ("schedule.0.warmup", 1.5, "schedule[0].warmup: 1.5 is not a fraction"),
+        ("schedule.0.lr_schedule", "step", "schedule[0].lr_schedule: 'step' is not one of"),
+        ("schedule.0.head", "yes", "schedule[0].head: 'yes' is not one of"),
+        ("model.dtype", "float8", "model.dtype: 'float8' is not one of"),
+        ("model.quantisation", {"bits": 4}, "model.quantisation: unknown key"),
+        ("rack.blocks_per_stack", -2, "rack.blocks_per_stack: -2 is not a positive integer"),
+        ("rack.size", 3, "rack.size: unknown key"),
+        ("data.eval_fraction", 2, "data.eval_fraction: 2 is not a fraction in [0, 1)"),
+        ("data.max_seq_length", "long", "data.max_seq_length: 'long' is not a positive integer"),
+        ("data.task", "seq2seq", "data.task: 'seq2seq' is not one of"),
+        ("data.train", "corpus.txt", "data.train: expected `datasets.load_dataset` arguments"),
+        ("training.lr_scheduler_type", "cosine", "training.lr_scheduler_type: set by the schedule; use `lr_schedule`"),
+        ("training.warmup_ratio", 0.1, "training.warmup_ratio: set by the schedule; use `warmup`"),
+        ("extras", {}, "extras: unknown section"),
+    ],
+)
+def test_static_errors_name_the_key(path, value, expected):
+    problems = errors_of(with_change(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_all_problems_are_reported_together():
+    raw = base_recipe()
+    raw["schedule"][0]["until"] = 1.3
+    raw["data"]["eval_fraction"] = -1
+    raw["model"]["dtype"] = "int3"
+    del raw["training"]["output_dir"]
+    problems = errors_of(raw)
+    assert len(problems) >= 4
+    assert any(p.startswith("training.output_dir: missing") for p in problems)
+
+
+def test_missing_sections():
+    problems = errors_of({"model": {"name_or_path": "x"}})
+    assert {"data: missing section", "schedule: missing section", "training: missing section"} <= set(problems)
+
+
+def test_overrides_are_typed_and_dotted():
+    pairs = parse_overrides(["--training.max_steps", "12", "--schedule.0.until=0.25", "--schedule.0.train", "[1, 2]"])
+    assert pairs == [("training.max_steps", 12), ("schedule.0.until", 0.25), ("schedule.0.train", [1, 2])]
+    raw = base_recipe()
+    changed = apply_overrides(raw, pairs)
+    assert changed["training"]["max_steps"] == 12 and changed["schedule"][0]["train"] == [1, 2]
+    assert raw == base_recipe()  # the original is untouched
+    with pytest.raises(RecipeError, match="schedule.5 is not an index"):
+        apply_overrides(raw, [("schedule.5.until", 1.0)])
+    with pytest.raises(RecipeError, match="expected `--section.key value`"):
+        parse_overrides(["training.max_steps", "3"])
+
+
+def write(tmp_path, raw) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture
+def good(tmp_path, tiny_llama_dir, pydoc_files):
+    raw = base_recipe(tiny_llama_dir, pydoc_files[0])
+    raw["training"]["output_dir"] = str(tmp_path / "out")
+    return raw
+
+
+def prepare_error(tmp_path, raw, monkeypatch) -> str:
+    """Run every pre-compute check; the model's weights must never be loaded."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before validation finished")
+
+    monkeypatch.setattr(run, "load_model", no_weights)
+    with pytest.raises(RecipeError) as info:
+        run.prepare(load_recipe(write(tmp_path, raw)))
+    return str(info.value)
+
+
+def test_config_level_errors_before_weights(tmp_path, good, monkeypatch):
+    cases = [
+        (("schedule.0.train", [7]), "schedule[0].train: stack [7] does not exist; the rack has 4 stacks"),
+        (("schedule.0.stacks", 5), "schedule[0].stacks: 5 but the rack has only 4 stacks"),
+        (("rack.blocks_per_stack", 3), "rack.blocks_per_stack: 3 does not divide the model's 4 blocks"),
+        (("rack.layers", "model.norm"), "rack.layers: 'model.norm' does not name a torch.nn.ModuleList"),
+        (("data.max_seq_length", 4096), "data.max_seq_length: 4096 exceeds the model's 256 positions"),
+        (("data.text_column", "body"), "data.text_column: 'body' is not a column of data.train"),
+        (("model.name_or_path", str(tmp_path / "nowhere")), "model.name_or_path: "),
+        (("training.max_steps", 1), "schedule[0].until: phase 'top' gets no optimizer step at 1 total steps"),
+        (("training.num_train_epochs", "many"), "training.num_train_epochs: 'many' is not of type float"),
+        (("training.optimiser", "sgd"), "training.optimiser: not a TrainingArguments field"),
+    ]
+    for (path, value), expected in cases:
+        message = prepare_error(tmp_path, apply_overrides(good, [(path, value)]), monkeypatch)
+        assert expected in message, (path, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_naming_an_inactive_stack(tmp_path, good, monkeypatch):
+    raw = copy.deepcopy(good)
+    raw["schedule"][0] = {"name": "shallow", "until": 0.5, "stacks": 2, "train": [3]}
+    message = prepare_error(tmp_path, raw, monkeypatch)
+    assert "schedule[0].train: stack [3] is not active in this phase (`stacks: 2`" in message
+
+
+def test_epochs_over_streamed_data_need_max_steps(tmp_path, good, monkeypatch):
+    raw = copy.deepcopy(good)
+    raw["data"]["train"]["streaming"] = True
+    del raw["training"]["max_steps"]
+    message = prepare_error(tmp_path, raw, monkeypatch)
+    assert "training.max_steps: the training data is streamed" in message
+
+
+def test_epochs_resolve_to_steps(tmp_path, good):
+    raw = copy.deepcopy(good)
+    del raw["training"]["max_steps"]
+    raw["training"].update(num_train_epochs=2, per_device_train_batch_size=64)
+    prepared = run.prepare(load_recipe(write(tmp_path, raw)))
+    per_epoch = -(-len(prepared.train_dataset) // 64)
+    assert prepared.total_steps == 2 * per_epoch
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_every_shipped_recipe_is_valid(path, monkeypatch):
+    """Parsed, validated statically and against the real model config and data (assets: `make assets`)."""
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(str(path))
+    assert recipe.schedule.phases[-1].until == 1.0
+    assert path.read_text().startswith("#"), "each recipe starts with a comment saying how to run it"
+    model = ROOT / recipe.model["name_or_path"]
+    assert model.exists(), f"{model} missing: run `make assets` (scripts/demo_assets.py) first"
+    monkeypatch.setattr(run, "check_output_dir", lambda *a, **k: None)  # a previous demo run may exist
+    prepared = run.prepare(recipe)
+    recipe.schedule.resolve(prepared.total_steps)
+
+
+def test_recipes_are_found():
+    assert any(p.name == "demo.yaml" for p in RECIPES)
