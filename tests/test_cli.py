@@ -1,0 +1,128 @@
+"""The command line: help, a full run of a recipe, overrides, and errors as one readable paragraph."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from hf_stackwise.cli import main
+
+
+def recipe(tmp_path, model_dir, train_file, eval_file, **training):
+    raw = {
+        "model": {"name_or_path": model_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 2},
+        "data": {
+            "train": {"path": "text", "data_files": train_file},
+            "eval": {"path": "text", "data_files": eval_file},
+            "max_eval_samples": 16,
+            "max_seq_length": 32,
+        },
+        "schedule": [
+            {"name": "top", "until": 0.5, "train": ["top"], "learning_rate": 1e-3},
+            {"name": "all", "until": 1.0, "train": "all", "learning_rate": 5e-4},
+        ],
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "eval_on_start": True,
+            "save_steps": 3,
+            "report_to": "none",
+            "use_cpu": True,
+            **training,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_help_of_every_command():
+    for args in (["--help"], ["train", "--help"], ["validate", "--help"]):
+        out = subprocess.run(["hf-stackwise", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "usage: hf-stackwise" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "hf_stackwise", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "train" in out.stdout and "validate" in out.stdout
+
+
+def test_train_runs_the_recipe_and_saves_a_plain_model(tmp_path, tiny_llama_dir, pydoc_files, capsys):
+    path = recipe(tmp_path, tiny_llama_dir, *pydoc_files)
+    assert main(["train", path]) == 0
+    out = capsys.readouterr().out
+    assert "trained 6 steps" in out
+    assert "top              steps      0-2" in out and "all              steps      3-5" in out
+    words = out.split("eval loss: first ")[1].split()  # "<first> -> last <last>"
+    first, last = float(words[0]), float(words[3])
+    assert last < first  # real text, a real (tiny) model: training helps
+    run = tmp_path / "run"
+    assert {"checkpoint-3", "checkpoint-6", "stackwise_run.json", "model.safetensors"} <= set(os.listdir(run))
+    model = AutoModelForCausalLM.from_pretrained(run)
+    start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, start.model.layers[0].mlp.up_proj.weight)
+
+
+def test_overrides_and_resume_from_the_cli(tmp_path, tiny_llama_dir, pydoc_files, capsys):
+    path = recipe(tmp_path, tiny_llama_dir, *pydoc_files)
+    assert main(["train", path, "--training.max_steps", "4", "--schedule.0.until=0.25"]) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    # same run again without resume: refused, nothing touched
+    listing = sorted(os.listdir(tmp_path / "run"))
+    assert main(["train", path, "--training.max_steps", "4", "--schedule.0.until=0.25"]) == 2
+    assert "already holds checkpoints of this run" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "run")) == listing
+    code = main(
+        [
+            "train",
+            path,
+            "--training.max_steps",
+            "4",
+            "--schedule.0.until=0.25",
+            "--training.resume_from_checkpoint",
+            "true",
+        ]
+    )
+    assert code == 0
+
+
+def test_errors_are_one_paragraph_with_exit_code_2(tmp_path, tiny_llama_dir, pydoc_files):
+    path = recipe(tmp_path, tiny_llama_dir, *pydoc_files)
+    cases = [
+        (["--schedule.1.until", "0.9"], "schedule[1].until: 0.9 but the last phase must end at 1.0"),
+        (["--schedule.0.train", "[9]"], "schedule[0].train: stack [9] does not exist"),
+        (["--model.name_or_path", str(tmp_path / "missing")], "model.name_or_path:"),
+        (["--training.max_stepz", "3"], "training.max_stepz: not a TrainingArguments field"),
+    ]
+    for overrides, expected in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "hf_stackwise", "train", path, *overrides],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert expected in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert not (tmp_path / "run").exists()
+    out = subprocess.run(
+        [sys.executable, "-m", "hf_stackwise", "validate", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "is not a file" in out.stderr
+
+
+def test_validate_prints_the_phases_without_writing(tmp_path, tiny_llama_dir, pydoc_files, capsys):
+    path = recipe(tmp_path, tiny_llama_dir, *pydoc_files)
+    assert main(["validate", path]) == 0
+    out = capsys.readouterr().out
+    assert "valid. 2 stacks over 4 blocks (model.layers), 6 steps" in out
+    assert not (tmp_path / "run").exists()
