@@ -226,11 +226,12 @@ class StackwiseTrainer(Trainer):
         if self.args.check_invariants:
             self._fingerprints = {name: parameter_fingerprint(p) for name, p in self._frozen}
         self._phase_state = state
-        logger.info(
-            f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}, "
-            f"active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
-            f"{self._trainable_count:,} trainable parameters"
-        )
+        if self.is_world_process_zero():
+            logger.info(
+                f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}, "
+                f"active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
+                f"{self._trainable_count:,} trainable parameters"
+            )
 
     def _check_trainable_optimized(self) -> None:
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}

@@ -26,9 +26,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, cwd=HERE):
+def torchrun(*args, cwd=HERE, launcher="torchrun"):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:  # facts.md: `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on CPU runs two
+        cmd = [
+            "accelerate",
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
     result = subprocess.run(cmd + list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -54,7 +72,10 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
     assert not torch.equal(rank0["model.layers.2.mlp.up_proj.weight"], fresh["model.layers.2.mlp.up_proj.weight"])
 
 
-def test_torchrun_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files, launcher):
+    """`torchrun -m hf_stackwise train` and `accelerate launch -m hf_stackwise train` run 2 real ranks: the
+    result equals one process with the doubled per-device batch (one rank alone would not)."""
     train_file, eval_file = pydoc_files
     recipe = {
         "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
@@ -77,7 +98,16 @@ def test_torchrun_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    torchrun("-m", "hf_stackwise", "train", str(path), "--training.output_dir", str(tmp_path / "ddp"), cwd=tmp_path)
+    torchrun(
+        "-m",
+        "hf_stackwise",
+        "train",
+        str(path),
+        "--training.output_dir",
+        str(tmp_path / "ddp"),
+        cwd=tmp_path,
+        launcher=launcher,
+    )
     code = cli_main(
         [
             "train",
