@@ -190,3 +190,22 @@ def test_inactive_stacks_do_not_run(tmp_path, token_dataset):
         expected = short(input_ids=batch).logits
     torch.testing.assert_close(shallow, expected, rtol=0, atol=0)
     assert len(model.model.layers) == 4  # the full block list stays registered
+
+
+def test_gradient_accumulation_keeps_the_trace_and_semantics(tmp_path, token_dataset):
+    trainer = make_trainer(tmp_path, token_dataset, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    expected = [(s, *[g for g in GOLDEN if g[0] <= s][-1][1:]) for s in range(8)]
+    assert [s[:3] for s in recorder.steps] == expected
+    assert all(changed == flagged for _, _, _, changed, flagged in recorder.steps)
+
+
+def test_epochs_resolve_boundaries_from_update_steps_per_epoch(tmp_path, token_dataset):
+    small = token_dataset.select(range(40))  # 10 batches of 4 per epoch, 2 epochs -> 20 steps
+    trainer = make_trainer(tmp_path, small, max_steps=-1, num_train_epochs=2)
+    assert trainer.resolved is None  # unknown until the Trainer knows the dataloader length
+    trainer.train()
+    assert trainer.state.global_step == 20 and trainer.resolved.total_steps == 20
+    assert trainer.resolved.trace(4) == [(0, "top", (3,)), (5, "shallow", (0, 1)), (10, "all", (0, 1, 2, 3))]
