@@ -35,6 +35,13 @@ def make_parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("recipe", help="path of the YAML recipe")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    help_text = (
+        "write a run (its final model, else its last complete checkpoint) or a checkpoint as a plain model folder"
+    )
+    cmd = sub.add_parser("export", help=help_text, description=help_text + "; inactive stacks are dropped")
+    cmd.add_argument("source", help="a run's training.output_dir or one of its checkpoint-N folders")
+    cmd.add_argument("output_dir", help="folder to write; must be empty unless --overwrite")
+    cmd.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     return parser
 
 
@@ -64,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("hf_stackwise").setLevel(logging.INFO)
+    if args.command == "export":
+        from .export import ExportError, export
+
+        try:
+            used = export(args.source, args.output_dir, overwrite=args.overwrite)
+        except ExportError as err:
+            print(f"hf-stackwise: error: {err}", file=sys.stderr)
+            return 2
+        print(f"hf-stackwise: exported {used} to {args.output_dir}")
+        return 0
     try:
         from . import run
         from .recipe import load_recipe

@@ -320,6 +320,12 @@ class StackwiseTrainer(Trainer):
             write_json(os.path.join(folder, MANIFEST_NAME), self._manifest())
         super()._save_checkpoint(model, trial)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as the Trainer does; a final save also gets ``stackwise_state.json`` so it can be exported."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save and self.resolved is not None:
+            write_json(os.path.join(output_dir or self.args.output_dir, MANIFEST_NAME), self._manifest())
+
     def prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """Check the output directory and the checkpoint before any training; returns the checkpoint to resume."""
         args = self.args

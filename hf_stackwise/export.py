@@ -1,0 +1,89 @@
+"""Export a run or checkpoint as a plain Hugging Face model folder.
+
+The exported folder holds only the blocks that ran in the phase that produced the weights (inactive
+stacks are dropped and ``config`` updated), plus the tokenizer; ``AutoModelForCausalLM.from_pretrained``
+loads it with no hf_stackwise import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
+
+from .checkpoint import MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
+from .schedule import Schedule
+
+logger = logging.get_logger(__name__)
+
+
+class ExportError(ValueError):
+    """The source is not an exportable run/checkpoint, or the target must not be written."""
+
+
+def find_source(path: str) -> str:
+    """The folder to export: a checkpoint, or a run's final model (else its last complete checkpoint)."""
+    if not os.path.isdir(path):
+        raise ExportError(f"export: {path!r} is not a directory; give a run's output_dir or one of its checkpoints")
+    has_model = os.path.isfile(os.path.join(path, "config.json"))
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)) and has_model:
+        return path
+    if os.path.isfile(os.path.join(path, RUN_MANIFEST_NAME)):
+        checkpoint = last_complete_checkpoint(path)
+        if checkpoint is not None:
+            return checkpoint
+        raise ExportError(f"export: run {path!r} has no saved model yet (no final model, no complete checkpoint)")
+    raise ExportError(
+        f"export: {path!r} is not an hf_stackwise run or checkpoint (no {MANIFEST_NAME} or {RUN_MANIFEST_NAME} "
+        "next to a model); give a run's output_dir or a checkpoint-N folder"
+    )
+
+
+def active_blocks(manifest: dict) -> int:
+    """Number of blocks that ran in the phase that produced the weights."""
+    run = manifest["run"]
+    schedule = Schedule.from_list(run["schedule"])
+    boundaries = run["rack"]["boundaries"]
+    phase = schedule.phases[manifest["phase"]["index"]]
+    return boundaries[phase.active_depth(len(boundaries) - 1)]
+
+
+def drop_inactive_blocks(model, layers_path: str, num_blocks: int) -> None:
+    """Keep the first ``num_blocks`` blocks and make the config agree (``num_hidden_layers``, per-layer lists)."""
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    blocks = getattr(parent, attr)
+    old = len(blocks)
+    if num_blocks == old:
+        return
+    setattr(parent, attr, type(blocks)(list(blocks)[:num_blocks]))
+    config = model.config
+    for key, value in list(config.to_diff_dict().items()):
+        if isinstance(value, list) and len(value) == old and key != "architectures":
+            setattr(config, key, value[:num_blocks])
+    config.num_hidden_layers = num_blocks
+
+
+def export(source: str, output_dir: str, overwrite: bool = False) -> str:
+    """Write ``source`` (run or checkpoint) to ``output_dir`` as a plain model folder; returns the folder used."""
+    folder = find_source(source)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ExportError(
+            f"export: {output_dir!r} is not empty; pass --overwrite to replace it, or pick another folder"
+        )
+    manifest = read_json(os.path.join(folder, MANIFEST_NAME))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    drop_inactive_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
+    tmp = output_dir.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    try:
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+    except (OSError, ValueError):
+        logger.warning(f"export: {folder} has no tokenizer; the exported folder has none either")
+    if os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(tmp, output_dir)
+    return folder
