@@ -40,7 +40,13 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def run_identity(schedule: list[dict], rack: dict, total_steps: int | None, defaults: dict | None = None) -> dict:
+def run_identity(
+    schedule: list[dict],
+    rack: dict,
+    total_steps: int | None,
+    defaults: dict | None = None,
+    adapters: dict | None = None,
+) -> dict:
     """What makes two runs 'the same run' for resume and output-directory purposes.
 
     ``defaults`` are the training values phases fall back to (``learning_rate``, ``weight_decay``).
@@ -51,6 +57,7 @@ def run_identity(schedule: list[dict], rack: dict, total_steps: int | None, defa
         "rack": rack,
         "total_steps": total_steps,
         "defaults": defaults or {},
+        "adapters": adapters or {},
     }
 
 
@@ -93,6 +100,8 @@ def describe_differences(saved: dict, current: dict) -> list[str]:
                 f"training.{key}: {old_defaults.get(key)!r} in the checkpoint, {new_defaults.get(key)!r} now "
                 "(phases without their own value use it)"
             )
+    if saved.get("adapters", {}) != current.get("adapters", {}):
+        changes.append(f"adapters: {saved.get('adapters')} in the checkpoint, {current.get('adapters')} now")
     if saved.get("rack") != current.get("rack"):
         changes.append(f"rack: {saved.get('rack')} in the checkpoint, {current.get('rack')} now")
     old_total, new_total = saved.get("total_steps"), current.get("total_steps")

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
+from .adapters import attach_adapters
 from .checkpoint import MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
 from .schedule import Schedule
+from .trainer import TRAINABLE_WEIGHTS_NAME, load_trainable
 
 logger = logging.get_logger(__name__)
 
@@ -27,7 +30,7 @@ def find_source(path: str) -> str:
     """The folder to export: a checkpoint, or a run's final model (else its last complete checkpoint)."""
     if not os.path.isdir(path):
         raise ExportError(f"export: {path!r} is not a directory; give a run's output_dir or one of its checkpoints")
-    has_model = os.path.isfile(os.path.join(path, "config.json"))
+    has_model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", TRAINABLE_WEIGHTS_NAME))
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)) and has_model:
         return path
     if os.path.isfile(os.path.join(path, RUN_MANIFEST_NAME)):
@@ -66,6 +69,22 @@ def drop_inactive_blocks(model, layers_path: str, num_blocks: int) -> None:
     config.num_hidden_layers = num_blocks
 
 
+def load_merged(folder: str, manifest: dict):
+    """The trained model as a plain transformers model: adapters merged into a full-precision base."""
+    plan = manifest["run"].get("adapters") or {}
+    if not plan:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    base = manifest.get("base_model")
+    if not base or not os.path.exists(base) and base.count("/") != 1:
+        raise ExportError(
+            f"export: the base model of {folder!r} ({base!r}) is not available to merge the adapters into"
+        )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = attach_adapters(model, plan, manifest["run"]["rack"]["layers"])
+    load_trainable(peft_model, os.path.join(folder, TRAINABLE_WEIGHTS_NAME))
+    return peft_model.merge_and_unload()
+
+
 def export(source: str, output_dir: str, overwrite: bool = False) -> str:
     """Write ``source`` (run or checkpoint) to ``output_dir`` as a plain model folder; returns the folder used."""
     folder = find_source(source)
@@ -74,7 +93,7 @@ def export(source: str, output_dir: str, overwrite: bool = False) -> str:
             f"export: {output_dir!r} is not empty; pass --overwrite to replace it, or pick another folder"
         )
     manifest = read_json(os.path.join(folder, MANIFEST_NAME))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    model = load_merged(folder, manifest)
     drop_inactive_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
     tmp = output_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)

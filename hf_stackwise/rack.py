@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .schedule import EMBEDDINGS, HEAD, RecipeError, stack_unit
+from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, RecipeError, lora_unit, stack_unit, trunk_unit
 
 # Where known families keep their block list, relative to the model passed in (head model or base model).
 KNOWN_LAYER_PATHS = (
@@ -66,6 +66,15 @@ def find_layers_path(model: nn.Module, layers: str | None = None) -> str:
         f"rack.layers: cannot tell where {type(model).__name__} keeps its transformer blocks{hint}; set "
         "`rack.layers` to the dotted path of the block list, e.g. `model.layers`"
     )
+
+
+def adapter_of(name: str) -> str | None:
+    """The LoRA adapter a parameter belongs to (``...q_proj.lora_A.stack_3.weight`` → ``stack_3``), or None."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[i + 1]
+    return None
 
 
 def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -157,20 +166,26 @@ class Rack:
                 block_stack[b] = s
         prefix = self.layers_path + "."
         units: dict[str, list[tuple[str, nn.Parameter]]] = {EMBEDDINGS: []}
-        units.update({stack_unit(s): [] for s in range(self.num_stacks)})
+        for s in range(self.num_stacks):
+            units.update({stack_unit(s): [], lora_unit(s): [], trunk_unit(s): []})
         units[HEAD] = []
         seen_blocks = False
         seen: dict[str, set[int]] = {u: set() for u in units}
         for name, param in self.model.named_parameters(remove_duplicate=False):
             if name.startswith(prefix):
                 seen_blocks = True
-                unit = stack_unit(block_stack[int(name[len(prefix) :].split(".", 1)[0])])
+                stack = block_stack[int(name[len(prefix) :].split(".", 1)[0])]
+                adapter = adapter_of(name)
+                if adapter is None:
+                    unit = stack_unit(stack)
+                else:
+                    unit = trunk_unit(stack) if adapter == TRUNK_ADAPTER else lora_unit(stack)
             else:
                 unit = HEAD if seen_blocks else EMBEDDINGS
             if id(param) not in seen[unit]:
                 seen[unit].add(id(param))
                 units[unit].append((name, param))
-        return units
+        return {u: params for u, params in units.items() if params or u in (EMBEDDINGS, HEAD) or "." not in u}
 
     @contextlib.contextmanager
     def active_depth(self, stacks: int):

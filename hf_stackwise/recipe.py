@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import yaml
 
-from .schedule import RecipeError, Schedule
+from .schedule import LORA_KEYS, RecipeError, Schedule, check_lora
 
-SECTIONS = ("model", "rack", "data", "schedule", "training")
+SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
+DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
 MODEL_KEYS = ("name_or_path", "dtype")
 # from_pretrained keyword arguments a recipe may pass through the `model` section
 FROM_PRETRAINED_KEYS = (
@@ -51,6 +53,7 @@ class Recipe:
 
     model: dict
     rack: dict
+    adapters: dict
     data: dict
     schedule: Schedule
     training: dict
@@ -154,6 +157,25 @@ def _check_rack(rack, problems: list[str]) -> dict:
     return rack
 
 
+def _check_adapters(section, problems: list[str]) -> dict:
+    """The ``adapters:`` section: LoRA defaults for every phase that asks for LoRA, and the trunk adapter's rank."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        problems.append(f"adapters: expected a mapping with keys among {', '.join(ADAPTERS_KEYS)}")
+        return {}
+    _check_keys(section, ADAPTERS_KEYS, "adapters", problems)
+    check_lora({k: v for k, v in section.items() if k in LORA_KEYS}, "adapters", problems)
+    trunk = {"r": section.get("trunk_r"), "alpha": section.get("trunk_alpha")}
+    trunk_problems: list[str] = []
+    check_lora(trunk, "adapters", trunk_problems)
+    problems.extend(
+        p.replace("adapters.r:", "adapters.trunk_r:").replace("adapters.alpha:", "adapters.trunk_alpha:")
+        for p in trunk_problems
+    )
+    return section
+
+
 def _check_dataset_spec(spec, path: str, problems: list[str]) -> None:
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
         problems.append(
@@ -211,6 +233,7 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
             problems.append(f"{key}: missing section")
     model = _check_model(raw.get("model"), problems) if "model" in raw else {}
     rack = _check_rack(raw.get("rack"), problems)
+    adapters = _check_adapters(raw.get("adapters"), problems)
     data = _check_data(raw.get("data"), problems) if "data" in raw else {}
     training = _check_training(raw.get("training"), problems) if "training" in raw else {}
     schedule = None
@@ -221,7 +244,13 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
             problems.extend(err.problems)
     if problems:
         raise RecipeError(problems)
-    return Recipe(model=model, rack=rack, data=data, schedule=schedule, training=training, raw=raw, path=path)
+    if schedule is not None and adapters and not schedule.uses_lora():
+        problems.append("adapters: LoRA settings given, but no phase uses `adapter: lora` or `trunk: lora`")
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(
+        model=model, rack=rack, adapters=adapters, data=data, schedule=schedule, training=training, raw=raw, path=path
+    )
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
+from .adapters import plan_adapters, resolve_targets
 from .checkpoint import check_output_dir, check_resumable, last_complete_checkpoint, run_identity
 from .data import build_datasets
 from .rack import find_layers_path, resolve_boundaries
@@ -89,6 +90,7 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
             blocks_per_stack=recipe.rack.get("blocks_per_stack"),
             stack_boundaries=recipe.rack.get("boundaries"),
             rack_layers=recipe.rack.get("layers"),
+            adapters=recipe.adapters or None,
         )
     except RecipeError:
         raise
@@ -123,10 +125,11 @@ def rack_from_config(recipe: Recipe, config) -> dict:
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
         ) from None
     layers = find_layers_path(skeleton, recipe.rack.get("layers"))
-    boundaries = resolve_boundaries(
-        len(skeleton.get_submodule(layers)), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries")
-    )
+    blocks = skeleton.get_submodule(layers)
+    boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
     recipe.schedule.validate_rack(len(boundaries) - 1)
+    if recipe.schedule.uses_lora():  # target_modules must match real layers of the blocks each adapter covers
+        resolve_targets(plan_adapters(recipe.schedule, recipe.adapters, boundaries), blocks)
     return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}
 
 
@@ -163,7 +166,9 @@ def prepare(recipe: Recipe) -> Prepared:
     total_steps = planned_total_steps(args, num_examples)
     recipe.schedule.resolve(total_steps)  # every phase gets at least one step
     defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
-    identity = run_identity(recipe.schedule.to_list(), rack, args.max_steps if args.max_steps > 0 else None, defaults)
+    plan = plan_adapters(recipe.schedule, recipe.adapters, rack["boundaries"]) if recipe.schedule.uses_lora() else {}
+    total = args.max_steps if args.max_steps > 0 else None
+    identity = run_identity(recipe.schedule.to_list(), rack, total, defaults, plan)
     resume = recipe.resume_from_checkpoint
     if resume is True:
         resume = last_complete_checkpoint(args.output_dir)

@@ -30,9 +30,16 @@ PHASE_KEYS = (
     "lr_schedule",
     "weight_decay",
     "layer_lr_decay",
+    "adapter",
+    "trunk",
+    "lora",
 )
+ADAPTER_MODES = ("full", "lora")
+TRUNK_MODES = ("frozen", "lora")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 EMBEDDINGS = "embeddings"
 HEAD = "head"
+TRUNK_ADAPTER = "trunk"  # PEFT adapter name of the trunk LoRA; stack adapters are named stack_<i>
 
 
 class RecipeError(ValueError):
@@ -48,8 +55,51 @@ class RecipeError(ValueError):
 
 
 def stack_unit(index: int) -> str:
-    """Name of the parameter unit (and optimizer group) of stack ``index``."""
+    """Name of the parameter unit (and optimizer group) of stack ``index``'s own weights."""
     return f"stack_{index}"
+
+
+def lora_unit(index: int) -> str:
+    """Unit of the LoRA adapter that trains stack ``index`` (``adapter: lora``)."""
+    return f"stack_{index}.lora"
+
+
+def trunk_unit(index: int) -> str:
+    """Unit of the trunk adapter's parameters inside stack ``index`` (``trunk: lora``)."""
+    return f"stack_{index}.trunk"
+
+
+def unit_level(unit: str) -> int:
+    """Stack index of a stack unit (any kind); -1 for the embeddings."""
+    if unit == EMBEDDINGS:
+        return -1
+    return int(unit.removeprefix("stack_").split(".")[0])
+
+
+def check_lora(value, path: str, problems: list[str]) -> None:
+    """Validate a LoRA settings mapping (`adapters:` section or a phase's `lora:`)."""
+    if not isinstance(value, dict):
+        problems.append(f"{path}: expected a mapping with keys among {', '.join(LORA_KEYS)}")
+        return
+    for key in value:
+        if key not in LORA_KEYS:
+            problems.append(f"{path}.{key}: unknown LoRA setting; known settings are {', '.join(LORA_KEYS)}")
+    r = value.get("r")
+    if r is not None and not (_is_int(r) and r >= 1):
+        problems.append(f"{path}.r: {r!r} is not a positive integer (the LoRA rank)")
+    alpha = value.get("alpha")
+    if alpha is not None and not (_is_number(alpha) and alpha > 0):
+        problems.append(f"{path}.alpha: {alpha!r} is not a positive number")
+    dropout = value.get("dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        problems.append(f"{path}.dropout: {dropout!r} is not a probability in [0, 1)")
+    targets = value.get("target_modules")
+    if (
+        targets is not None
+        and targets != "all-linear"
+        and not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(f"{path}.target_modules: {targets!r} is not `all-linear` or a list of module names")
 
 
 def _is_number(value) -> bool:
@@ -75,6 +125,9 @@ class Phase:
     lr_schedule: str = "constant"  # within the phase, after warm-up
     weight_decay: float | None = None  # None = training.weight_decay
     layer_lr_decay: float = 1.0  # stack i gets lr * decay ** (top active stack - i)
+    adapter: str = "full"  # how trained stacks train: their own weights (full) or a LoRA adapter (lora)
+    trunk: str = "frozen"  # active stacks that do not train: frozen, or carrying a trainable trunk LoRA
+    lora: dict | None = None  # LoRA overrides for the stack adapters this phase creates
 
     def active_depth(self, num_stacks: int) -> int:
         """Number of stacks that run in this phase."""
@@ -99,7 +152,11 @@ class Phase:
 
     def trainable_units(self, num_stacks: int) -> frozenset[str]:
         """Units (``embeddings``, ``stack_i``, ``head``) that train in this phase."""
-        units = {stack_unit(i) for i in self.trainable_stacks(num_stacks)}
+        trained = self.trainable_stacks(num_stacks)
+        make = stack_unit if self.adapter == "full" else lora_unit
+        units = {make(i) for i in trained}
+        if self.trunk == "lora":
+            units |= {trunk_unit(i) for i in range(self.active_depth(num_stacks)) if i not in trained}
         if self.trains_embeddings():
             units.add(EMBEDDINGS)
         if self.trains_head():
@@ -204,6 +261,19 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) ->
         problems.append(f"{path}.layer_lr_decay: {decay!r} is not a positive number (1.0 = no decay)")
         decay = 1.0
     values["layer_lr_decay"] = float(decay)
+
+    for key, allowed in (("adapter", ADAPTER_MODES), ("trunk", TRUNK_MODES)):
+        value = raw.get(key, allowed[0])
+        if value not in allowed:
+            problems.append(f"{path}.{key}: {value!r} is not one of {allowed}")
+            value = allowed[0]
+        values[key] = value
+    lora = raw.get("lora")
+    if lora is not None:
+        check_lora(lora, f"{path}.lora", problems)
+        if values["adapter"] != "lora":
+            problems.append(f"{path}.lora: LoRA settings need `adapter: lora` in the same phase")
+    values["lora"] = dict(lora) if isinstance(lora, dict) else None
     return Phase(**values)
 
 
@@ -277,6 +347,10 @@ class Schedule:
                     )
         if problems:
             raise RecipeError(problems)
+
+    def uses_lora(self) -> bool:
+        """Whether any phase trains through LoRA (stack adapters or the trunk adapter)."""
+        return any(p.adapter == "lora" or p.trunk == "lora" for p in self.phases)
 
     def ever_trainable_units(self, num_stacks: int) -> frozenset[str]:
         """The superset: every unit that trains in at least one phase."""
@@ -385,8 +459,7 @@ class ResolvedSchedule:
         top = state.active_depth - 1
         if unit == HEAD:
             return lr
-        level = -1 if unit == EMBEDDINGS else int(unit.removeprefix("stack_"))
-        return lr * phase.layer_lr_decay ** (top - level)
+        return lr * phase.layer_lr_decay ** (top - unit_level(unit))
 
     def trace(self, num_stacks: int) -> list[tuple[int, str, tuple[int, ...]]]:
         """``(first step, phase name, trainable stacks)`` per phase: the golden trace tests compare against."""

@@ -20,6 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainingArguments
@@ -27,6 +28,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .adapters import PEFT_PREFIX, attach_adapters, plan_adapters
 from .checkpoint import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -42,6 +44,7 @@ from .rack import Rack, parameter_fingerprint
 from .schedule import EMBEDDINGS, HEAD, RecipeError, ResolvedSchedule, Schedule, stack_unit
 
 logger = logging.get_logger(__name__)
+TRAINABLE_WEIGHTS_NAME = "stackwise_trainable.safetensors"  # every ever-trainable tensor (adapter runs)
 
 
 @dataclass
@@ -62,6 +65,13 @@ class StackwiseArguments(TrainingArguments):
     )
     rack_layers: str | None = field(
         default=None, metadata={"help": "Dotted path of the block list when auto-detection cannot tell."}
+    )
+    # Parameters that control LoRA
+    adapters: dict | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA defaults: r, alpha, dropout, target_modules (default all-linear), trunk_r, trunk_alpha."
+        },
     )
     # Parameters that protect the user's results
     overwrite_output_dir: bool = field(
@@ -96,9 +106,20 @@ class StackwiseTrainer(Trainer):
             )
         if kwargs.get("optimizers", (None, None))[1] is not None:
             raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
+        schedule = Schedule.from_list(args.schedule)
+        self.adapter_plan: dict[str, dict] = {}
+        layers = args.rack_layers
+        if schedule.uses_lora():
+            if hasattr(model, "peft_config"):
+                raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
+            base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
+            schedule.validate_rack(base_rack.num_stacks)
+            self.adapter_plan = plan_adapters(schedule, args.adapters, base_rack.boundaries)
+            model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
+            layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)
-        self.schedule = Schedule.from_list(args.schedule)
-        self.rack = Rack.from_model(self.model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
+        self.schedule = schedule
+        self.rack = Rack.from_model(self.model, layers, args.blocks_per_stack, args.stack_boundaries)
         self.schedule.validate_rack(self.rack.num_stacks)
         if args.ddp_find_unused_parameters is False and len(self.schedule.phases) > 1:
             raise RecipeError(
@@ -296,7 +317,13 @@ class StackwiseTrainer(Trainer):
     def run_identity(self) -> dict:
         total = self.resolved.total_steps if self.resolved is not None else None
         defaults = {"learning_rate": self.args.learning_rate, "weight_decay": self.args.weight_decay}
-        return run_identity(self.schedule.to_list(), self.rack.topology(), total, defaults)
+        return run_identity(self.schedule.to_list(), self.base_topology(), total, defaults, self.adapter_plan)
+
+    def base_topology(self) -> dict:
+        """Rack topology in terms of the base model (without PEFT's wrapper prefix)."""
+        topology = self.rack.topology()
+        topology["layers"] = topology["layers"].removeprefix(PEFT_PREFIX) if self.adapter_plan else topology["layers"]
+        return topology
 
     def _manifest(self) -> dict:
         step = self.state.global_step
@@ -305,7 +332,10 @@ class StackwiseTrainer(Trainer):
             "format_version": FORMAT_VERSION,
             "schedule_hash": self.schedule.fingerprint(),
             "run": self.run_identity(),
-            "rack": self.rack.topology(),
+            "rack": self.base_topology(),
+            "base_model": getattr(
+                self.model.get_base_model() if self.adapter_plan else self.model, "name_or_path", None
+            ),
             "global_step": step,
             "t": self.resolved.t(step),
             "phase": {"index": state.index, "name": state.name, "trainable_stacks": list(state.trainable_stacks)},
@@ -319,6 +349,27 @@ class StackwiseTrainer(Trainer):
             os.makedirs(folder, exist_ok=True)
             write_json(os.path.join(folder, MANIFEST_NAME), self._manifest())
         super()._save_checkpoint(model, trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """As the Trainer (PEFT adapter folders for adapter runs), plus every ever-trainable tensor of an adapter
+        run: fully trained stacks are not part of PEFT's adapter files, and resume needs them exactly."""
+        super()._save(output_dir, state_dict)
+        if self.adapter_plan and self.args.should_save:
+            ever = self.schedule.ever_trainable_units(self.num_stacks)
+            tensors = {
+                name: param.detach().cpu().contiguous()
+                for name, param, owners in self._params
+                if any(u in ever for u in owners)
+            }
+            path = os.path.join(output_dir or self.args.output_dir, TRAINABLE_WEIGHTS_NAME)
+            safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+            os.replace(path + ".tmp", path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Adapter runs resume from ``stackwise_trainable.safetensors`` (every adapter, every trained stack)."""
+        if not self.adapter_plan:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trainable(self.model, os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does; a final save also gets ``stackwise_state.json`` so it can be exported."""
@@ -363,3 +414,17 @@ class StackwiseTrainer(Trainer):
         if self.args.check_invariants and self._phase_state is not None:
             self._check_frozen_untouched()
         return output
+
+
+def load_trainable(model: torch.nn.Module, path: str) -> None:
+    """Copy the tensors of a ``stackwise_trainable.safetensors`` file into ``model`` (names must all exist)."""
+    if not os.path.isfile(path):
+        raise ResumeError(f"training.resume_from_checkpoint: {path} is missing; the checkpoint is incomplete")
+    tensors = safetensors.torch.load_file(path)
+    params = dict(model.named_parameters())
+    missing = [name for name in tensors if name not in params]
+    if missing:
+        raise ResumeError(f"training.resume_from_checkpoint: {path} holds {missing[0]}, which this model lacks")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)

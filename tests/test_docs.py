@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from hf_stackwise.recipe import DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
+from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
 from hf_stackwise.schedule import PHASE_KEYS
 
 DOC = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
@@ -24,6 +24,7 @@ def test_every_section_is_documented():
 def test_section_tables_match_the_code():
     assert section_keys("model") == set(MODEL_KEYS) | set(FROM_PRETRAINED_KEYS)
     assert section_keys("rack") == set(RACK_KEYS)
+    assert section_keys("adapters") == set(ADAPTERS_KEYS)
     assert section_keys("data") == set(DATA_KEYS)
     assert section_keys("schedule") == set(PHASE_KEYS)
 
@@ -36,7 +37,7 @@ def test_training_extras_match_the_arguments_dataclass():
     from hf_stackwise.trainer import StackwiseArguments
 
     extra = {f.name for f in fields(StackwiseArguments)} - {f.name for f in fields(TrainingArguments)}
-    recipe_level = extra - {"schedule", "blocks_per_stack", "stack_boundaries", "rack_layers"}
+    recipe_level = extra - {"schedule", "blocks_per_stack", "stack_boundaries", "rack_layers", "adapters"}
     documented = section_keys("training")
     assert recipe_level <= documented
     assert documented - recipe_level == {"resume_from_checkpoint"}

@@ -561,6 +561,9 @@ CHANGED = {
     "lr_schedule": "cosine",
     "weight_decay": 0.0,
     "layer_lr_decay": 0.8,
+    "adapter": "lora",
+    "trunk": "lora",
+    "lora": {"r": 4},  # with `adapter: lora`, below
 }
 
 
@@ -586,6 +589,8 @@ def test_fingerprint_changes_with_every_field():
         raw = [{**BASE, key: value}]
         if key == "until":
             raw.append({"name": "tail", "until": 1.0})
+        if key == "lora":
+            raw[0]["adapter"] = "lora"
         fingerprint = Schedule.from_list(raw).fingerprint()
         assert fingerprint not in seen, key
         seen.add(fingerprint)

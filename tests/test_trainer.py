@@ -63,7 +63,7 @@ class Recorder(TrainerCallback):
             u for u, names in self.units.items() if any(not torch.equal(now[n], self.snapshot[n]) for n in names)
         }
         flagged = {u for u, names in self.units.items() if any(params[n].requires_grad for n in names)}
-        stacks = tuple(sorted(int(u.split("_")[1]) for u in flagged if u.startswith("stack_")))
+        stacks = tuple(sorted({int(u.split("_")[1].split(".")[0]) for u in flagged if u.startswith("stack_")}))
         self.steps.append((state.global_step - 1, self.trainer._phase_state.name, stacks, changed, flagged))
         self.snapshot = now
 

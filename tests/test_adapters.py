@@ -1,0 +1,178 @@
+"""LoRA through PEFT: per-stack adapters and the trunk adapter (dual LoRA) — trainable sets per phase, frozen base
+bit-identical, trained adapters changed, inactive adapters untouched but contributing, exact resume, merged export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_causal_lm
+from test_trainer import Recorder
+
+from hf_stackwise.cli import main
+from hf_stackwise.schedule import RecipeError
+from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+
+DUAL = [
+    # top stack trains its own weights while the rest of the rack carries the trunk adapter
+    {"name": "top-full", "until": 0.25, "train": ["top"], "trunk": "lora"},
+    # stack 2 trains through its own adapter, stacks 0, 1 (and 3) carry the trunk adapter
+    {"name": "s2-lora", "until": 0.5, "train": [2], "adapter": "lora", "trunk": "lora", "lora": {"r": 8}},
+    # stack 1 through its adapter; the trunk is frozen; stack 2's adapter stops training but keeps contributing
+    {"name": "s1-lora", "until": 1.0, "train": [1], "adapter": "lora"},
+]
+
+
+def make(tmp_path, dataset, schedule=DUAL, adapters=None, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        schedule=schedule,
+        blocks_per_stack=1,
+        adapters=adapters if adapters is not None else {"r": 4, "alpha": 8, "trunk_r": 2},
+    )
+    kwargs.update(overrides)
+    return StackwiseTrainer(model=tiny_causal_lm("llama"), args=StackwiseArguments(**kwargs), train_dataset=dataset)
+
+
+def test_dual_lora_trainable_sets_per_phase(tmp_path, token_dataset):
+    trainer = make(tmp_path, token_dataset)
+    assert sorted(trainer.adapter_plan) == ["stack_1", "stack_2", "trunk"]
+    assert trainer.adapter_plan["stack_2"]["r"] == 8 and trainer.adapter_plan["stack_1"]["r"] == 4
+    assert trainer.adapter_plan["trunk"]["r"] == 2 and trainer.adapter_plan["trunk"]["blocks"] == [0, 1, 2, 3]
+    recorder = Recorder(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    flagged = {name: flags for _, name, _, _, flags in recorder.steps}
+    assert flagged["top-full"] == {"stack_3", "stack_0.trunk", "stack_1.trunk", "stack_2.trunk"}
+    assert flagged["s2-lora"] == {"stack_2.lora", "stack_0.trunk", "stack_1.trunk", "stack_3.trunk"}
+    assert flagged["s1-lora"] == {"stack_1.lora"}
+    for step, name, _, changed, flags in recorder.steps:
+        assert changed == flags, (step, name)  # frozen base and idle adapters bit-identical
+
+
+def test_trained_adapter_keeps_contributing(tmp_path, token_dataset):
+    trainer = make(tmp_path, token_dataset)
+    trainer.train()
+    model = trainer.model
+    batch = torch.tensor(token_dataset[:2]["input_ids"])
+    with torch.no_grad():
+        both = model(input_ids=batch).logits
+        with model.disable_adapter():
+            base = model(input_ids=batch).logits
+    assert not torch.allclose(both, base)  # the adapters (trained in earlier phases too) change the function
+    layer = model.base_model.model.model.layers[2].self_attn.q_proj
+    assert layer.active_adapters == ["stack_1", "stack_2", "trunk"] or set(layer.active_adapters) >= {"stack_2"}
+    assert layer.lora_B["stack_2"].weight.abs().sum() > 0
+
+
+def test_lora_only_unfreezing_leaves_every_base_weight_identical(tmp_path, token_dataset):
+    schedule = [
+        {"name": "top", "until": 0.5, "train": ["top"], "adapter": "lora"},
+        {"name": "upper", "until": 1.0, "train": [2, 3], "adapter": "lora"},
+    ]
+    trainer = make(tmp_path, token_dataset, schedule=schedule, max_steps=4)
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base[name]), name
+
+
+def test_bad_adapter_settings_are_refused(tmp_path, token_dataset):
+    with pytest.raises(RecipeError, match="target_modules"):
+        make(tmp_path, token_dataset, adapters={"target_modules": ["nonexistent_proj"]})
+    with pytest.raises(RecipeError, match=r"schedule\[0\].lora: LoRA settings need `adapter: lora`"):
+        make(tmp_path, token_dataset, schedule=[{"until": 1.0, "lora": {"r": 2}}])
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, token_dataset):
+    out = tmp_path_factory.mktemp("adapter-run")
+    trainer = make(out, token_dataset, save_strategy="steps", save_steps=1, output_dir=str(out / "run"))
+    trainer.train()
+    return out / "run", {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.mark.parametrize("step", [3, 4], ids=["mid-phase", "boundary"])
+def test_adapter_resume_is_exact(tmp_path, token_dataset, adapter_run, step):
+    run, final = adapter_run
+    shutil.copytree(run / f"checkpoint-{step}", tmp_path / "r" / f"checkpoint-{step}")
+    trainer = make(tmp_path, token_dataset, output_dir=str(tmp_path / "r"), save_strategy="no")
+    trainer.train(resume_from_checkpoint=str(tmp_path / "r" / f"checkpoint-{step}"))
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, final[name]), name
+
+
+def test_adapter_checkpoints_are_peft_folders(adapter_run):
+    from peft import PeftConfig
+
+    run, _ = adapter_run
+    checkpoint = run / "checkpoint-8"
+    assert (checkpoint / "stackwise_trainable.safetensors").is_file()
+    for name in ("stack_1", "stack_2", "trunk"):
+        folder = (
+            checkpoint if name == "stack_1" and (checkpoint / "adapter_config.json").is_file() else checkpoint / name
+        )
+        assert PeftConfig.from_pretrained(folder).r in (2, 4, 8)
+
+
+def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir, pydoc_files):
+    raw = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "adapters": {"r": 4, "alpha": 8, "trunk_r": 2},
+        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
+        "schedule": DUAL,
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    from hf_stackwise.checkpoint import read_json
+    from hf_stackwise.export import load_merged
+
+    ids = torch.tensor(token_dataset[:2]["input_ids"])
+    merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+    code = (
+        "import sys, torch, json; from transformers import AutoModelForCausalLM;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor(json.loads(sys.argv[2]));"
+        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3]);"
+        "print('peft' in sys.modules or 'hf_stackwise' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "merged"), json.dumps(ids.tolist()), str(tmp_path / "l.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), expected, rtol=0, atol=1e-4)
+    start = tiny_causal_lm("llama")  # the merged weights differ from the base: the adapters were folded in
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not torch.equal(
+        weights["model.layers.2.self_attn.q_proj.weight"], start.model.layers[2].self_attn.q_proj.weight
+    )
