@@ -79,7 +79,18 @@ def load_merged(folder: str, manifest: dict):
         raise ExportError(
             f"export: the base model of {folder!r} ({base!r}) is not available to merge the adapters into"
         )
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    quantization = manifest.get("quantization")
+    if quantization:  # re-create the same 4-bit base, then dequantize it: merge in full precision
+        from transformers import BitsAndBytesConfig
+
+        from .quantization import disable_cpu_repack
+
+        config = BitsAndBytesConfig.from_dict(quantization)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=config)
+        disable_cpu_repack(model)
+        model = model.dequantize()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     peft_model = attach_adapters(model, plan, manifest["run"]["rack"]["layers"])
     load_trainable(peft_model, os.path.join(folder, TRAINABLE_WEIGHTS_NAME))
     return peft_model.merge_and_unload()

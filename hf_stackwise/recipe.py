@@ -19,7 +19,8 @@ from .schedule import LORA_KEYS, RecipeError, Schedule, check_lora
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
-MODEL_KEYS = ("name_or_path", "dtype")
+MODEL_KEYS = ("name_or_path", "dtype", "quantization")
+QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype")
 # from_pretrained keyword arguments a recipe may pass through the `model` section
 FROM_PRETRAINED_KEYS = (
     "revision",
@@ -131,6 +132,23 @@ def _check_model(model, problems: list[str]) -> dict:
     dtype = model.get("dtype", "auto")
     if dtype not in DTYPES:
         problems.append(f"model.dtype: {dtype!r} is not one of {DTYPES}")
+    quant = model.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, dict):
+            problems.append("model.quantization: expected {bits: 4, quant_type: nf4, double_quant: true} or null")
+        else:
+            _check_keys(quant, QUANTIZATION_KEYS, "model.quantization", problems)
+            if quant.get("bits", 4) != 4:
+                problems.append(f"model.quantization.bits: {quant.get('bits')!r}; only 4-bit (QLoRA) is supported")
+            if quant.get("quant_type", "nf4") not in ("nf4", "fp4"):
+                problems.append(f"model.quantization.quant_type: {quant.get('quant_type')!r} is not nf4 or fp4")
+            if not isinstance(quant.get("double_quant", True), bool):
+                problems.append(f"model.quantization.double_quant: {quant.get('double_quant')!r} is not true/false")
+            if quant.get("compute_dtype", "float32") not in ("float32", "bfloat16", "float16"):
+                problems.append(
+                    f"model.quantization.compute_dtype: {quant.get('compute_dtype')!r} is not float32, bfloat16 "
+                    "or float16"
+                )
     return model
 
 
@@ -244,6 +262,11 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
             problems.extend(err.problems)
     if problems:
         raise RecipeError(problems)
+    if schedule is not None and model.get("quantization") and not schedule.uses_lora():
+        problems.append(
+            "model.quantization: a 4-bit base trains through LoRA; give a phase `trunk: lora` or `adapter: lora`, "
+            "or set `model.quantization: null`"
+        )
     if schedule is not None and adapters and not schedule.uses_lora():
         problems.append("adapters: LoRA settings given, but no phase uses `adapter: lora` or `trunk: lora`")
     if problems:

@@ -17,6 +17,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, defaul
 from .adapters import plan_adapters, resolve_targets
 from .checkpoint import check_output_dir, check_resumable, last_complete_checkpoint, run_identity
 from .data import build_datasets
+from .quantization import (
+    bnb_config,
+    disable_cpu_repack,
+    full_precision_modules,
+    quantization_identity,
+    require_bitsandbytes,
+)
 from .rack import find_layers_path, resolve_boundaries
 from .recipe import FROM_PRETRAINED_KEYS, Recipe
 from .schedule import RecipeError
@@ -36,6 +43,7 @@ class Prepared:
     train_dataset: object
     eval_dataset: object
     rack: dict
+    skip_modules: list[str]
     total_steps: int
     resume_from_checkpoint: str | None
 
@@ -115,7 +123,7 @@ def load_config(recipe: Recipe):
         raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
 
 
-def rack_from_config(recipe: Recipe, config) -> dict:
+def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str]]:
     """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks."""
     try:
         with torch.device("meta"):
@@ -130,7 +138,8 @@ def rack_from_config(recipe: Recipe, config) -> dict:
     recipe.schedule.validate_rack(len(boundaries) - 1)
     if recipe.schedule.uses_lora():  # target_modules must match real layers of the blocks each adapter covers
         resolve_targets(plan_adapters(recipe.schedule, recipe.adapters, boundaries), blocks)
-    return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}
+    skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)
+    return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}, skip
 
 
 def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> int:
@@ -153,7 +162,9 @@ def prepare(recipe: Recipe) -> Prepared:
     """Validate the recipe against the model's config, the data and the output directory; load no weights."""
     args = build_arguments(recipe)
     config = load_config(recipe)
-    rack = rack_from_config(recipe, config)
+    if recipe.model.get("quantization"):
+        require_bitsandbytes()
+    rack, skip_modules = rack_from_config(recipe, config)
     max_seq_length = recipe.data.get("max_seq_length", 512)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and max_seq_length > positions:
@@ -166,6 +177,8 @@ def prepare(recipe: Recipe) -> Prepared:
     total_steps = planned_total_steps(args, num_examples)
     recipe.schedule.resolve(total_steps)  # every phase gets at least one step
     defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
+    if recipe.model.get("quantization"):
+        defaults["quantization"] = quantization_identity(settings=recipe.model["quantization"])
     plan = plan_adapters(recipe.schedule, recipe.adapters, rack["boundaries"]) if recipe.schedule.uses_lora() else {}
     total = args.max_steps if args.max_steps > 0 else None
     identity = run_identity(recipe.schedule.to_list(), rack, total, defaults, plan)
@@ -183,15 +196,21 @@ def prepare(recipe: Recipe) -> Prepared:
         check_resumable(resume, identity)
     else:
         check_output_dir(args.output_dir, identity, resuming=False, overwrite=args.overwrite_output_dir)
-    return Prepared(recipe, args, config, tokenizer, train_dataset, eval_dataset, rack, total_steps, resume)
+    return Prepared(
+        recipe, args, config, tokenizer, train_dataset, eval_dataset, rack, skip_modules, total_steps, resume
+    )
 
 
 def load_model(prepared: Prepared):
     recipe = prepared.recipe
     dtype = recipe.model.get("dtype", "auto")
-    return AutoModelForCausalLM.from_pretrained(
-        recipe.model["name_or_path"], dtype=dtype, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS)
-    )
+    kwargs = _model_kwargs(recipe, FROM_PRETRAINED_KEYS)
+    quantization = recipe.model.get("quantization")
+    if quantization:
+        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model["name_or_path"], dtype=dtype, **kwargs)
+    disable_cpu_repack(model)
+    return model
 
 
 def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:

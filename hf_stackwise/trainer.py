@@ -40,6 +40,7 @@ from .checkpoint import (
     run_identity,
     write_json,
 )
+from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
 from .schedule import EMBEDDINGS, HEAD, RecipeError, ResolvedSchedule, Schedule, stack_unit
 
@@ -115,6 +116,8 @@ class StackwiseTrainer(Trainer):
             base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
             schedule.validate_rack(base_rack.num_stacks)
             self.adapter_plan = plan_adapters(schedule, args.adapters, base_rack.boundaries)
+            check_full_blocks_not_quantized(model, base_rack, schedule)
+            disable_cpu_repack(model)
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)
@@ -317,7 +320,19 @@ class StackwiseTrainer(Trainer):
     def run_identity(self) -> dict:
         total = self.resolved.total_steps if self.resolved is not None else None
         defaults = {"learning_rate": self.args.learning_rate, "weight_decay": self.args.weight_decay}
+        if self._quantization():
+            defaults["quantization"] = quantization_identity(bnb=self._quantization())
         return run_identity(self.schedule.to_list(), self.base_topology(), total, defaults, self.adapter_plan)
+
+    def _base_model(self):
+        return self.model.get_base_model() if self.adapter_plan else self.model
+
+    def _quantization(self) -> dict | None:
+        """The base's bitsandbytes config as a plain dict (export re-creates and dequantizes the same base)."""
+        config = getattr(self._base_model().config, "quantization_config", None)
+        if config is None:
+            return None
+        return config if isinstance(config, dict) else config.to_dict()
 
     def base_topology(self) -> dict:
         """Rack topology in terms of the base model (without PEFT's wrapper prefix)."""
@@ -333,9 +348,8 @@ class StackwiseTrainer(Trainer):
             "schedule_hash": self.schedule.fingerprint(),
             "run": self.run_identity(),
             "rack": self.base_topology(),
-            "base_model": getattr(
-                self.model.get_base_model() if self.adapter_plan else self.model, "name_or_path", None
-            ),
+            "base_model": getattr(self._base_model(), "name_or_path", None),
+            "quantization": self._quantization(),
             "global_step": step,
             "t": self.resolved.t(step),
             "phase": {"index": state.index, "name": state.name, "trainable_stacks": list(state.trainable_stacks)},
