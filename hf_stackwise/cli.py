@@ -42,6 +42,9 @@ def make_parser() -> argparse.ArgumentParser:
     cmd.add_argument("source", help="a run's training.output_dir or one of its checkpoint-N folders")
     cmd.add_argument("output_dir", help="folder to write; must be empty unless --overwrite")
     cmd.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    cmd.add_argument(
+        "--adapters", action="store_true", help="write the PEFT adapter folders and a rack manifest instead of a merge"
+    )
     return parser
 
 
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from .export import ExportError, export
 
         try:
-            used = export(args.source, args.output_dir, overwrite=args.overwrite)
+            used = export(args.source, args.output_dir, overwrite=args.overwrite, adapters=args.adapters)
         except ExportError as err:
             print(f"hf-stackwise: error: {err}", file=sys.stderr)
             return 2

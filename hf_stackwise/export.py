@@ -7,6 +7,7 @@ loads it with no hf_stackwise import.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -96,19 +97,55 @@ def load_merged(folder: str, manifest: dict):
     return peft_model.merge_and_unload()
 
 
-def export(source: str, output_dir: str, overwrite: bool = False) -> str:
-    """Write ``source`` (run or checkpoint) to ``output_dir`` as a plain model folder; returns the folder used."""
+def write_adapters(folder: str, manifest: dict, target: str) -> None:
+    """PEFT adapter folders (``adapter_config.json`` + safetensors, one per adapter) and a rack manifest."""
+    run = manifest["run"]
+    plan = run.get("adapters") or {}
+    if not plan:
+        raise ExportError(f"export --adapters: {folder!r} trained no LoRA adapter; export the merged model instead")
+    schedule = Schedule.from_list(run["schedule"])
+    num_stacks = len(run["rack"]["boundaries"]) - 1
+    own = sorted(u for u in schedule.ever_trainable_units(num_stacks) if "." not in u)
+    if own:
+        raise ExportError(
+            f"export --adapters: the run trains {', '.join(own)} with their own weights (`adapter: full`, "
+            "`embeddings`/`head: train`), which no adapter holds; export the merged model instead"
+        )
+    os.makedirs(target)
+    for name in plan:
+        shutil.copytree(os.path.join(folder, name), os.path.join(target, name))
+    rack = {
+        "base_model": manifest.get("base_model"),
+        "quantization": manifest.get("quantization"),
+        "rack": run["rack"],
+        "adapters": plan,
+        "active_blocks": active_blocks(manifest),
+        "phase": manifest["phase"],
+        "load": "PeftModel.from_pretrained(base, '<folder>/<first>', adapter_name='<first>'), then "
+        "load_adapter('<folder>/<name>', adapter_name='<name>') for the others, then "
+        "base_model.set_adapter([every name])",
+    }
+    with open(os.path.join(target, "stackwise_adapters.json"), "w") as f:
+        json.dump(rack, f, indent=2)
+
+
+def export(source: str, output_dir: str, overwrite: bool = False, adapters: bool = False) -> str:
+    """Write ``source`` (run or checkpoint) to ``output_dir`` as a plain model folder (or, with ``adapters``, as
+    PEFT adapter folders plus a rack manifest); returns the folder exported."""
     folder = find_source(source)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ExportError(
             f"export: {output_dir!r} is not empty; pass --overwrite to replace it, or pick another folder"
         )
     manifest = read_json(os.path.join(folder, MANIFEST_NAME))
-    model = load_merged(folder, manifest)
-    drop_inactive_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
     tmp = output_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if adapters:
+        write_adapters(folder, manifest, tmp)
+    else:
+        model = load_merged(folder, manifest)
+        drop_inactive_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
+        model.save_pretrained(tmp)
     try:
         AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
     except (OSError, ValueError):

@@ -148,6 +148,9 @@ def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
     assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    # DUAL trains stack 3's own weights: no adapter-only form exists, and the export says so
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapters"), "--adapters"]) == 2
+    assert not (tmp_path / "adapters").exists()
     from hf_stackwise.checkpoint import read_json
     from hf_stackwise.export import load_merged
 
@@ -176,3 +179,46 @@ def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir
     assert not torch.equal(
         weights["model.layers.2.self_attn.q_proj.weight"], start.model.layers[2].self_attn.q_proj.weight
     )
+
+
+def test_adapters_export_loads_with_peft_onto_the_base(tmp_path, token_dataset, tiny_llama_dir, pydoc_files):
+    lora_only = [
+        {"name": "top", "until": 0.5, "train": ["top"], "adapter": "lora", "trunk": "lora"},
+        {"name": "next", "until": 1.0, "train": [2], "adapter": "lora"},
+    ]
+    raw = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "adapters": {"r": 4, "alpha": 8, "trunk_r": 2},
+        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
+        "schedule": lora_only,
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+        },
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapters"), "--adapters"]) == 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_stackwise.checkpoint import read_json
+    from hf_stackwise.export import load_merged
+
+    rack = json.loads((tmp_path / "adapters" / "stackwise_adapters.json").read_text())
+    names = sorted(rack["adapters"])
+    assert names == ["stack_2", "stack_3", "trunk"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapters" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(tmp_path / "adapters" / name, adapter_name=name)
+    model.base_model.set_adapter(names)
+    ids = torch.tensor(token_dataset[:2]["input_ids"])
+    merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-5)
