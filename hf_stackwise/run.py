@@ -84,6 +84,10 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     if unknown:
         raise RecipeError([f"training.{k}: not a TrainingArguments field; check the spelling" for k in unknown])
     hints = typing.get_type_hints(StackwiseArguments)
+    for key, value in training.items():
+        # YAML 1.1 reads `save_strategy: no` as false: mean the string where the field takes no boolean
+        if value is False and key in hints and not _matches(False, hints[key]) and _matches("no", hints[key]):
+            training[key] = "no"
     wrong = [
         f"training.{k}: {v!r} is not of type {_type_name(hints[k])}"
         for k, v in training.items()

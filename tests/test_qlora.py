@@ -200,3 +200,43 @@ def test_quantization_needs_lora_and_keeps_full_stacks_out(tmp_path, tiny_llama_
     )
     with pytest.raises(RecipeError, match=r"schedule\[0\].adapter: trains stack 3 with `adapter: full`, but its "):
         StackwiseTrainer(model=quantized, args=args)
+
+
+@pytest.fixture(scope="module")
+def tiny_30_block_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama with SmolLM2's 30 blocks, so the shipped SmolLM2 recipes run unchanged but for the model."""
+    from conftest import tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny-30")
+    tiny_causal_lm("llama", layers=30).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("name", ["qlora_dual", "lora_unfreeze"])
+def test_shipped_adapter_recipes_run_briefly(tmp_path, tiny_30_block_dir, name, capsys, monkeypatch):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipes name their data relative to the project root (made by `make assets`)
+    code = main(
+        [
+            "train",
+            f"recipes/smollm2-135m/{name}.yaml",
+            "--model.name_or_path",
+            tiny_30_block_dir,
+            "--training.output_dir",
+            str(tmp_path / "run"),
+            "--training.max_steps",
+            "4",
+            "--training.per_device_train_batch_size",
+            "2",
+            "--data.max_seq_length",
+            "32",
+            "--training.eval_strategy",
+            "no",
+            "--training.save_strategy",
+            "no",
+        ]
+    )
+    assert code == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    assert (tmp_path / "run" / "stackwise_trainable.safetensors").is_file()
