@@ -13,6 +13,11 @@ from transformers import AutoModelForCausalLM
 from hf_stackwise.cli import main
 
 
+def script(name: str) -> str:
+    """A console script installed beside this interpreter (PATH may not have it, e.g. pyenv before a rehash)."""
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
 def recipe(tmp_path, model_dir, train_file, eval_file, **training):
     raw = {
         "model": {"name_or_path": model_dir, "dtype": "float32"},
@@ -47,7 +52,7 @@ def recipe(tmp_path, model_dir, train_file, eval_file, **training):
 
 def test_help_of_every_command():
     for args in (["--help"], ["train", "--help"], ["validate", "--help"]):
-        out = subprocess.run(["hf-stackwise", *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([script("hf-stackwise"), *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage: hf-stackwise" in out.stdout
     out = subprocess.run([sys.executable, "-m", "hf_stackwise", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "train" in out.stdout and "validate" in out.stdout

@@ -33,7 +33,7 @@ def torchrun(*args, cwd=HERE, launcher="torchrun"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     else:  # facts.md: `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on CPU runs two
         cmd = [
-            "accelerate",
+            os.path.join(os.path.dirname(sys.executable), "accelerate"),
             "launch",
             "--multi_gpu",
             "--num_processes",
