@@ -2,7 +2,7 @@
 
 Trains a tiny Llama through transitions that freeze and unfreeze stacks, records the phase trace from
 the parameters' own `requires_grad` flags, and saves each rank's final weights and trace.
-usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH
+usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual]
 """
 
 from __future__ import annotations
@@ -27,18 +27,27 @@ SCHEDULE = [
 ]
 
 
+DUAL = [  # LoRA variant: full top + trunk adapter, then a stack adapter, then another (adapters switch on and off)
+    {"name": "top", "until": 0.25, "train": ["top"], "trunk": "lora"},
+    {"name": "s1", "until": 0.5, "train": [1], "adapter": "lora", "trunk": "lora"},
+    {"name": "s0", "until": 0.75, "train": [0], "adapter": "lora"},
+    {"name": "all", "until": 1.0, "train": "all"},
+]
+
+
 class Trace(TrainerCallback):
     def __init__(self, model):
         self.model = model
         self.rows = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        layers = self.model.model.layers
+        base = self.model.get_base_model() if hasattr(self.model, "peft_config") else self.model
+        layers = base.model.layers
         stacks = [i for i in range(len(layers)) if any(p.requires_grad for p in layers[i].parameters())]
         self.rows.append([state.global_step - 1, stacks])
 
 
-def main(output_dir: str, batch: int) -> None:
+def main(output_dir: str, batch: int, variant: str = "full") -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 512, (96, 32), generator=g).tolist()
@@ -48,12 +57,16 @@ def main(output_dir: str, batch: int) -> None:
         output_dir=output_dir,
         max_steps=8,
         per_device_train_batch_size=batch,
-        learning_rate=1e-3,
+        learning_rate=5e-2 if variant == "dual" else 1e-3,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         seed=0,
-        schedule=SCHEDULE,
+        schedule=DUAL if variant == "dual" else SCHEDULE,
+        adapters={"r": 4, "alpha": 8, "trunk_r": 2} if variant == "dual" else None,
+        # SGD for the adapter variant: Adam divides near-zero LoRA-A gradients (B starts at 0) by their own
+        # magnitude, turning float-reordering noise between 1 and 2 processes into visible weight differences
+        optim="sgd" if variant == "dual" else "adamw_torch",
         blocks_per_stack=1,
         logging_steps=1,
         dataloader_drop_last=True,
@@ -71,4 +84,4 @@ def main(output_dir: str, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

@@ -52,11 +52,41 @@ def torchrun(*args, cwd=HERE, launcher="torchrun"):
     return result
 
 
-def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
+def run_worker_pair(tmp_path, variant: str):
     two, one = tmp_path / "two", tmp_path / "one"
-    torchrun("ddp_worker.py", str(two), "2")
+    torchrun("ddp_worker.py", str(two), "2", variant)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
-    subprocess.run([sys.executable, "ddp_worker.py", str(one), "4"], cwd=HERE, env=env, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "ddp_worker.py", str(one), "4", variant], cwd=HERE, env=env, check=True, timeout=300
+    )
+    return two, one
+
+
+def test_two_ranks_with_adapters_stay_identical_and_match_one_process(tmp_path):
+    two, one = run_worker_pair(tmp_path, "dual")
+    rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    traces = [
+        json.loads(p.read_text())["trace"] for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")
+    ]
+    golden = [
+        [0, [0, 1, 2, 3]],
+        [1, [0, 1, 2, 3]],
+        [2, [0, 1, 2, 3]],
+        [3, [0, 1, 2, 3]],
+        [4, [0]],
+        [5, [0]],
+        [6, [0, 1, 2, 3]],
+        [7, [0, 1, 2, 3]],
+    ]  # blocks holding any trainable tensor (trunk adapter: all)
+    assert all(t == golden for t in traces)
+    assert any(".lora_B.trunk." in n for n in rank0) and any(".lora_B.stack_1." in n for n in rank0)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)
+
+
+def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
+    two, one = run_worker_pair(tmp_path, "full")
     rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
     traces = [json.loads(p.read_text()) for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")]
     assert [t["world_size"] for t in traces] == [2, 2, 1]
