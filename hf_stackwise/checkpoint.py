@@ -83,6 +83,19 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def resolve_resume(output_dir: str, resume_from_checkpoint: str | bool | None) -> str | None:
+    """``True`` → the last complete checkpoint of ``output_dir`` (an error if there is none); ``False`` → None."""
+    if resume_from_checkpoint is True:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ResumeError(
+                f"training.resume_from_checkpoint: true, but {output_dir!r} holds no complete checkpoint; "
+                "set it to false to start a new run"
+            )
+        return checkpoint
+    return None if resume_from_checkpoint is False else resume_from_checkpoint
+
+
 def describe_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between a saved and a current run identity."""
     changes = []

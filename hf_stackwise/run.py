@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from .adapters import plan_adapters, resolve_targets
-from .checkpoint import check_output_dir, check_resumable, last_complete_checkpoint, run_identity
+from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
 from .data import build_datasets
 from .quantization import (
     bnb_config,
@@ -186,16 +186,7 @@ def prepare(recipe: Recipe) -> Prepared:
     plan = plan_adapters(recipe.schedule, recipe.adapters, rack["boundaries"]) if recipe.schedule.uses_lora() else {}
     total = args.max_steps if args.max_steps > 0 else None
     identity = run_identity(recipe.schedule.to_list(), rack, total, defaults, plan)
-    resume = recipe.resume_from_checkpoint
-    if resume is True:
-        resume = last_complete_checkpoint(args.output_dir)
-        if resume is None:
-            raise RecipeError(
-                f"training.resume_from_checkpoint: true, but {args.output_dir!r} holds no complete checkpoint; "
-                "set it to false to start a new run"
-            )
-    elif resume is False:
-        resume = None
+    resume = resolve_resume(args.output_dir, recipe.resume_from_checkpoint)
     if resume is not None:
         check_resumable(resume, identity)
     else:

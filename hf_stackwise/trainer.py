@@ -36,7 +36,7 @@ from .checkpoint import (
     ResumeError,
     check_output_dir,
     check_resumable,
-    last_complete_checkpoint,
+    resolve_resume,
     run_identity,
     write_json,
 )
@@ -394,15 +394,7 @@ class StackwiseTrainer(Trainer):
     def prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """Check the output directory and the checkpoint before any training; returns the checkpoint to resume."""
         args = self.args
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ResumeError(
-                    f"training.resume_from_checkpoint: true, but {args.output_dir!r} holds no complete checkpoint; "
-                    "set it to false to start a new run"
-                )
-        elif resume_from_checkpoint is False:
-            resume_from_checkpoint = None
+        resume_from_checkpoint = resolve_resume(args.output_dir, resume_from_checkpoint)
         identity = self.run_identity()
         if resume_from_checkpoint is not None:
             self._resume_manifest = check_resumable(resume_from_checkpoint, identity)

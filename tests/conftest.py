@@ -133,3 +133,29 @@ def token_dataset(tokenizer):
     n = 32
     chunks = [ids[i : i + n] for i in range(0, len(ids) - n + 1, n)][:256]
     return Dataset.from_dict({"input_ids": chunks, "labels": chunks})
+
+
+CLEAN_LOAD = (
+    "import sys, torch, json; from transformers import AutoModelForCausalLM;"
+    "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor(json.loads(sys.argv[2]));"
+    "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3]);"
+    "print(any(k in sys.modules for k in ('peft', 'hf_stackwise', 'bitsandbytes')))"
+)
+
+
+def logits_in_clean_process(folder, ids, tmp_path):
+    """Load ``folder`` with plain transformers in a fresh process (no hf_stackwise, peft or bitsandbytes) and
+    return its logits on ``ids``."""
+    import json
+    import subprocess
+
+    out_file = tmp_path / "clean-logits.pt"
+    out = subprocess.run(
+        [sys.executable, "-c", CLEAN_LOAD, str(folder), json.dumps(ids.tolist()), str(out_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("False"), "the export needed hf_stackwise, peft or bitsandbytes to load"
+    return torch.load(out_file)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
-from conftest import tiny_causal_lm
+from conftest import logits_in_clean_process, tiny_causal_lm
 from test_trainer import Recorder
 
 from hf_stackwise.cli import main
@@ -158,20 +156,8 @@ def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir
     merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
     with torch.no_grad():
         expected = merged(input_ids=ids).logits
-    code = (
-        "import sys, torch, json; from transformers import AutoModelForCausalLM;"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor(json.loads(sys.argv[2]));"
-        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3]);"
-        "print('peft' in sys.modules or 'hf_stackwise' in sys.modules)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "merged"), json.dumps(ids.tolist()), str(tmp_path / "l.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stderr[-2000:]
-    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), expected, rtol=0, atol=1e-4)
+    exported = logits_in_clean_process(tmp_path / "merged", ids, tmp_path)
+    torch.testing.assert_close(exported, expected, rtol=0, atol=1e-4)
     start = tiny_causal_lm("llama")  # the merged weights differ from the base: the adapters were folded in
     from safetensors.torch import load_file
 

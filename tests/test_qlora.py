@@ -3,15 +3,13 @@ the bitsandbytes 0.50.2 CPU repack workaround (regression tests), exact resume a
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 
 import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
+from conftest import logits_in_clean_process
 from torch import nn
 
 from hf_stackwise import run
@@ -160,20 +158,7 @@ def test_evaluate_then_export_matches_the_trained_model(tmp_path, tiny_llama_dir
         trained = trainer.model(input_ids=ids).logits
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
-    code = (
-        "import sys, torch, json; from transformers import AutoModelForCausalLM;"
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor(json.loads(sys.argv[2]));"
-        "torch.save(m(input_ids=ids).logits.detach(), sys.argv[3]);"
-        "print(any(k in sys.modules for k in ('peft', 'hf_stackwise', 'bitsandbytes')))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "merged"), json.dumps(ids.tolist()), str(tmp_path / "l.pt")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("False"), out.stderr[-2000:]
-    exported = torch.load(tmp_path / "l.pt")
+    exported = logits_in_clean_process(tmp_path / "merged", ids, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, exported, rtol=0, atol=1e-5)
     # measured on this machine: max |diff| ~5e-7 (fp32 compute); documented tolerance for a 4-bit base: 1e-4
