@@ -30,6 +30,7 @@ test-fast: install
 
 bench: assets
 	$(PYTHON) benchmarks/overhead.py
+	$(PYTHON) benchmarks/memory.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts
