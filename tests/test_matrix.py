@@ -1,9 +1,10 @@
 """The matrix `adapter` × `trunk` × quantized on a tiny model: trainable units per phase, frozen base and idle
-adapters bit-identical, trained parts changed, and the merged export reproducing the trained model."""
+adapters bit-identical, trained parts changed, the merged export reproducing the trained model, exact resume."""
 
 from __future__ import annotations
 
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_matrix(tmp_path, tiny_llama_dir, pydoc_files, token_dataset, adapter, t
             "max_steps": 4,
             "per_device_train_batch_size": 4,
             "learning_rate": 1e-2,
-            "save_strategy": "no",
+            "save_steps": 3,  # a mid-phase checkpoint, resumed below
             "report_to": "none",
             "use_cpu": True,
         },
@@ -75,3 +76,15 @@ def test_matrix(tmp_path, tiny_llama_dir, pydoc_files, token_dataset, adapter, t
         trained = trainer.model(input_ids=ids).logits
         merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
         torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=0, atol=1e-4)
+
+    # resume from the mid-phase checkpoint in a copy of the run: bitwise-equal final weights
+    final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    raw["training"].update(output_dir=str(resumed_dir), resume_from_checkpoint=str(resumed_dir / "checkpoint-3"))
+    path.write_text(yaml.safe_dump(raw))
+    prepared = run.prepare(load_recipe(str(path)))
+    again = run.build_trainer(prepared)
+    again.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
+    for name, param in again.model.named_parameters():
+        assert torch.equal(param, final[name]), name

@@ -225,3 +225,18 @@ def test_shipped_adapter_recipes_run_briefly(tmp_path, tiny_30_block_dir, name, 
     assert code == 0
     assert "trained 4 steps" in capsys.readouterr().out
     assert (tmp_path / "run" / "stackwise_trainable.safetensors").is_file()
+
+
+def test_missing_bitsandbytes_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from hf_stackwise.quantization import require_bitsandbytes
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(
+        RecipeError, match=r"model.quantization: needs bitsandbytes.*pip install 'hf-stackwise\[quant\]'"
+    ):
+        require_bitsandbytes()
