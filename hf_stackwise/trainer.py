@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
-from .schedule import EMBEDDINGS, HEAD, RecipeError, ResolvedSchedule, Schedule, stack_unit
+from .schedule import RecipeError, ResolvedSchedule, Schedule
 
 logger = logging.get_logger(__name__)
 TRAINABLE_WEIGHTS_NAME = "stackwise_trainable.safetensors"  # every ever-trainable tensor (adapter runs)
@@ -133,6 +133,8 @@ class StackwiseTrainer(Trainer):
             self.schedule.resolve(args.max_steps) if args.max_steps and args.max_steps > 0 else None
         )
         self._params = self._collect_parameters()
+        self._unit_names = list(self.rack.parameter_units())  # embeddings, stack_i(.lora/.trunk)..., head
+        self._grad_norms: dict[str, float] = {}
         self._phase_state = None
         self._frozen: list[tuple[str, torch.nn.Parameter]] = []
         self._fingerprints: dict[str, tuple[float, float]] = {}
@@ -289,7 +291,22 @@ class StackwiseTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         for _, param in self._frozen:
             param.grad = None
+        if self.accelerator.sync_gradients and self._is_logging_step():
+            self._grad_norms = self._unit_grad_norms()
         return loss
+
+    def _is_logging_step(self) -> bool:
+        steps = self.args.logging_steps
+        return self.args.logging_strategy == "steps" and steps > 0 and (self.state.global_step + 1) % steps == 0
+
+    def _unit_grad_norms(self) -> dict[str, float]:
+        """L2 norm of each unit's (synchronized, unclipped) gradient; a tied tensor counts for its first unit."""
+        squares: dict[str, torch.Tensor] = {}
+        for _, param, owners in self._params:
+            if param.grad is not None:
+                value = param.grad.detach().float().pow(2).sum()
+                squares[owners[0]] = squares[owners[0]] + value if owners[0] in squares else value
+        return {unit: float(total.sqrt()) for unit, total in squares.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with self.rack.active_depth(self._eval_depth()):
@@ -298,7 +315,7 @@ class StackwiseTrainer(Trainer):
     # ---- logs ---------------------------------------------------------------------------------
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add ``t``, the phase, the trainable parameter count and each unit's learning rate."""
+        """Add ``t``, the phase, the trainable parameter count, each unit's learning rate and gradient norm."""
         if self.resolved is not None and self._phase_state is not None:
             step = self.state.global_step
             logs["t"] = round(self.resolved.t(step), 6)
@@ -308,11 +325,13 @@ class StackwiseTrainer(Trainer):
             if not any(k.startswith("eval_") for k in logs):
                 lr_step = max(step - 1, 0)
                 ever = self.schedule.ever_trainable_units(self.num_stacks)
-                units = [EMBEDDINGS] + [stack_unit(i) for i in range(self.num_stacks)] + [HEAD]
-                for unit in units:
+                for unit in self._unit_names:
                     if unit in ever:
                         lr = self.resolved.unit_lr(lr_step, unit, self.args.learning_rate, self.num_stacks)
                         logs[f"learning_rate/{unit}"] = lr
+                for unit, norm in self._grad_norms.items():
+                    logs[f"grad_norm/{unit}"] = norm
+                self._grad_norms = {}
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------

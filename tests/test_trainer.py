@@ -174,6 +174,12 @@ def test_logs_carry_t_phase_trainable_count_and_stack_learning_rates(tmp_path, t
     assert last["learning_rate/embeddings"] == pytest.approx(1e-3 * 0.5**4)
     assert last["learning_rate/head"] == pytest.approx(1e-3)
     assert last["learning_rate"] == pytest.approx(1e-3)  # the phase's peak, not param group 0
+    # per-unit gradient norms: only trainable units have gradients, and together they make the Trainer's norm
+    assert {k for k in logs[0] if k.startswith("grad_norm/")} == {"grad_norm/stack_3"}
+    for entry in logs:
+        units = [v for k, v in entry.items() if k.startswith("grad_norm/")]
+        assert sum(v * v for v in units) ** 0.5 == pytest.approx(entry["grad_norm"], rel=1e-4)
+    assert len([k for k in last if k.startswith("grad_norm/")]) == 6  # embeddings, 4 stacks, head
 
 
 def test_inactive_stacks_do_not_run(tmp_path, token_dataset):
