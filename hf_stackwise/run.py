@@ -162,8 +162,24 @@ def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> i
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
+SHARDED_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+
+
+def refuse_sharding(recipe: Recipe) -> None:
+    """FSDP / DeepSpeed shard parameters and optimizer state by the trainable set at wrap time; phases change it."""
+    asked = [name for key, name in SHARDED_ENV.items() if os.environ.get(key, "").lower() in ("1", "true")]
+    asked += [key for key in ("fsdp", "deepspeed") if recipe.training.get(key)]
+    if asked:
+        raise RecipeError(
+            f"training: {' / '.join(asked)} requested (by the recipe or the accelerate config), but phase "
+            "transitions change which parameters train, and sharded optimizers fix that set when they wrap the "
+            "model; launch with DDP instead (recipes/accelerate/multi_gpu_ddp.yaml)"
+        )
+
+
 def prepare(recipe: Recipe) -> Prepared:
     """Validate the recipe against the model's config, the data and the output directory; load no weights."""
+    refuse_sharding(recipe)
     args = build_arguments(recipe)
     config = load_config(recipe)
     if recipe.model.get("quantization"):

@@ -13,7 +13,8 @@ from hf_stackwise.recipe import apply_overrides, load_recipe, parse_overrides, v
 from hf_stackwise.schedule import RecipeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+ACCELERATE_CONFIGS = ROOT / "recipes" / "accelerate"  # launch configs, tested below; every other YAML is a recipe
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if ACCELERATE_CONFIGS not in p.parents)
 
 
 def base_recipe(model_dir="some/model", train_file="train.txt"):
@@ -185,3 +186,21 @@ def test_every_shipped_recipe_is_valid(path, monkeypatch):
 
 def test_recipes_are_found():
     assert any(p.name == "demo.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("env, value", [("ACCELERATE_USE_FSDP", "true"), ("ACCELERATE_USE_DEEPSPEED", "true")])
+def test_sharded_launches_are_refused_before_weights(tmp_path, good, monkeypatch, env, value):
+    monkeypatch.setenv(env, value)
+    message = prepare_error(tmp_path, good, monkeypatch)
+    assert "phase transitions change which parameters train" in message and "multi_gpu_ddp.yaml" in message
+
+
+def test_accelerate_configs_are_valid_launch_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert [c.name for c in configs] == ["multi_gpu_ddp.yaml", "single_gpu_bf16.yaml"]
+    for path in configs:
+        assert path.read_text().startswith("# "), "each config says how to launch with it"
+        config = load_config_from_file(str(path))
+        assert config.distributed_type in ("NO", "MULTI_GPU") and config.mixed_precision == "bf16"
