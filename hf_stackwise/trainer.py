@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import safetensors.torch
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
@@ -252,12 +252,19 @@ class StackwiseTrainer(Trainer):
         if self.args.check_invariants:
             self._fingerprints = {name: parameter_fingerprint(p) for name, p in self._frozen}
         self._phase_state = state
+        self._show_phase_in_progress_bar(state.name)
         if self.is_world_process_zero():
             logger.info(
                 f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}, "
                 f"active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
                 f"{self._trainable_count:,} trainable parameters"
             )
+
+    def _show_phase_in_progress_bar(self, name: str) -> None:
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if isinstance(callback, ProgressCallback) and bar is not None:
+                bar.set_description(f"phase {name}")
 
     def _check_trainable_optimized(self) -> None:
         optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}

@@ -215,3 +215,40 @@ def test_epochs_resolve_boundaries_from_update_steps_per_epoch(tmp_path, token_d
     trainer.train()
     assert trainer.state.global_step == 20 and trainer.resolved.total_steps == 20
     assert trainer.resolved.trace(4) == [(0, "top", (3,)), (5, "shallow", (0, 1)), (10, "all", (0, 1, 2, 3))]
+
+
+def test_tensorboard_shows_phase_scalars(tmp_path, token_dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = make_trainer(tmp_path, token_dataset, report_to="tensorboard")
+    trainer.train()
+    events = [p for p in tmp_path.rglob("events.out.tfevents.*")]
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {
+        "train/t",
+        "train/phase_index",
+        "train/trainable_params",
+        "train/learning_rate/stack_3",
+        "train/grad_norm/stack_3",
+    } <= tags
+    # one value per logged step, plus the end-of-training summary (still in the last phase)
+    assert [e.value for e in acc.Scalars("train/phase_index")] == [0, 0, 1, 1, 2, 2, 2, 2, 2]
+
+
+def test_progress_bar_shows_the_phase(tmp_path, token_dataset):
+    from transformers import ProgressCallback
+
+    trainer = make_trainer(tmp_path, token_dataset, disable_tqdm=False)
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            bars = [c.training_bar for c in trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+            seen.append(bars[0].desc.rstrip(": ") if bars and bars[0] is not None else None)
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert seen == ["phase top"] * 2 + ["phase shallow"] * 2 + ["phase all"] * 4
