@@ -45,6 +45,10 @@ def make_parser() -> argparse.ArgumentParser:
     cmd.add_argument(
         "--adapters", action="store_true", help="write the PEFT adapter folders and a rack manifest instead of a merge"
     )
+    help_text = "write schedule.png (the phases over t) and loss.png (loss coloured by phase) for a run"
+    cmd = sub.add_parser("plot", help=help_text, description=help_text)
+    cmd.add_argument("run_dir", help="a run's training.output_dir")
+    cmd.add_argument("--out", help="folder for the PNGs (default: the run folder)")
     return parser
 
 
@@ -74,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("hf_stackwise").setLevel(logging.INFO)
+    if args.command == "plot":
+        from .plots import PlotError, plot_run
+
+        try:
+            paths = plot_run(args.run_dir, args.out)
+        except PlotError as err:
+            print(f"hf-stackwise: error: {err}", file=sys.stderr)
+            return 2
+        print("hf-stackwise: wrote " + ", ".join(paths))
+        return 0
     if args.command == "export":
         from .export import ExportError, export
 

@@ -245,6 +245,7 @@ def train(recipe: Recipe) -> dict:
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
         evals.append(trainer.evaluate()["eval_loss"])
     trainer.save_model(prepared.args.output_dir)
+    trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`
     return {
         "output_dir": prepared.args.output_dir,
         "global_step": trainer.state.global_step,
