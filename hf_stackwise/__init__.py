@@ -1,10 +1,19 @@
 """hf_stackwise: progressive, time-scheduled training for any Hugging Face model, inside one Trainer run."""
 
-from .schedule import Phase, RecipeError, Schedule
+from .schedule import Phase, RecipeError, Schedule, StackwiseError
 
 __version__ = "0.1.0"
 
-__all__ = ["Phase", "RecipeError", "Schedule", "StackwiseArguments", "StackwiseTrainer", "Rack", "__version__"]
+__all__ = [
+    "Phase",
+    "RecipeError",
+    "Schedule",
+    "StackwiseError",
+    "StackwiseArguments",
+    "StackwiseTrainer",
+    "Rack",
+    "__version__",
+]
 
 
 def __getattr__(name):

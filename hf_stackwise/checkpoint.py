@@ -11,6 +11,8 @@ import json
 import os
 import re
 
+from .schedule import StackwiseError
+
 MANIFEST_NAME = "stackwise_state.json"
 RUN_MANIFEST_NAME = "stackwise_run.json"
 TRAINER_STATE_NAME = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
@@ -18,11 +20,11 @@ FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class ResumeError(ValueError):
+class ResumeError(StackwiseError):
     """A checkpoint cannot be resumed with this recipe; the message says what differs."""
 
 
-class OutputDirError(ValueError):
+class OutputDirError(StackwiseError):
     """The output directory holds something this run must not overwrite."""
 
 

@@ -11,10 +11,7 @@ import logging
 import os
 import sys
 
-from .checkpoint import OutputDirError, ResumeError
-from .schedule import RecipeError
-
-USER_ERRORS = (RecipeError, ResumeError, OutputDirError)
+from .schedule import StackwiseError
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -78,27 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("hf_stackwise").setLevel(logging.INFO)
-    if args.command == "plot":
-        from .plots import PlotError, plot_run
-
-        try:
-            paths = plot_run(args.run_dir, args.out)
-        except PlotError as err:
-            print(f"hf-stackwise: error: {err}", file=sys.stderr)
-            return 2
-        print("hf-stackwise: wrote " + ", ".join(paths))
-        return 0
-    if args.command == "export":
-        from .export import ExportError, export
-
-        try:
-            used = export(args.source, args.output_dir, overwrite=args.overwrite, adapters=args.adapters)
-        except ExportError as err:
-            print(f"hf-stackwise: error: {err}", file=sys.stderr)
-            return 2
-        print(f"hf-stackwise: exported {used} to {args.output_dir}")
-        return 0
     try:
+        if args.command == "plot":
+            from .plots import plot_run
+
+            print("hf-stackwise: wrote " + ", ".join(plot_run(args.run_dir, args.out)))
+            return 0
+        if args.command == "export":
+            from .export import export
+
+            used = export(args.source, args.output_dir, overwrite=args.overwrite, adapters=args.adapters)
+            print(f"hf-stackwise: exported {used} to {args.output_dir}")
+            return 0
         from . import run
         from .recipe import load_recipe
 
@@ -114,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_phases(resolved.trace(stacks), prepared.total_steps)
             return 0
         summary = run.train(recipe)
-    except USER_ERRORS as err:
+    except StackwiseError as err:
         print(f"hf-stackwise: error: {err}", file=sys.stderr)
         return 2
     finally:

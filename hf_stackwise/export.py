@@ -17,13 +17,13 @@ from transformers.utils import logging
 
 from .adapters import attach_adapters
 from .checkpoint import MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
-from .schedule import Schedule
+from .schedule import Schedule, StackwiseError
 from .trainer import TRAINABLE_WEIGHTS_NAME, load_trainable
 
 logger = logging.get_logger(__name__)
 
 
-class ExportError(ValueError):
+class ExportError(StackwiseError):
     """The source is not an exportable run/checkpoint, or the target must not be written."""
 
 
@@ -76,7 +76,7 @@ def load_merged(folder: str, manifest: dict):
     if not plan:
         return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
     base = manifest.get("base_model")
-    if not base or not os.path.exists(base) and base.count("/") != 1:
+    if not base or (not os.path.exists(base) and base.count("/") != 1):  # neither a local folder nor a Hub id
         raise ExportError(
             f"export: the base model of {folder!r} ({base!r}) is not available to merge the adapters into"
         )

@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 
 from .checkpoint import RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
-from .schedule import RecipeError, Schedule, lora_unit, stack_unit, trunk_unit
+from .schedule import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
 SIZE = (10, 4)  # inches
 DPI = 100
 COLORS = {"full": "#d62728", "lora": "#ff7f0e", "trunk": "#9ecae1", "frozen": "#e0e0e0", "inactive": "#ffffff"}
 
 
-class PlotError(ValueError):
+class PlotError(StackwiseError):
     """The folder is not a run, or has nothing to plot yet."""
 
 

@@ -184,13 +184,13 @@ def _check_adapters(section, problems: list[str]) -> dict:
         return {}
     _check_keys(section, ADAPTERS_KEYS, "adapters", problems)
     check_lora({k: v for k, v in section.items() if k in LORA_KEYS}, "adapters", problems)
-    trunk = {"r": section.get("trunk_r"), "alpha": section.get("trunk_alpha")}
-    trunk_problems: list[str] = []
-    check_lora(trunk, "adapters", trunk_problems)
-    problems.extend(
-        p.replace("adapters.r:", "adapters.trunk_r:").replace("adapters.alpha:", "adapters.trunk_alpha:")
-        for p in trunk_problems
-    )
+    trunk_r, trunk_alpha = section.get("trunk_r"), section.get("trunk_alpha")
+    if trunk_r is not None and (not isinstance(trunk_r, int) or isinstance(trunk_r, bool) or trunk_r < 1):
+        problems.append(f"adapters.trunk_r: {trunk_r!r} is not a positive integer (the trunk adapter's rank)")
+    if trunk_alpha is not None and (
+        not isinstance(trunk_alpha, (int, float)) or isinstance(trunk_alpha, bool) or trunk_alpha <= 0
+    ):
+        problems.append(f"adapters.trunk_alpha: {trunk_alpha!r} is not a positive number")
     return section
 
 

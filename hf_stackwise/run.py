@@ -127,8 +127,11 @@ def load_config(recipe: Recipe):
         raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
 
 
-def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str]]:
-    """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks."""
+def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
+    """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks.
+
+    Returns the rack topology, the modules to keep out of 4-bit, and the LoRA adapter plan (checked against
+    the real layers of the blocks each adapter covers)."""
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
@@ -140,10 +143,10 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str]]:
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
     recipe.schedule.validate_rack(len(boundaries) - 1)
-    if recipe.schedule.uses_lora():  # target_modules must match real layers of the blocks each adapter covers
-        resolve_targets(plan_adapters(recipe.schedule, recipe.adapters, boundaries), blocks)
+    plan = plan_adapters(recipe.schedule, recipe.adapters, boundaries) if recipe.schedule.uses_lora() else {}
+    resolve_targets(plan, blocks)
     skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)
-    return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}, skip
+    return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}, skip, plan
 
 
 def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> int:
@@ -184,7 +187,7 @@ def prepare(recipe: Recipe) -> Prepared:
     config = load_config(recipe)
     if recipe.model.get("quantization"):
         require_bitsandbytes()
-    rack, skip_modules = rack_from_config(recipe, config)
+    rack, skip_modules, plan = rack_from_config(recipe, config)
     max_seq_length = recipe.data.get("max_seq_length", 512)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is not None and max_seq_length > positions:
@@ -199,7 +202,6 @@ def prepare(recipe: Recipe) -> Prepared:
     defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
     if recipe.model.get("quantization"):
         defaults["quantization"] = quantization_identity(settings=recipe.model["quantization"])
-    plan = plan_adapters(recipe.schedule, recipe.adapters, rack["boundaries"]) if recipe.schedule.uses_lora() else {}
     total = args.max_steps if args.max_steps > 0 else None
     identity = run_identity(recipe.schedule.to_list(), rack, total, defaults, plan)
     resume = resolve_resume(args.output_dir, recipe.resume_from_checkpoint)

@@ -42,7 +42,11 @@ HEAD = "head"
 TRUNK_ADAPTER = "trunk"  # PEFT adapter name of the trunk LoRA; stack adapters are named stack_<i>
 
 
-class RecipeError(ValueError):
+class StackwiseError(ValueError):
+    """Base of every error the user can fix (bad recipe, run folder, checkpoint, export or plot source)."""
+
+
+class RecipeError(StackwiseError):
     """Every problem found in a recipe, each naming its key path and the fix."""
 
     def __init__(self, problems: list[str] | str):

@@ -134,6 +134,7 @@ class StackwiseTrainer(Trainer):
         )
         self._params = self._collect_parameters()
         self._unit_names = list(self.rack.parameter_units())  # embeddings, stack_i(.lora/.trunk)..., head
+        self._ever = self.schedule.ever_trainable_units(self.num_stacks)  # the superset, fixed for the run
         self._grad_norms: dict[str, float] = {}
         self._phase_state = None
         self._frozen: list[tuple[str, torch.nn.Parameter]] = []
@@ -164,7 +165,7 @@ class StackwiseTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        ever = self.schedule.ever_trainable_units(self.num_stacks)
+        ever = self._ever
         decay_names = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[tuple[str, ...], bool], list] = {}
         for name, param, owners in self._params:
@@ -331,9 +332,8 @@ class StackwiseTrainer(Trainer):
             logs["trainable_params"] = self._trainable_count
             if not any(k.startswith("eval_") for k in logs):
                 lr_step = max(step - 1, 0)
-                ever = self.schedule.ever_trainable_units(self.num_stacks)
                 for unit in self._unit_names:
-                    if unit in ever:
+                    if unit in self._ever:
                         lr = self.resolved.unit_lr(lr_step, unit, self.args.learning_rate, self.num_stacks)
                         logs[f"learning_rate/{unit}"] = lr
                 for unit, norm in self._grad_norms.items():
@@ -395,11 +395,10 @@ class StackwiseTrainer(Trainer):
         run: fully trained stacks are not part of PEFT's adapter files, and resume needs them exactly."""
         super()._save(output_dir, state_dict)
         if self.adapter_plan and self.args.should_save:
-            ever = self.schedule.ever_trainable_units(self.num_stacks)
             tensors = {
                 name: param.detach().cpu().contiguous()
                 for name, param, owners in self._params
-                if any(u in ever for u in owners)
+                if any(u in self._ever for u in owners)
             }
             path = os.path.join(output_dir or self.args.output_dir, TRAINABLE_WEIGHTS_NAME)
             safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
