@@ -92,6 +92,9 @@ RESULT_TAG = "MEMORY-BENCH-RESULT "
 MIB = 1024 * 1024
 
 
+from common import cpu_jiffies  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Peak memory of full fine-tuning vs LoRA / QLoRA-trunk phases, and 4-bit vs bf16 weight size.",
@@ -402,17 +405,6 @@ def worker_main(args) -> int:
 
 
 # ---- the parent: spawn workers, print the tables ---------------------------------------------------
-
-
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
 
 
 def children_cpu() -> float:

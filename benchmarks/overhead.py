@@ -51,6 +51,9 @@ BYTE_VOCAB = 256
 TARGET_RATIO = 1.02
 
 
+from common import cpu_jiffies  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Per-step overhead of StackwiseTrainer (one all-trainable phase) against plain Trainer.",
@@ -187,17 +190,6 @@ def run_once(arm: str, args, dataset, output_dir: str) -> dict:
     }
     del trainer, model
     return result
-
-
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + values[4]  # idle + iowait
-    return sum(values) - idle, sum(values)
 
 
 def other_load(start: tuple[int, int] | None, own_start: float) -> str:
