@@ -159,3 +159,33 @@ def logits_in_clean_process(folder, ids, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("False"), "the export needed hf_stackwise, peft or bitsandbytes to load"
     return torch.load(out_file)
+
+
+def tiny_recipe(tmp_path, model_dir, train_file, schedule, adapters=None, **training) -> dict:
+    """A small recipe mapping for a tiny model: 4 steps of batch 4 x 32 tokens, lr 1e-2, no checkpoints."""
+    raw = {
+        "model": {"name_or_path": model_dir, "dtype": "float32"},
+        "data": {"train": {"path": "text", "data_files": train_file}, "max_seq_length": 32},
+        "schedule": schedule,
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-2,
+            "save_strategy": "no",
+            "report_to": "none",
+            "use_cpu": True,
+            **training,
+        },
+    }
+    if adapters is not None:
+        raw["adapters"] = adapters
+    return raw
+
+
+def write_recipe(tmp_path, raw: dict) -> str:
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)

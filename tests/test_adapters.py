@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import torch
-import yaml
-from conftest import logits_in_clean_process, tiny_causal_lm
+from conftest import logits_in_clean_process, tiny_causal_lm, tiny_recipe, write_recipe
 from test_trainer import Recorder
 
 from hf_stackwise.cli import main
@@ -128,23 +127,8 @@ def test_adapter_checkpoints_are_peft_folders(adapter_run):
 
 
 def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir, pydoc_files):
-    raw = {
-        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
-        "adapters": {"r": 4, "alpha": 8, "trunk_r": 2},
-        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
-        "schedule": DUAL,
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 4,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 1e-2,
-            "save_strategy": "no",
-            "report_to": "none",
-            "use_cpu": True,
-        },
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], DUAL, adapters={"r": 4, "alpha": 8, "trunk_r": 2})
+    assert main(["train", write_recipe(tmp_path, raw)]) == 0
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
     # DUAL trains stack 3's own weights: no adapter-only form exists, and the export says so
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapters"), "--adapters"]) == 2
@@ -172,23 +156,8 @@ def test_adapters_export_loads_with_peft_onto_the_base(tmp_path, token_dataset, 
         {"name": "top", "until": 0.5, "train": ["top"], "adapter": "lora", "trunk": "lora"},
         {"name": "next", "until": 1.0, "train": [2], "adapter": "lora"},
     ]
-    raw = {
-        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
-        "adapters": {"r": 4, "alpha": 8, "trunk_r": 2},
-        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
-        "schedule": lora_only,
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 4,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 1e-2,
-            "save_strategy": "no",
-            "report_to": "none",
-            "use_cpu": True,
-        },
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["train", str(tmp_path / "recipe.yaml")]) == 0
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], lora_only, adapters={"r": 4, "alpha": 8, "trunk_r": 2})
+    assert main(["train", write_recipe(tmp_path, raw)]) == 0
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapters"), "--adapters"]) == 0
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 from test_trainer import Recorder
 
 from hf_stackwise import run
@@ -28,25 +29,13 @@ def test_matrix(tmp_path, tiny_llama_dir, pydoc_files, token_dataset, adapter, t
         {"name": "p0", "until": 0.5, "train": [3], "adapter": adapter, "trunk": trunk},
         {"name": "p1", "until": 1.0, "train": [2], "adapter": adapter, "trunk": trunk},
     ]
-    model = {"name_or_path": tiny_llama_dir, "dtype": "float32"}
+    adapters = {"r": 4, "alpha": 8, "trunk_r": 2} if "lora" in (adapter, trunk) else None
+    # a mid-phase checkpoint at step 3, resumed below
+    raw = tiny_recipe(
+        tmp_path, tiny_llama_dir, pydoc_files[0], schedule, adapters, save_strategy="steps", save_steps=3
+    )
     if quantized:
-        model["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
-    raw = {
-        "model": model,
-        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
-        "schedule": schedule,
-        "training": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 4,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 1e-2,
-            "save_steps": 3,  # a mid-phase checkpoint, resumed below
-            "report_to": "none",
-            "use_cpu": True,
-        },
-    }
-    if adapter == "lora" or trunk == "lora":
-        raw["adapters"] = {"r": 4, "alpha": 8, "trunk_r": 2}
+        raw["model"]["quantization"] = {"bits": 4, "quant_type": "nf4", "double_quant": True}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     if quantized and adapter == "full" and trunk == "frozen":
