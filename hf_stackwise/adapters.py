@@ -10,34 +10,31 @@ from __future__ import annotations
 
 from torch import nn
 
+from .layout import Layout
 from .recipe import DEFAULT_LORA
 from .schedule import LORA_KEYS, TRUNK_ADAPTER, RecipeError, Schedule
 
 PEFT_PREFIX = "base_model.model."  # where PeftModel keeps the wrapped model
 
 
-def plan_adapters(schedule: Schedule, settings: dict | None, boundaries) -> dict[str, dict]:
-    """Adapter name → LoRA settings and the blocks it covers; a pure function of the recipe."""
+def plan_adapters(schedule: Schedule, settings: dict | None, layout: Layout) -> dict[str, dict]:
+    """Adapter name → LoRA settings and the (physical) blocks it covers; a pure function of the recipe."""
     settings = settings or {}
-    num_stacks = len(boundaries) - 1
     base = {**DEFAULT_LORA, **{k: settings[k] for k in LORA_KEYS if k in settings}}
     plan: dict[str, dict] = {}
     trunk_blocks: set[int] = set()
-    for phase in schedule.phases:
-        trained = phase.trainable_stacks(num_stacks)
+    for index, phase in enumerate(schedule.phases):
+        order = layout.orders[index]
+        trained = phase.trainable_stacks(len(order), layout.new_positions(index))
         if phase.adapter == "lora":
             for i in trained:
-                name = f"stack_{i}"
+                name = f"stack_{order[i]}"
                 if name not in plan:  # the first phase that trains the stack through LoRA decides its settings
-                    plan[name] = {
-                        **base,
-                        **(phase.lora or {}),
-                        "blocks": list(range(boundaries[i], boundaries[i + 1])),
-                    }
+                    plan[name] = {**base, **(phase.lora or {}), "blocks": list(layout.stack_blocks(order[i]))}
         if phase.trunk == "lora":
-            for i in range(phase.active_depth(num_stacks)):
+            for i in range(phase.active_depth(len(order))):
                 if i not in trained:
-                    trunk_blocks.update(range(boundaries[i], boundaries[i + 1]))
+                    trunk_blocks.update(layout.stack_blocks(order[i]))
     if trunk_blocks:
         r = settings.get("trunk_r", max(1, base["r"] // 4))  # smaller than the stack adapters, as in StackWise
         plan[TRUNK_ADAPTER] = {

@@ -17,6 +17,8 @@ from transformers.utils import logging
 
 from .adapters import attach_adapters
 from .checkpoint import MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
+from .growth import allocate
+from .rack import BASE_LAYERS_KEY, per_layer_config_keys
 from .schedule import Schedule, StackwiseError
 from .trainer import TRAINABLE_WEIGHTS_NAME, load_trainable
 
@@ -45,29 +47,37 @@ def find_source(path: str) -> str:
     )
 
 
-def active_blocks(manifest: dict) -> int:
-    """Number of blocks that ran in the phase that produced the weights."""
+def _layout(manifest: dict):
     run = manifest["run"]
-    schedule = Schedule.from_list(run["schedule"])
     boundaries = run["rack"]["boundaries"]
-    phase = schedule.phases[manifest["phase"]["index"]]
-    return boundaries[phase.active_depth(len(boundaries) - 1)]
+    sizes = tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False))
+    return Schedule.from_list(run["schedule"]).layout(sizes)
 
 
-def drop_inactive_blocks(model, layers_path: str, num_blocks: int) -> None:
-    """Keep the first ``num_blocks`` blocks and make the config agree (``num_hidden_layers``, per-layer lists)."""
+def active_blocks(manifest: dict) -> list[int]:
+    """Physical blocks, bottom → top, that ran in the phase that produced the weights."""
+    if "blocks" in manifest["phase"]:
+        return list(manifest["phase"]["blocks"])
+    boundaries = manifest["run"]["rack"]["boundaries"]  # manifests written before growth existed
+    phase = Schedule.from_list(manifest["run"]["schedule"]).phases[manifest["phase"]["index"]]
+    return list(range(boundaries[phase.active_depth(len(boundaries) - 1)]))
+
+
+def select_blocks(model, layers_path: str, blocks: list[int]) -> None:
+    """Keep the physical blocks ``blocks`` in that order and make the config agree (``num_hidden_layers``,
+    per-layer lists); a plain model folder then renumbers the layers when it loads."""
     parent_path, _, attr = layers_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    blocks = getattr(parent, attr)
-    old = len(blocks)
-    if num_blocks == old:
-        return
-    setattr(parent, attr, type(blocks)(list(blocks)[:num_blocks]))
+    physical = getattr(parent, attr)
     config = model.config
-    for key, value in list(config.to_diff_dict().items()):
-        if isinstance(value, list) and len(value) == old and key != "architectures":
-            setattr(config, key, value[:num_blocks])
-    config.num_hidden_layers = num_blocks
+    config.__dict__.pop(BASE_LAYERS_KEY, None)
+    if blocks == list(range(len(physical))):
+        return
+    for key in per_layer_config_keys(config, len(physical)):
+        value = getattr(config, key)
+        setattr(config, key, [value[b] for b in blocks])
+    setattr(parent, attr, type(physical)([physical[b] for b in blocks]))
+    config.num_hidden_layers = len(blocks)
 
 
 def load_merged(folder: str, manifest: dict):
@@ -92,7 +102,11 @@ def load_merged(folder: str, manifest: dict):
         model = model.dequantize()
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = attach_adapters(model, plan, manifest["run"]["rack"]["layers"])
+    layers = manifest["run"]["rack"]["layers"]
+    layout = _layout(manifest)
+    if layout.grows:
+        allocate(model, layers, layout)
+    peft_model = attach_adapters(model, plan, layers)
     load_trainable(peft_model, os.path.join(folder, TRAINABLE_WEIGHTS_NAME))
     return peft_model.merge_and_unload()
 
@@ -103,9 +117,13 @@ def write_adapters(folder: str, manifest: dict, target: str) -> None:
     plan = run.get("adapters") or {}
     if not plan:
         raise ExportError(f"export --adapters: {folder!r} trained no LoRA adapter; export the merged model instead")
-    schedule = Schedule.from_list(run["schedule"])
-    num_stacks = len(run["rack"]["boundaries"]) - 1
-    own = sorted(u for u in schedule.ever_trainable_units(num_stacks) if "." not in u)
+    layout = _layout(manifest)
+    if layout.grows:
+        raise ExportError(
+            f"export --adapters: {folder!r} grew the rack, and the new blocks are not part of the base model any "
+            "adapter applies to; export the merged model instead"
+        )
+    own = sorted(u for u in Schedule.from_list(run["schedule"]).ever_trainable_units(layout.sizes) if "." not in u)
     if own:
         raise ExportError(
             f"export --adapters: the run trains {', '.join(own)} with their own weights (`adapter: full`, "
@@ -144,7 +162,7 @@ def export(source: str, output_dir: str, overwrite: bool = False, adapters: bool
         write_adapters(folder, manifest, tmp)
     else:
         model = load_merged(folder, manifest)
-        drop_inactive_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
+        select_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
         model.save_pretrained(tmp)
     try:
         AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)

@@ -27,7 +27,7 @@ def require_bitsandbytes() -> None:
 def full_precision_modules(model: nn.Module, layers_path: str, schedule: Schedule, boundaries) -> list[str]:
     """Module names to keep out of 4-bit: blocks ever trained with `adapter: full`, and linears outside blocks."""
     num_stacks = len(boundaries) - 1
-    ever = schedule.ever_trainable_units(num_stacks)
+    ever = schedule.ever_trainable_units(tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False)))
     keep = [
         f"{layers_path}.{b}"
         for s in range(num_stacks)
@@ -92,15 +92,14 @@ def check_full_blocks_not_quantized(model: nn.Module, rack, schedule: Schedule) 
         return
     import bitsandbytes as bnb
 
-    ever = schedule.ever_trainable_units(rack.num_stacks)
+    phase_units = schedule.phase_units(rack.sizes)
+    ever = frozenset().union(*phase_units)
     for s in range(rack.num_stacks):
         if stack_unit(s) not in ever:
             continue
         for b in rack.stack_blocks(s):
             if any(isinstance(m, bnb.nn.Linear4bit) for m in rack.blocks[b].modules()):
-                index = next(
-                    i for i, p in enumerate(schedule.phases) if stack_unit(s) in p.trainable_units(rack.num_stacks)
-                )
+                index = next(i for i, units in enumerate(phase_units) if stack_unit(s) in units)
                 raise RecipeError(
                     f"schedule[{index}].adapter: trains stack {s} with `adapter: full`, but its weights are 4-bit; "
                     f"train it with `adapter: lora`, or keep block {b} out of quantization (llm_int8_skip_modules)"

@@ -16,6 +16,8 @@ from torch import nn
 
 from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, RecipeError, lora_unit, stack_unit, trunk_unit
 
+BASE_LAYERS_KEY = "stackwise_base_layers"  # config entry of a grown rack: the block count before growth
+
 # Where known families keep their block list, relative to the model passed in (head model or base model).
 KNOWN_LAYER_PATHS = (
     "model.layers",  # Llama, SmolLM2, Qwen2, Mistral, Gemma, Phi-3 (…ForCausalLM)
@@ -135,8 +137,9 @@ class Rack:
         boundaries: list[int] | None = None,
     ) -> Rack:
         path = find_layers_path(model, layers)
-        blocks = model.get_submodule(path)
-        return cls(model, path, resolve_boundaries(len(blocks), blocks_per_stack, boundaries))
+        # A model whose rack was already grown (hf_stackwise.growth.allocate) keeps its base block count.
+        num_blocks = getattr(getattr(model, "config", None), BASE_LAYERS_KEY, None) or len(model.get_submodule(path))
+        return cls(model, path, resolve_boundaries(num_blocks, blocks_per_stack, boundaries))
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -149,6 +152,11 @@ class Rack:
     @property
     def num_blocks(self) -> int:
         return self.boundaries[-1]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Blocks per stack."""
+        return tuple(b - a for a, b in zip(self.boundaries, self.boundaries[1:], strict=False))
 
     def stack_blocks(self, index: int) -> range:
         """Block indices of stack ``index``."""
@@ -187,6 +195,10 @@ class Rack:
                 units[unit].append((name, param))
         return {u: params for u, params in units.items() if params or u in (EMBEDDINGS, HEAD) or "." not in u}
 
+    def arranged(self, blocks: list[int]):
+        """Context: the forward runs the physical blocks ``blocks`` in that order (see :func:`arranged`)."""
+        return arranged(self.model, self.layers_path, blocks)
+
     @contextlib.contextmanager
     def active_depth(self, stacks: int):
         """Run only the first ``stacks`` stacks inside this context; the head reads after the last of them.
@@ -209,6 +221,53 @@ class Rack:
             yield
         finally:
             del parent.__dict__[attr]
+
+
+@contextlib.contextmanager
+def arranged(model: nn.Module, layers_path: str, blocks: list[int]):
+    """Run the physical blocks ``blocks`` in that order inside this context (a grown rack's forward view).
+
+    As :meth:`Rack.active_depth`, the registered block list is untouched. When the order is not a prefix of
+    the physical list, each block's ``layer_idx`` (what KV caches index by) and the config's layer count
+    and per-layer lists follow the positions in ``blocks`` for the duration.
+    """
+    parent_path, _, attr = layers_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    physical = list(parent._modules[attr])
+    if blocks == list(range(len(physical))):
+        yield
+        return
+    parent.__dict__[attr] = nn.ModuleList([physical[b] for b in blocks])
+    restore: list[tuple[object, str, object]] = []
+    if blocks != list(range(len(blocks))):
+        for position, b in enumerate(blocks):
+            for module in physical[b].modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    restore.append((module, "layer_idx", module.layer_idx))
+                    module.layer_idx = position
+        config = getattr(parent, "config", None) or getattr(model, "config", None)
+        if config is not None:
+            for key in per_layer_config_keys(config, len(physical)):
+                value = getattr(config, key)
+                restore.append((config, key, value))
+                setattr(config, key, [value[b] for b in blocks])
+            restore.append((config, "num_hidden_layers", config.num_hidden_layers))
+            config.num_hidden_layers = len(blocks)
+    try:
+        yield
+    finally:
+        for owner, key, value in reversed(restore):
+            setattr(owner, key, value)
+        del parent.__dict__[attr]
+
+
+def per_layer_config_keys(config, num_blocks: int) -> list[str]:
+    """Config entries holding one value per block (e.g. Qwen2's ``layer_types``)."""
+    return [
+        key
+        for key, value in vars(config).items()
+        if isinstance(value, list) and len(value) == num_blocks and key != "architectures"
+    ]
 
 
 def parameter_fingerprint(param: torch.Tensor) -> tuple[float, float]:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, defaul
 from .adapters import plan_adapters, resolve_targets
 from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
 from .data import build_datasets
+from .growth import allocate, check_growth
 from .quantization import (
     bnb_config,
     disable_cpu_repack,
@@ -142,10 +143,15 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     layers = find_layers_path(skeleton, recipe.rack.get("layers"))
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
-    recipe.schedule.validate_rack(len(boundaries) - 1)
-    plan = plan_adapters(recipe.schedule, recipe.adapters, boundaries) if recipe.schedule.uses_lora() else {}
-    resolve_targets(plan, blocks)
+    sizes = tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False))
+    recipe.schedule.validate_rack(sizes)
+    layout = recipe.schedule.layout(sizes)
     skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)
+    if layout.grows:  # growth is checked, and its blocks allocated, on the weightless skeleton too
+        check_growth(skeleton, layers, layout)
+        allocate(skeleton, layers, layout)
+    plan = plan_adapters(recipe.schedule, recipe.adapters, layout) if recipe.schedule.uses_lora() else {}
+    resolve_targets(plan, blocks)
     return {"layers": layers, "num_blocks": boundaries[-1], "boundaries": list(boundaries)}, skip, plan
 
 
@@ -253,5 +259,5 @@ def train(recipe: Recipe) -> dict:
         "global_step": trainer.state.global_step,
         "eval_loss_first": evals[0] if evals else None,
         "eval_loss_last": evals[-1] if evals else None,
-        "trace": trainer.resolved.trace(trainer.num_stacks),
+        "trace": trainer.resolved.trace(trainer.base_sizes),
     }

@@ -14,8 +14,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-TRAIN_KEYWORDS = ("top", "all", "none")
-LIST_KEYWORDS = ("top",)  # allowed inside a list of stack indices: `train: [top]`, `train: [2, top]`
+from .errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
+from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
+
+TRAIN_KEYWORDS = ("top", "all", "none", GROW_KEYWORD)
+LIST_KEYWORDS = ("top", GROW_KEYWORD)  # allowed inside a list of stack indices: `train: [top]`, `[2, new]`
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_OR_FREEZE = ("train", "freeze")
 PHASE_KEYS = (
@@ -33,29 +36,16 @@ PHASE_KEYS = (
     "adapter",
     "trunk",
     "lora",
+    "grow",
+    "optimizer_state",
 )
+OPTIMIZER_STATES = ("keep", "reset")
 ADAPTER_MODES = ("full", "lora")
 TRUNK_MODES = ("frozen", "lora")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 EMBEDDINGS = "embeddings"
 HEAD = "head"
 TRUNK_ADAPTER = "trunk"  # PEFT adapter name of the trunk LoRA; stack adapters are named stack_<i>
-
-
-class StackwiseError(ValueError):
-    """Base of every error the user can fix (bad recipe, run folder, checkpoint, export or plot source)."""
-
-
-class RecipeError(StackwiseError):
-    """Every problem found in a recipe, each naming its key path and the fix."""
-
-    def __init__(self, problems: list[str] | str):
-        self.problems = [problems] if isinstance(problems, str) else list(problems)
-        if len(self.problems) == 1:
-            message = self.problems[0]
-        else:
-            message = f"{len(self.problems)} problems in the recipe:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(message)
 
 
 def stack_unit(index: int) -> str:
@@ -132,13 +122,15 @@ class Phase:
     adapter: str = "full"  # how trained stacks train: their own weights (full) or a LoRA adapter (lora)
     trunk: str = "frozen"  # active stacks that do not train: frozen, or carrying a trainable trunk LoRA
     lora: dict | None = None  # LoRA overrides for the stack adapters this phase creates
+    grow: Grow | None = None  # stacks added at the phase's first step
+    optimizer_state: str = "keep"  # reset: every parameter's optimizer state starts fresh at the phase's start
 
     def active_depth(self, num_stacks: int) -> int:
-        """Number of stacks that run in this phase."""
+        """Number of stacks that run in this phase (``num_stacks``: the rack's size in this phase)."""
         return num_stacks if self.stacks is None else self.stacks
 
-    def trainable_stacks(self, num_stacks: int) -> tuple[int, ...]:
-        """Indices of the stacks whose weights train in this phase."""
+    def trainable_stacks(self, num_stacks: int, new: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """Positions of the stacks whose weights train in this phase (``new``: positions of the stacks it grew)."""
         depth = self.active_depth(num_stacks)
         if self.train == "all":
             return tuple(range(depth))
@@ -146,7 +138,12 @@ class Phase:
             return (depth - 1,)
         if self.train == "none":
             return ()
-        return tuple(sorted({depth - 1 if i == "top" else i for i in self.train}))
+        if self.train == GROW_KEYWORD:
+            return tuple(new)
+        picked: set[int] = set()
+        for i in self.train:
+            picked |= {depth - 1} if i == "top" else set(new) if i == GROW_KEYWORD else {i}
+        return tuple(sorted(picked))
 
     def trains_embeddings(self) -> bool:
         return self.embeddings == "train" if self.embeddings is not None else self.train == "all"
@@ -154,13 +151,19 @@ class Phase:
     def trains_head(self) -> bool:
         return self.head == "train" if self.head is not None else self.train == "all"
 
-    def trainable_units(self, num_stacks: int) -> frozenset[str]:
-        """Units (``embeddings``, ``stack_i``, ``head``) that train in this phase."""
-        trained = self.trainable_stacks(num_stacks)
+    def trainable_units(
+        self, num_stacks: int, order: tuple[int, ...] | None = None, new: tuple[int, ...] = ()
+    ) -> frozenset[str]:
+        """Units (``embeddings``, ``stack_i``, ``head``) that train in this phase.
+
+        ``order`` maps rack positions to physical stack ids (identity without growth); units use physical ids.
+        """
+        order = tuple(range(num_stacks)) if order is None else order
+        trained = self.trainable_stacks(num_stacks, new)
         make = stack_unit if self.adapter == "full" else lora_unit
-        units = {make(i) for i in trained}
+        units = {make(order[i]) for i in trained}
         if self.trunk == "lora":
-            units |= {trunk_unit(i) for i in range(self.active_depth(num_stacks)) if i not in trained}
+            units |= {trunk_unit(order[i]) for i in range(self.active_depth(num_stacks)) if i not in trained}
         if self.trains_embeddings():
             units.add(EMBEDDINGS)
         if self.trains_head():
@@ -171,6 +174,7 @@ class Phase:
         data = asdict(self)
         if isinstance(self.train, tuple):
             data["train"] = list(self.train)
+        data["grow"] = self.grow.to_dict() if self.grow is not None else None
         return data
 
 
@@ -278,6 +282,15 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) ->
         if values["adapter"] != "lora":
             problems.append(f"{path}.lora: LoRA settings need `adapter: lora` in the same phase")
     values["lora"] = dict(lora) if isinstance(lora, dict) else None
+    values["grow"] = parse_grow(raw.get("grow"), f"{path}.grow", problems)
+    optimizer_state = raw.get("optimizer_state", "keep")
+    if optimizer_state not in OPTIMIZER_STATES:
+        problems.append(
+            f"{path}.optimizer_state: {optimizer_state!r} is not one of {OPTIMIZER_STATES} (`reset` starts every "
+            "parameter's optimizer state afresh when the phase begins)"
+        )
+        optimizer_state = "keep"
+    values["optimizer_state"] = optimizer_state
     return Phase(**values)
 
 
@@ -318,30 +331,50 @@ class Schedule:
         text = json.dumps(self.to_list(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def validate_rack(self, num_stacks: int) -> None:
-        """Check stack references against the real number of stacks in the rack."""
+    def layout(self, base: int | tuple[int, ...]) -> Layout:
+        """Physical stacks and each phase's rack order; ``base``: the model's stack count or stack sizes."""
+        return build_layout([p.grow for p in self.phases], base)
+
+    def grows(self) -> bool:
+        return any(p.grow is not None for p in self.phases)
+
+    def validate_rack(self, base: int | tuple[int, ...]) -> None:
+        """Check growth and stack references against the real rack (``base``: stack count or stack sizes)."""
+        layout = self.layout(base)
         problems = []
         for index, phase in enumerate(self.phases):
             path = f"schedule[{index}]"
+            num_stacks = len(layout.orders[index])
+            new = layout.new_positions(index)
+            grown = " (after this phase's growth)" if new else ""
             if phase.stacks is not None and phase.stacks > num_stacks:
                 problems.append(
-                    f"{path}.stacks: {phase.stacks} but the rack has only {num_stacks} stacks; "
+                    f"{path}.stacks: {phase.stacks} but the rack has only {num_stacks} stacks{grown}; "
                     f"use a value in 1..{num_stacks}"
                 )
                 continue
             depth = phase.active_depth(num_stacks)
-            if not phase.trainable_units(num_stacks):
+            wants_new = phase.train == GROW_KEYWORD or (isinstance(phase.train, tuple) and GROW_KEYWORD in phase.train)
+            if wants_new and not new:
                 problems.append(
-                    f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
-                    "name a stack in `train` or set `head: train`"
+                    f"{path}.train: `new` names the stacks this phase grows, but it has no `grow`; add "
+                    "`grow: {op: ..., stacks: N}` or name the stacks by position"
                 )
+                continue
+            inactive_new = [p for p in new if p >= depth]
+            if wants_new and inactive_new:
+                problems.append(
+                    f"{path}.train: the new stacks at positions {inactive_new} are not active (`stacks: {depth}`); "
+                    "raise `stacks` or grow at the bottom"
+                )
+                continue
             if isinstance(phase.train, tuple):
                 indices = [i for i in phase.train if not isinstance(i, str)]
                 beyond = [i for i in indices if i >= num_stacks]
                 inactive = [i for i in indices if num_stacks > i >= depth]
                 if beyond:
                     problems.append(
-                        f"{path}.train: stack {beyond} does not exist; the rack has {num_stacks} stacks "
+                        f"{path}.train: stack {beyond} does not exist; the rack has {num_stacks} stacks{grown} "
                         f"(indices 0..{num_stacks - 1})"
                     )
                 if inactive:
@@ -349,6 +382,13 @@ class Schedule:
                         f"{path}.train: stack {inactive} is not active in this phase (`stacks: {depth}` runs "
                         f"stacks 0..{depth - 1}); raise `stacks` or train an active stack"
                     )
+                if beyond:
+                    continue
+            if not phase.trainable_units(num_stacks, layout.orders[index], new):
+                problems.append(
+                    f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
+                    "name a stack in `train` or set `head: train`"
+                )
         if problems:
             raise RecipeError(problems)
 
@@ -356,12 +396,17 @@ class Schedule:
         """Whether any phase trains through LoRA (stack adapters or the trunk adapter)."""
         return any(p.adapter == "lora" or p.trunk == "lora" for p in self.phases)
 
-    def ever_trainable_units(self, num_stacks: int) -> frozenset[str]:
+    def phase_units(self, base: int | tuple[int, ...]) -> list[frozenset[str]]:
+        """Trainable units of every phase, by physical stack id."""
+        layout = self.layout(base)
+        return [
+            phase.trainable_units(len(order), order, layout.new_positions(i))
+            for i, (phase, order) in enumerate(zip(self.phases, layout.orders, strict=True))
+        ]
+
+    def ever_trainable_units(self, base: int | tuple[int, ...]) -> frozenset[str]:
         """The superset: every unit that trains in at least one phase."""
-        units: set[str] = set()
-        for phase in self.phases:
-            units |= phase.trainable_units(num_stacks)
-        return frozenset(units)
+        return frozenset().union(*self.phase_units(base))
 
     def resolve(self, total_steps: int) -> ResolvedSchedule:
         """Resolve phase boundaries to integer steps: phase i covers steps [start, end)."""
@@ -394,8 +439,10 @@ class PhaseState:
     index: int
     name: str
     active_depth: int
-    trainable_stacks: tuple[int, ...]
-    trainable_units: frozenset[str]
+    trainable_stacks: tuple[int, ...]  # rack positions
+    trainable_units: frozenset[str]  # by physical stack id
+    order: tuple[int, ...] = ()  # physical ids of the active stacks, bottom → top
+    grown: tuple[NewStack, ...] = ()  # stacks this phase grows at its first step
 
 
 @dataclass(frozen=True)
@@ -418,17 +465,30 @@ class ResolvedSchedule:
         """Normalized time of ``step``."""
         return step / self.total_steps
 
-    def state_at(self, step: int, num_stacks: int) -> PhaseState:
+    def layout(self, base: int | tuple[int, ...]) -> Layout:
+        key = ("layout", base)
+        if key not in self._cache:
+            self._cache[key] = self.schedule.layout(base)
+        return self._cache[key]
+
+    def state_at(self, step: int, base: int | tuple[int, ...]) -> PhaseState:
+        """The rack at ``step``; ``base``: the model's stack count (or stack sizes) before any growth."""
         index = self.phase_index(step)
-        key = (index, num_stacks)
+        key = (index, base)
         if key not in self._cache:
             phase = self.schedule.phases[index]
+            layout = self.layout(base)
+            order = layout.orders[index]
+            new = layout.new_positions(index)
+            depth = phase.active_depth(len(order))
             self._cache[key] = PhaseState(
                 index=index,
                 name=phase.name,
-                active_depth=phase.active_depth(num_stacks),
-                trainable_stacks=phase.trainable_stacks(num_stacks),
-                trainable_units=phase.trainable_units(num_stacks),
+                active_depth=depth,
+                trainable_stacks=phase.trainable_stacks(len(order), new),
+                trainable_units=phase.trainable_units(len(order), order, new),
+                order=order[:depth],
+                grown=layout.grown[index],
             )
         return self._cache[key]
 
@@ -449,11 +509,11 @@ class ResolvedSchedule:
             return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int) -> float:
+    def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int | tuple[int, ...]) -> float:
         """Learning rate of ``unit`` at ``step``; 0 for a unit that does not train then.
 
-        Stack ``i`` gets ``lr * layer_lr_decay ** (top - i)`` with ``top`` the highest active stack; the
-        embeddings sit one level below stack 0 and the head at the top's rate.
+        The stack at position ``i`` gets ``lr * layer_lr_decay ** (top - i)`` with ``top`` the highest active
+        position; the embeddings sit one level below position 0 and the head at the top's rate.
         """
         state = self.state_at(step, num_stacks)
         if unit not in state.trainable_units:
@@ -463,9 +523,11 @@ class ResolvedSchedule:
         top = state.active_depth - 1
         if unit == HEAD:
             return lr
-        return lr * phase.layer_lr_decay ** (top - unit_level(unit))
+        level = unit_level(unit)
+        position = -1 if level < 0 else state.order.index(level)
+        return lr * phase.layer_lr_decay ** (top - position)
 
-    def trace(self, num_stacks: int) -> list[tuple[int, str, tuple[int, ...]]]:
+    def trace(self, num_stacks: int | tuple[int, ...]) -> list[tuple[int, str, tuple[int, ...]]]:
         """``(first step, phase name, trainable stacks)`` per phase: the golden trace tests compare against."""
         return [
             (start, self.schedule.phases[i].name, self.state_at(start, num_stacks).trainable_stacks)

@@ -40,9 +40,10 @@ from .checkpoint import (
     run_identity,
     write_json,
 )
+from .growth import allocate, check_growth, initialize
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
-from .schedule import RecipeError, ResolvedSchedule, Schedule
+from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
 
 logger = logging.get_logger(__name__)
 TRAINABLE_WEIGHTS_NAME = "stackwise_trainable.safetensors"  # every ever-trainable tensor (adapter runs)
@@ -108,22 +109,27 @@ class StackwiseTrainer(Trainer):
         if kwargs.get("optimizers", (None, None))[1] is not None:
             raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
         schedule = Schedule.from_list(args.schedule)
+        if hasattr(model, "peft_config") and schedule.uses_lora():
+            raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
+        base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
+        schedule.validate_rack(base_rack.sizes)
+        self.layout = schedule.layout(base_rack.sizes)
+        if self.layout.grows:  # every block the run will add exists from now on (the superset rule)
+            check_growth(model, base_rack.layers_path, self.layout)
+            allocate(model, base_rack.layers_path, self.layout)
         self.adapter_plan: dict[str, dict] = {}
-        layers = args.rack_layers
+        layers = base_rack.layers_path
         if schedule.uses_lora():
-            if hasattr(model, "peft_config"):
-                raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
-            base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
-            schedule.validate_rack(base_rack.num_stacks)
-            self.adapter_plan = plan_adapters(schedule, args.adapters, base_rack.boundaries)
+            self.adapter_plan = plan_adapters(schedule, args.adapters, self.layout)
             check_full_blocks_not_quantized(model, base_rack, schedule)
             disable_cpu_repack(model)
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)
         self.schedule = schedule
-        self.rack = Rack.from_model(self.model, layers, args.blocks_per_stack, args.stack_boundaries)
-        self.schedule.validate_rack(self.rack.num_stacks)
+        self._base = base_rack.sizes  # the schedule's view of the model as loaded: blocks per base stack
+        self._base_topology = base_rack.topology()
+        self.rack = Rack(self.model, layers, self.layout.boundaries)
         if args.ddp_find_unused_parameters is False and len(self.schedule.phases) > 1:
             raise RecipeError(
                 "training.ddp_find_unused_parameters: false, but the schedule changes which parameters get "
@@ -134,7 +140,10 @@ class StackwiseTrainer(Trainer):
         )
         self._params = self._collect_parameters()
         self._unit_names = list(self.rack.parameter_units())  # embeddings, stack_i(.lora/.trunk)..., head
-        self._ever = self.schedule.ever_trainable_units(self.num_stacks)  # the superset, fixed for the run
+        self._ever = self.schedule.ever_trainable_units(self._base)  # the superset, fixed for the run
+        grown = {stack_unit(s) for s in range(self.layout.num_base, len(self.layout.sizes))}
+        self._saved_units = self._ever | grown  # what adapter-run checkpoints store beside the adapters
+        self._phase_blocks: list[int] = []
         self._grad_norms: dict[str, float] = {}
         self._phase_state = None
         self._frozen: list[tuple[str, torch.nn.Parameter]] = []
@@ -156,7 +165,13 @@ class StackwiseTrainer(Trainer):
 
     @property
     def num_stacks(self) -> int:
+        """Physical stacks: the base model's and every one the schedule grows."""
         return self.rack.num_stacks
+
+    @property
+    def base_sizes(self) -> tuple[int, ...]:
+        """Blocks per stack of the model as loaded: what the schedule resolves against."""
+        return self._base
 
     # ---- optimizer and scheduler over the superset ------------------------------------------
 
@@ -207,7 +222,7 @@ class StackwiseTrainer(Trainer):
         base_lr = self.args.learning_rate
 
         def lr_at(step: int) -> float:
-            return max(self.resolved.unit_lr(step, unit, base_lr, self.num_stacks) for unit in units)
+            return max(self.resolved.unit_lr(step, unit, base_lr, self._base) for unit in units)
 
         return lr_at
 
@@ -229,13 +244,18 @@ class StackwiseTrainer(Trainer):
 
     def _apply_phase(self, step: int) -> None:
         """Make the rack match the phase of ``step``; a no-op inside a phase."""
-        state = self.resolved.state_at(step, self.num_stacks)
+        state = self.resolved.state_at(step, self._base)
         if self._phase_state is not None and state.index == self._phase_state.index:
             return
         if self.args.check_invariants:
             self._check_frozen_untouched()
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
+        if step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
+            self._grow(state.grown, step)
+            if phase.optimizer_state == "reset":
+                self.optimizer.state.clear()
+        self._phase_blocks = self.layout.blocks(state.order)
         self._frozen = []
         self._trainable_count = 0
         for name, param, owners in self._params:
@@ -255,11 +275,17 @@ class StackwiseTrainer(Trainer):
         self._phase_state = state
         self._show_phase_in_progress_bar(state.name)
         if self.is_world_process_zero():
+            grew = "".join(f", grew stack {n.position} ({n.op} of blocks {list(n.sources)})" for n in state.grown)
             logger.info(
-                f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}, "
-                f"active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
+                f"[hf_stackwise] step {step} (t={self.resolved.t(step):.3f}): phase {state.index} {state.name!r}"
+                f"{grew}, active stacks 0..{state.active_depth - 1}, training {sorted(trainable_units)}, "
                 f"{self._trainable_count:,} trainable parameters"
             )
+
+    def _grow(self, grown, step: int) -> None:
+        """Initialise, in place, the stacks this phase grows (their parameters already exist)."""
+        for new in grown:
+            initialize(self._base_model(), self._base_topology["layers"], self.layout, new, self.args.seed, step)
 
     def _show_phase_in_progress_bar(self, name: str) -> None:
         for callback in self.callback_handler.callbacks:
@@ -286,16 +312,24 @@ class StackwiseTrainer(Trainer):
                 f"(first: {changed[0]})"
             )
 
-    def _eval_depth(self) -> int:
-        """Eval runs the depth of the phase that produced the current weights."""
-        if self.resolved is None:
-            return self.num_stacks
-        step = max(self.state.global_step - 1, 0)
-        return self.resolved.state_at(step, self.num_stacks).active_depth
+    def producing_blocks(self) -> list[int]:
+        """Physical blocks, bottom → top, of the phase that produced the current weights (what eval and export
+        run); before the first step, the rack as loaded."""
+        step = self.state.global_step - 1
+        if self.resolved is None or step < 0:
+            if self.resolved is None or self.schedule.phases[0].grow is not None:
+                return list(range(self.layout.num_base_blocks))
+            step = 0
+        return self.layout.blocks(self.resolved.state_at(step, self._base).order)
+
+    def arranged(self):
+        """Context in which the model runs as the phase that produced its weights: e.g. ``generate()`` on a
+        grown rack inside ``with trainer.arranged():``."""
+        return self.rack.arranged(self.producing_blocks())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._apply_phase(self.state.global_step)
-        with self.rack.active_depth(self._phase_state.active_depth):
+        with self.rack.arranged(self._phase_blocks):
             loss = super().training_step(model, inputs, num_items_in_batch)
         for _, param in self._frozen:
             param.grad = None
@@ -317,7 +351,7 @@ class StackwiseTrainer(Trainer):
         return {unit: float(total.sqrt()) for unit, total in squares.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        with self.rack.active_depth(self._eval_depth()):
+        with self.arranged():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     # ---- logs ---------------------------------------------------------------------------------
@@ -334,7 +368,7 @@ class StackwiseTrainer(Trainer):
                 lr_step = max(step - 1, 0)
                 for unit in self._unit_names:
                     if unit in self._ever:
-                        lr = self.resolved.unit_lr(lr_step, unit, self.args.learning_rate, self.num_stacks)
+                        lr = self.resolved.unit_lr(lr_step, unit, self.args.learning_rate, self._base)
                         logs[f"learning_rate/{unit}"] = lr
                 for unit, norm in self._grad_norms.items():
                     logs[f"grad_norm/{unit}"] = norm
@@ -361,14 +395,12 @@ class StackwiseTrainer(Trainer):
         return config if isinstance(config, dict) else config.to_dict()
 
     def base_topology(self) -> dict:
-        """Rack topology in terms of the base model (without PEFT's wrapper prefix)."""
-        topology = self.rack.topology()
-        topology["layers"] = topology["layers"].removeprefix(PEFT_PREFIX) if self.adapter_plan else topology["layers"]
-        return topology
+        """Rack topology of the model as loaded (before growth, without PEFT's wrapper prefix)."""
+        return dict(self._base_topology)
 
     def _manifest(self) -> dict:
         step = self.state.global_step
-        state = self.resolved.state_at(max(step - 1, 0), self.num_stacks)
+        state = self.resolved.state_at(max(step - 1, 0), self._base)
         return {
             "format_version": FORMAT_VERSION,
             "schedule_hash": self.schedule.fingerprint(),
@@ -378,8 +410,13 @@ class StackwiseTrainer(Trainer):
             "quantization": self._quantization(),
             "global_step": step,
             "t": self.resolved.t(step),
-            "phase": {"index": state.index, "name": state.name, "trainable_stacks": list(state.trainable_stacks)},
-            "next_phase": self.resolved.state_at(step, self.num_stacks).name,
+            "phase": {
+                "index": state.index,
+                "name": state.name,
+                "trainable_stacks": list(state.trainable_stacks),
+                "blocks": self.producing_blocks(),  # physical blocks, bottom → top, that export keeps
+            },
+            "next_phase": self.resolved.state_at(step, self._base).name,
         }
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -398,7 +435,7 @@ class StackwiseTrainer(Trainer):
             tensors = {
                 name: param.detach().cpu().contiguous()
                 for name, param, owners in self._params
-                if any(u in self._ever for u in owners)
+                if any(u in self._saved_units for u in owners)
             }
             path = os.path.join(output_dir or self.args.output_dir, TRAINABLE_WEIGHTS_NAME)
             safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})

@@ -14,7 +14,7 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from hf_stackwise.cli import main
-from hf_stackwise.export import drop_inactive_blocks
+from hf_stackwise.export import select_blocks
 from hf_stackwise.rack import Rack
 
 LOAD = """
@@ -110,7 +110,7 @@ def test_per_layer_config_lists_stay_consistent(tmp_path):
     config.use_sliding_window, config.sliding_window = True, 8
     config.layer_types = ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
     model = AutoModelForCausalLM.from_config(config)
-    drop_inactive_blocks(model, "model.layers", 3)
+    select_blocks(model, "model.layers", [0, 1, 2])
     assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
     assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
     model.save_pretrained(tmp_path / "q")

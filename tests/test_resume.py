@@ -86,7 +86,7 @@ def test_checkpoint_manifest(full_run):
     assert manifest["schedule_hash"] == trainer.schedule.fingerprint()
     assert manifest["rack"] == {"layers": "transformer.h", "num_blocks": 4, "boundaries": [0, 1, 2, 3, 4]}
     assert manifest["global_step"] == 3
-    assert manifest["phase"] == {"index": 1, "name": "shallow", "trainable_stacks": [0, 1]}
+    assert manifest["phase"] == {"index": 1, "name": "shallow", "trainable_stacks": [0, 1], "blocks": [0, 1]}
     assert manifest["run"]["total_steps"] == 8
     boundary = read_json(out / "checkpoint-4" / MANIFEST_NAME)
     assert (boundary["phase"]["name"], boundary["next_phase"]) == ("shallow", "all")

@@ -183,7 +183,7 @@ INVALID = [
     (one_phase(train=-1), "schedule[0].train: [-1] are not stack indices", "non-negative"),
     (one_phase(train=[0, -2]), "schedule[0].train: [-2] are not stack indices", ""),
     (one_phase(train=[0, "x", 1.5]), "schedule[0].train: ['x', 1.5] are not stack indices", ""),
-    (one_phase(train=["all"]), "schedule[0].train: ['all'] are not stack indices", "('top',)"),
+    (one_phase(train=["all"]), "schedule[0].train: ['all'] are not stack indices", "('top', 'new')"),
     (one_phase(train=[True]), "schedule[0].train: [True] are not stack indices", ""),
     (one_phase(train=[None]), "schedule[0].train: [None] are not stack indices", ""),
     (one_phase(train=1.5), "schedule[0].train: 1.5 is not a list of stack indices", ""),
@@ -428,6 +428,7 @@ def test_state_at():
         active_depth=2,
         trainable_stacks=(0, 1),
         trainable_units=frozenset({"stack_0", "stack_1", "head"}),
+        order=(0, 1),
     )
     assert resolved.state_at(0, 4).trainable_units == {"stack_3"}
     assert resolved.state_at(0, 6).trainable_units == {"stack_5"}  # depends on the rack size, not cached across it
@@ -564,6 +565,8 @@ CHANGED = {
     "adapter": "lora",
     "trunk": "lora",
     "lora": {"r": 4},  # with `adapter: lora`, below
+    "grow": {"op": "copy", "stacks": 1},
+    "optimizer_state": "reset",
 }
 
 
