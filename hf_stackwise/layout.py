@@ -33,7 +33,8 @@ class Grow:
     at: str | tuple[int, ...] = "top"
 
     def to_dict(self) -> dict:
-        return {"op": self.op, "stacks": self.stacks, "blocks": self.blocks, "at": self.at}
+        at = list(self.at) if isinstance(self.at, tuple) else self.at
+        return {"op": self.op, "stacks": self.stacks, "blocks": self.blocks, "at": at}
 
 
 def parse_grow(raw, path: str, problems: list[str]) -> Grow | None:
@@ -55,7 +56,7 @@ def parse_grow(raw, path: str, problems: list[str]) -> Grow | None:
         )
         op = "copy"
     at = raw.get("at", "top")
-    if isinstance(at, list):
+    if isinstance(at, (list, tuple)):
         if not at or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in at):
             problems.append(f"{path}.at: {at!r} is not a non-empty list of stack positions (non-negative integers)")
             at = "top"
