@@ -31,12 +31,16 @@ def _pyplot():
     return plt
 
 
-def stack_mode(schedule: Schedule, phase_index: int, stack: int, num_stacks: int) -> str:
-    """How ``stack`` takes part in a phase: full, lora, trunk, frozen or inactive."""
+def stack_mode(schedule: Schedule, phase_index: int, stack: int, base) -> str:
+    """How physical ``stack`` takes part in a phase: full, lora, trunk, frozen or inactive (also: not grown yet).
+
+    ``base``: the model's stack count (or stack sizes) before growth."""
+    layout = schedule.layout(base)
     phase = schedule.phases[phase_index]
-    if stack >= phase.active_depth(num_stacks):
+    order = layout.orders[phase_index]
+    if stack not in order[: phase.active_depth(len(order))]:
         return "inactive"
-    units = phase.trainable_units(num_stacks)
+    units = phase.trainable_units(len(order), order, layout.new_positions(phase_index))
     if stack_unit(stack) in units:
         return "full"
     if lora_unit(stack) in units:
@@ -44,22 +48,27 @@ def stack_mode(schedule: Schedule, phase_index: int, stack: int, num_stacks: int
     return "trunk" if trunk_unit(stack) in units else "frozen"
 
 
-def plot_timeline(schedule: Schedule, num_stacks: int, path: str, base_lr: float = 1.0) -> str:
-    """The schedule over t: one row per stack (bottom = stack 0), coloured by mode; the phase LR as a line."""
+def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0) -> str:
+    """The schedule over t: one row per stack (bottom = stack 0), coloured by mode; the phase LR as a line.
+
+    ``base``: the model's stack count (or stack sizes); stacks a phase grows get rows above the base ones."""
     plt = _pyplot()
     from matplotlib.patches import Patch
+
+    num_stacks = len(schedule.layout(base).sizes)
 
     fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
     start = 0.0
     for index, phase in enumerate(schedule.phases):
         for stack in range(num_stacks):
-            mode = stack_mode(schedule, index, stack, num_stacks)
+            mode = stack_mode(schedule, index, stack, base)
             ax.barh(stack, phase.until - start, left=start, color=COLORS[mode], edgecolor="#555555", height=0.8)
         ax.text((start + phase.until) / 2, num_stacks - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
         start = phase.until
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, num_stacks + 0.2)
-    ax.set_yticks(range(num_stacks), [f"stack {i}" for i in range(num_stacks)])
+    num_base = schedule.layout(base).num_base
+    ax.set_yticks(range(num_stacks), [f"stack {i}" + (" (grown)" if i >= num_base else "") for i in range(num_stacks)])
     ax.set_xlabel("t")
     lr = ax.twinx()
     start, peak = 0.0, 0.0
@@ -126,8 +135,9 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         raise PlotError(f"plot: {manifest} holds an invalid schedule: {err}") from None
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
-    num_stacks = len(run["rack"]["boundaries"]) - 1
+    bounds = run["rack"]["boundaries"]
+    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     base_lr = run.get("defaults", {}).get("learning_rate", 1.0)
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
-    timeline = plot_timeline(schedule, num_stacks, os.path.join(out_dir, "schedule.png"), base_lr)
+    timeline = plot_timeline(schedule, sizes, os.path.join(out_dir, "schedule.png"), base_lr)
     return [timeline, loss]

@@ -19,7 +19,7 @@ from .schedule import LORA_KEYS, RecipeError, Schedule, check_lora
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
-MODEL_KEYS = ("name_or_path", "dtype", "quantization")
+MODEL_KEYS = ("name_or_path", "dtype", "quantization", "from_scratch", "config")
 QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype")
 # from_pretrained keyword arguments a recipe may pass through the `model` section
 FROM_PRETRAINED_KEYS = (
@@ -132,7 +132,15 @@ def _check_model(model, problems: list[str]) -> dict:
     dtype = model.get("dtype", "auto")
     if dtype not in DTYPES:
         problems.append(f"model.dtype: {dtype!r} is not one of {DTYPES}")
+    from_scratch = model.get("from_scratch", False)
+    if not isinstance(from_scratch, bool):
+        problems.append(f"model.from_scratch: {from_scratch!r} is not true/false")
+    overrides = model.get("config")
+    if overrides is not None and not isinstance(overrides, dict):
+        problems.append(f"model.config: {overrides!r} is not a mapping of config settings (e.g. num_hidden_layers: 4)")
     quant = model.get("quantization")
+    if quant is not None and from_scratch is True:
+        problems.append("model.quantization: a `from_scratch` model has no pretrained weights to quantize; drop one")
     if quant is not None:
         if not isinstance(quant, dict):
             problems.append("model.quantization: expected {bits: 4, quant_type: nf4, double_quant: true} or null")

@@ -4,6 +4,7 @@ before a weight is loaded and before the output directory is touched (``product.
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
 import os
@@ -12,7 +13,7 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
 
 from .adapters import plan_adapters, resolve_targets
 from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
@@ -123,9 +124,19 @@ def load_config(recipe: Recipe):
             f"model.name_or_path: {path!r} does not exist; give a local model folder or a Hub id like `org/name`"
         )
     try:
-        return AutoConfig.from_pretrained(path, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS))
+        config = AutoConfig.from_pretrained(path, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS))
     except (OSError, ValueError) as err:
         raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
+    overrides = recipe.model.get("config") or {}
+    unknown = [key for key in overrides if not hasattr(config, key)]
+    if unknown:
+        raise RecipeError(
+            f"model.config.{unknown[0]}: {type(config).__name__} has no such setting; override only keys its "
+            "config.json has (e.g. num_hidden_layers, hidden_size)"
+        )
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
@@ -135,7 +146,7 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     the real layers of the blocks each adapter covers)."""
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # growth edits its config
     except ValueError as err:
         raise RecipeError(
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
@@ -227,6 +238,11 @@ def load_model(prepared: Prepared):
     quantization = recipe.model.get("quantization")
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
+    if recipe.model.get("from_scratch"):  # the architecture's own initialisation, seeded by training.seed
+        set_seed(prepared.args.seed)
+        return AutoModelForCausalLM.from_config(prepared.config, **({} if dtype == "auto" else {"dtype": dtype}))
+    if recipe.model.get("config"):
+        kwargs["config"] = prepared.config
     model = AutoModelForCausalLM.from_pretrained(recipe.model["name_or_path"], dtype=dtype, **kwargs)
     disable_cpu_repack(model)
     return model

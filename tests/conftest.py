@@ -113,6 +113,15 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_30_block_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama with SmolLM2's 30 blocks, so the shipped SmolLM2 recipes run unchanged but for the model."""
+    folder = tmp_path_factory.mktemp("tiny-30")
+    tiny_causal_lm("llama", layers=30).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def pydoc_files(tmp_path_factory):
     """Train/eval text files of real prose (one paragraph per line)."""
     folder = tmp_path_factory.mktemp("pydoc")

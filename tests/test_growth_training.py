@@ -147,3 +147,55 @@ def test_export_of_a_grown_run_loads_in_plain_transformers(tmp_path, grown_run):
     # a checkpoint from before the second growth exports the depth of its own phase
     assert main(["export", str(out / "checkpoint-4"), str(tmp_path / "export4")]) == 0
     assert AutoConfig.from_pretrained(tmp_path / "export4").num_hidden_layers == 5
+
+
+def shipped(name, model_dir, tmp_path, *extra):
+    return [
+        "train",
+        f"recipes/{name}.yaml",
+        "--model.name_or_path",
+        model_dir,
+        "--training.output_dir",
+        str(tmp_path / "run"),
+        "--training.max_steps",
+        "4",
+        "--training.per_device_train_batch_size",
+        "2",
+        "--data.max_seq_length",
+        "32",
+        "--training.eval_strategy",
+        "no",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def at_root(monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])  # recipes name data from the root
+
+
+@pytest.mark.slow
+def test_llama_pro_recipe_runs_and_exports_35_blocks(tmp_path, tiny_30_block_dir, at_root, capsys):
+    """The shipped LLaMA Pro recipe (4-bit trunk, identity growth, trunk LoRA), only the model swapped."""
+    assert main(shipped("smollm2-135m/llama_pro", tiny_30_block_dir, tmp_path, "--training.save_strategy", "no")) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert model.config.num_hidden_layers == 35 and len(model.model.layers) == 35
+    # the interleaved blocks trained (their zeroed projections moved), the rest is the dequantized base + LoRA
+    assert model.model.layers[6].mlp.down_proj.weight.abs().sum() > 0
+    assert model.generate(IDS[:, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_progressive_stacking_recipe_runs(tmp_path, tiny_llama_dir, at_root, capsys):
+    args = shipped("tiny/progressive_stacking", tiny_llama_dir, tmp_path, "--training.save_strategy", "no")
+    args += ["--training.max_steps", "10"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "trained 10 steps" in out
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "export").num_hidden_layers == 8  # 2 -> 4 -> 8

@@ -60,6 +60,20 @@ def test_timeline_before_training(tmp_path):
     check_png(plot_timeline(schedule, 4, str(tmp_path / "t.png")))
 
 
+def test_timeline_of_a_growing_rack(tmp_path):
+    from hf_stackwise.plots import stack_mode
+
+    schedule = Schedule.from_list(
+        [
+            {"name": "base", "until": 0.5, "train": "top"},
+            {"name": "grow", "until": 1.0, "grow": {"op": "identity", "stacks": 1, "at": "bottom"}, "train": "new"},
+        ]
+    )
+    assert [stack_mode(schedule, 0, s, 2) for s in range(3)] == ["frozen", "full", "inactive"]  # not grown yet
+    assert [stack_mode(schedule, 1, s, 2) for s in range(3)] == ["frozen", "frozen", "full"]
+    check_png(plot_timeline(schedule, 2, str(tmp_path / "t.png")))
+
+
 def test_plot_refuses_non_runs_and_runs_without_logs(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "is not an hf_stackwise run" in capsys.readouterr().err

@@ -95,3 +95,33 @@ def test_minilm_encoder_two_phases(tmp_path):
     assert {n for n in changed if n.startswith("bert.embeddings.")} == {"bert.embeddings.word_embeddings.weight"}
     assert any(n.startswith("cls.") for n in changed)
     assert os.path.isdir(folder)
+
+
+@pytest.mark.parametrize("at", ["interleave", "bottom"])
+def test_identity_growth_of_smollm2_changes_no_logit(at):
+    """LLaMA Pro on real pretrained weights: identity blocks interleaved (or prepended) leave every logit as is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_stackwise.growth import allocate, check_growth, initialize
+    from hf_stackwise.rack import Rack, arranged
+    from hf_stackwise.schedule import Schedule
+
+    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(SMOLLM2)(pydoc_paragraphs()[7][:300], return_tensors="pt")["input_ids"]
+    rack = Rack.from_model(model, blocks_per_stack=6)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    grow = (
+        {"op": "identity", "blocks": 5, "at": at} if at == "interleave" else {"op": "identity", "stacks": 1, "at": at}
+    )
+    schedule = Schedule.from_list([{"until": 0.5}, {"until": 1.0, "grow": grow, "train": "new"}])
+    layout = schedule.layout(rack.sizes)
+    check_growth(model, rack.layers_path, layout)
+    allocate(model, rack.layers_path, layout)
+    for new in layout.grown[1]:
+        initialize(model, rack.layers_path, layout, new, seed=0, step=1)
+    blocks = layout.blocks(layout.orders[1])
+    assert len(blocks) == 35 if at == "interleave" else len(blocks) == 36
+    with torch.no_grad(), arranged(model, rack.layers_path, blocks):
+        after = model(input_ids=ids).logits
+    assert (after - before).abs().max().item() < 1e-6

@@ -187,17 +187,6 @@ def test_quantization_needs_lora_and_keeps_full_stacks_out(tmp_path, tiny_llama_
         StackwiseTrainer(model=quantized, args=args)
 
 
-@pytest.fixture(scope="module")
-def tiny_30_block_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama with SmolLM2's 30 blocks, so the shipped SmolLM2 recipes run unchanged but for the model."""
-    from conftest import tiny_causal_lm
-
-    folder = tmp_path_factory.mktemp("tiny-30")
-    tiny_causal_lm("llama", layers=30).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.parametrize("name", ["qlora_dual", "lora_unfreeze"])
 def test_shipped_adapter_recipes_run_briefly(tmp_path, tiny_30_block_dir, name, capsys, monkeypatch):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
