@@ -2,7 +2,7 @@
 
 Trains a tiny Llama through transitions that freeze and unfreeze stacks, records the phase trace from
 the parameters' own `requires_grad` flags, and saves each rank's final weights and trace.
-usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual]
+usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual|grow]
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ DUAL = [  # LoRA variant: full top + trunk adapter, then a stack adapter, then a
     {"name": "all", "until": 1.0, "train": "all"},
 ]
 
+GROW = [  # growth variant: prepend a copy, insert an identity stack, add a random top stack (blocks pre-allocated)
+    {"name": "base", "until": 0.25, "train": "all"},
+    {"name": "below", "until": 0.5, "grow": {"op": "copy", "stacks": 1, "at": "bottom"}, "train": "new"},
+    {"name": "pro", "until": 0.75, "grow": {"op": "identity", "at": [2]}, "train": ["new", "top"]},
+    {"name": "all", "until": 1.0, "grow": {"op": "random", "stacks": 1}, "train": "all", "optimizer_state": "reset"},
+]
+
 
 class Trace(TrainerCallback):
     def __init__(self, model):
@@ -57,16 +64,17 @@ def main(output_dir: str, batch: int, variant: str = "full") -> None:
         output_dir=output_dir,
         max_steps=8,
         per_device_train_batch_size=batch,
-        learning_rate=5e-2 if variant == "dual" else 1e-3,
+        learning_rate=5e-2 if variant in ("dual", "grow") else 1e-3,
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         seed=0,
-        schedule=DUAL if variant == "dual" else SCHEDULE,
+        schedule={"dual": DUAL, "grow": GROW}.get(variant, SCHEDULE),
         adapters={"r": 4, "alpha": 8, "trunk_r": 2} if variant == "dual" else None,
         # SGD for the adapter variant: Adam divides near-zero LoRA-A gradients (B starts at 0) by their own
-        # magnitude, turning float-reordering noise between 1 and 2 processes into visible weight differences
-        optim="sgd" if variant == "dual" else "adamw_torch",
+        # magnitude, turning float-reordering noise between 1 and 2 processes into visible weight differences; the
+        # same happens to every parameter after growth's `optimizer_state: reset` (Adam's first step is g / |g|)
+        optim="sgd" if variant in ("dual", "grow") else "adamw_torch",
         blocks_per_stack=1,
         logging_steps=1,
         dataloader_drop_last=True,

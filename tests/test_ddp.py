@@ -110,6 +110,23 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
     assert not torch.equal(rank0["model.layers.2.mlp.up_proj.weight"], fresh["model.layers.2.mlp.up_proj.weight"])
 
 
+def test_two_ranks_through_growth_stay_identical_and_match_one_process(tmp_path):
+    """Stacks grown mid-run (copy below, identity inserted, random on top) were registered with DDP from the start."""
+    two, one = run_worker_pair(tmp_path, "grow")
+    rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    traces = [
+        json.loads(p.read_text())["trace"] for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")
+    ]
+    # physical blocks with trainable weights: 4..6 are the grown ones (4 below everything, 5 inserted, 6 on top)
+    golden = [[0, [0, 1, 2, 3]], [1, [0, 1, 2, 3]], [2, [4]], [3, [4]], [4, [3, 5]], [5, [3, 5]]]
+    golden += [[6, list(range(7))], [7, list(range(7))]]
+    assert all(t == golden for t in traces)
+    assert len({n.split(".")[2] for n in rank0 if n.startswith("model.layers.")}) == 7
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)  # SGD: see ddp_worker.py
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files, launcher):
     """`torchrun -m hf_stackwise train` and `accelerate launch -m hf_stackwise train` run 2 real ranks: the
