@@ -146,6 +146,31 @@ def test_config_level_errors_before_weights(tmp_path, good, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_growth_errors_before_weights(tmp_path, good, monkeypatch):
+    def grow(**fields):
+        raw = copy.deepcopy(good)
+        raw["schedule"][-1] = {"name": "grow", "until": 1.0, "train": "new", **fields}
+        return raw
+
+    cases = [
+        (grow(grow={"op": "copy", "at": [7]}), "schedule[1].grow.at: position [7] is outside this phase's rack of 4"),
+        (grow(grow={"op": "copy", "stacks": 5}), "schedule[1].grow.stacks: 5 copies, but the rack has 4 stacks"),
+        (grow(), "schedule[1].train: `new` names the stacks this phase grows, but it has no `grow`"),
+        (grow(grow={"op": "identity", "stacks": 1}, **{"train": [9]}), "schedule[1].train: stack [9] does not exist"),
+    ]
+    for raw, expected in cases:
+        message = prepare_error(tmp_path, raw, monkeypatch)
+        assert expected in message, message
+    raw = grow(grow={"op": "identity", "stacks": 1})
+    raw["rack"] = {"layers": "model.layers"}
+    monkeypatch.setattr("hf_stackwise.growth.MLP_OUTPUTS", ("mlp.fc_out",))  # as if the architecture were unknown
+    assert (
+        "schedule[1].grow.op: `identity` zeroes each new block's output projections, but LlamaDecoderLayer has no "
+        "an MLP down projection" in prepare_error(tmp_path, raw, monkeypatch)
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_naming_an_inactive_stack(tmp_path, good, monkeypatch):
     raw = copy.deepcopy(good)
     raw["schedule"][0] = {"name": "shallow", "until": 0.5, "stacks": 2, "train": [3]}
