@@ -35,6 +35,8 @@ def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_le
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and t.strip()]
+        if not texts:  # a batch of blank lines (the tokenizer refuses an empty list)
+            return {"input_ids": []}
         return {"input_ids": [ids + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]}
 
     def chunk(batch):
