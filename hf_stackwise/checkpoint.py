@@ -111,8 +111,8 @@ def describe_differences(saved: dict, current: dict) -> list[str]:
     old_defaults, new_defaults = saved.get("defaults", {}), current.get("defaults", {})
     for key in sorted(set(old_defaults) | set(new_defaults)):
         if old_defaults.get(key) != new_defaults.get(key):
-            where = "model.quantization" if key == "quantization" else f"training.{key}"
-            why = "" if key == "quantization" else " (phases without their own value use it)"
+            where = {"quantization": "model.quantization", "data": "data"}.get(key, f"training.{key}")
+            why = "" if key in ("quantization", "data") else " (phases without their own value use it)"
             changes.append(f"{where}: {old_defaults.get(key)!r} in the checkpoint, {new_defaults.get(key)!r} now{why}")
     if saved.get("adapters", {}) != current.get("adapters", {}):
         changes.append(f"adapters: {saved.get('adapters')} in the checkpoint, {current.get('adapters')} now")

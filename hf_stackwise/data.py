@@ -1,11 +1,14 @@
-"""Causal-LM data from ``datasets.load_dataset``: tokenize, chunk to ``max_seq_length``, split off eval.
+"""Data from ``datasets.load_dataset``: tokenize, chunk to ``max_seq_length``, split off eval.
 
 Tokenization and chunking go through ``Dataset.map`` so the datasets cache makes a second run skip them.
+Rows are stored at the longest length any phase uses; the trainer splits them for shorter phases and
+corrupts them for masked tasks (:mod:`hf_stackwise.masking`). Named ``datasets`` become the sources of a
+per-phase mixture (:mod:`hf_stackwise.mixture`).
 """
 
 from __future__ import annotations
 
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets, load_dataset
 
 from .schedule import RecipeError
 
@@ -32,6 +35,8 @@ def tokenize_and_chunk(dataset: Dataset, tokenizer, text_column: str, max_seq_le
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t and t.strip()]
+        if not texts:  # a batch of blank lines (the tokenizer refuses an empty list)
+            return {"input_ids": []}
         return {"input_ids": [ids + eos for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]}
 
     def chunk(batch):
@@ -75,3 +80,35 @@ def build_datasets(data: dict, tokenizer, max_seq_length: int, seed: int) -> tup
     elif evaluation is not None and data.get("max_eval_samples"):
         evaluation = evaluation.select(range(min(len(evaluation), data["max_eval_samples"])))
     return train, evaluation
+
+
+def build_sources(data: dict, tokenizer, max_seq_length: int, seed: int) -> tuple[dict[str, Dataset], Dataset | None]:
+    """The named sources of ``data.datasets`` (tokenized and chunked) and the eval set.
+
+    With ``eval_fraction``, each source gives that fraction of its chunks to one shared eval set.
+    """
+    text_column = data.get("text_column", "text")
+    sources: dict[str, Dataset] = {}
+    held_out = []
+    for name, spec in data["datasets"].items():
+        key = f"data.datasets.{name}"
+        chunks = tokenize_and_chunk(_load(spec, key), tokenizer, text_column, max_seq_length, key)
+        if isinstance(chunks, IterableDataset):
+            raise RecipeError(f"{key}.streaming: a mixture reads its sources by position; load them without streaming")
+        if data.get("eval_fraction"):
+            if len(chunks) < 2:
+                raise RecipeError(f"{key}: {len(chunks)} chunk cannot be split by `data.eval_fraction`; add text")
+            split = chunks.train_test_split(test_size=data["eval_fraction"], seed=seed)
+            chunks = split["train"]
+            held_out.append(split["test"])
+        sources[name] = chunks
+    evaluation = None
+    if data.get("eval") is not None:
+        evaluation = tokenize_and_chunk(
+            _load(data["eval"], "data.eval"), tokenizer, text_column, max_seq_length, "data.eval"
+        )
+    elif held_out:
+        evaluation = concatenate_datasets(held_out)
+    if evaluation is not None and data.get("max_eval_samples"):
+        evaluation = evaluation.select(range(min(len(evaluation), data["max_eval_samples"])))
+    return sources, evaluation

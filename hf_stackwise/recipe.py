@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from .schedule import LORA_KEYS, RecipeError, Schedule, check_lora
+from .curriculum import check_data_plane
+from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora
 
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -34,8 +35,21 @@ FROM_PRETRAINED_KEYS = (
 )
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RACK_KEYS = ("blocks_per_stack", "boundaries", "layers")
-DATA_KEYS = ("train", "eval", "eval_fraction", "text_column", "max_seq_length", "task", "max_eval_samples")
-TASKS = ("clm",)
+DATA_KEYS = (
+    "train",
+    "eval",
+    "eval_fraction",
+    "text_column",
+    "max_seq_length",
+    "task",
+    "max_eval_samples",
+    "datasets",
+    "mask_rate",
+    "mask_split",
+    "eval_mask_rate",
+    "diffusion_min_rate",
+    "diffusion_weighting",
+)
 # TrainingArguments fields the recipe sets elsewhere, with where they belong instead.
 TRAINING_OWNED_ELSEWHERE = {
     "schedule": "the top-level `schedule:` section",
@@ -45,6 +59,7 @@ TRAINING_OWNED_ELSEWHERE = {
     "lr_scheduler_type": "`lr_schedule` on each phase (constant | linear | cosine)",
     "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
     "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
+    "data_plane": "the top-level `data:` section and the phases' data fields",
 }
 
 
@@ -215,7 +230,13 @@ def _check_data(data, problems: list[str]) -> dict:
         problems.append("data: expected a mapping with at least `train` (datasets.load_dataset arguments)")
         return {}
     _check_keys(data, DATA_KEYS, "data", problems)
-    _check_dataset_spec(data.get("train"), "data.train", problems)
+    if isinstance(data.get("datasets"), dict) and data["datasets"]:
+        if data.get("train") is not None:
+            problems.append("data: give either `train` or named `datasets` (a mixture), not both")
+        for name, spec in data["datasets"].items():
+            _check_dataset_spec(spec, f"data.datasets.{name}", problems)
+    else:
+        _check_dataset_spec(data.get("train"), "data.train", problems)
     if data.get("eval") is not None:
         _check_dataset_spec(data["eval"], "data.eval", problems)
     fraction = data.get("eval_fraction", 0.0)
@@ -270,6 +291,7 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
             problems.extend(err.problems)
     if problems:
         raise RecipeError(problems)
+    check_data_plane(data, schedule, problems)
     if schedule is not None and model.get("quantization") and not schedule.uses_lora():
         problems.append(
             "model.quantization: a 4-bit base trains through LoRA; give a phase `trunk: lora` or `adapter: lora`, "

@@ -13,12 +13,21 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    default_data_collator,
+    set_seed,
+)
 
 from .adapters import plan_adapters, resolve_targets
 from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
-from .data import build_datasets
+from .curriculum import DataPlane
+from .data import build_datasets, build_sources
 from .growth import allocate, check_growth
+from .mixture import MixtureDataset
 from .quantization import (
     bnb_config,
     disable_cpu_repack,
@@ -28,7 +37,7 @@ from .quantization import (
 )
 from .rack import find_layers_path, resolve_boundaries
 from .recipe import FROM_PRETRAINED_KEYS, Recipe
-from .schedule import RecipeError
+from .schedule import MASKED_TASKS, RecipeError
 from .trainer import StackwiseArguments, StackwiseTrainer
 
 TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
@@ -105,6 +114,7 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
             stack_boundaries=recipe.rack.get("boundaries"),
             rack_layers=recipe.rack.get("layers"),
             adapters=recipe.adapters or None,
+            data_plane=DataPlane.from_data(recipe.data).to_dict(),
         )
     except RecipeError:
         raise
@@ -139,15 +149,65 @@ def load_config(recipe: Recipe):
     return config
 
 
+def task_key(recipe: Recipe) -> str:
+    """The key that makes the run a masked LM: ``data.task`` or the first masked phase's ``task``."""
+    if recipe.data.get("task", "clm") in MASKED_TASKS:
+        return "data.task"
+    for index, phase in enumerate(recipe.schedule.phases):
+        if phase.task in MASKED_TASKS:
+            return f"schedule[{index}].task"
+    return "data.task"
+
+
+def auto_model_class(recipe: Recipe):
+    """``AutoModelForMaskedLM`` when any phase trains ``mlm`` / ``diffusion``, else ``AutoModelForCausalLM``."""
+    return AutoModelForMaskedLM if DataPlane.from_data(recipe.data).masked(recipe.schedule) else AutoModelForCausalLM
+
+
+def check_lengths(recipe: Recipe, plane: DataPlane, config) -> None:
+    """Every phase's row length fits the model's positions."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None:
+        return
+    if getattr(config, "model_type", None) in ("roberta", "xlm-roberta", "camembert"):
+        positions -= 2  # RoBERTa's position ids start after the padding index
+    problems = []
+    if plane.max_seq_length > positions:
+        problems.append(f"data.max_seq_length: {plane.max_seq_length} exceeds the model's {positions} positions")
+    for index, phase in enumerate(recipe.schedule.phases):
+        if phase.max_seq_length is not None and phase.max_seq_length > positions:
+            problems.append(
+                f"schedule[{index}].max_seq_length: {phase.max_seq_length} exceeds the model's {positions} positions"
+            )
+    if problems:
+        raise RecipeError(problems)
+
+
+def build_mixture(recipe: Recipe, args: StackwiseArguments, sources: dict, total_steps: int) -> MixtureDataset:
+    """The stream of ``max_steps × batch × accumulation × processes`` samples over the named sources."""
+    plane = DataPlane.from_data(recipe.data)
+    resolved = recipe.schedule.resolve(total_steps)
+    phases = [(end, plane.mixture_weights(p)) for (_, end), p in zip(resolved.bounds, recipe.schedule.phases)]
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return MixtureDataset(sources, phases, per_step, total_steps, seed)
+
+
 def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks.
 
     Returns the rack topology, the modules to keep out of 4-bit, and the LoRA adapter plan (checked against
     the real layers of the blocks each adapter covers)."""
+    model_class = auto_model_class(recipe)
     try:
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(config))  # growth edits its config
+            skeleton = model_class.from_config(copy.deepcopy(config))  # growth edits its config
     except ValueError as err:
+        if model_class is AutoModelForMaskedLM:
+            raise RecipeError(
+                f"{task_key(recipe)}: `mlm` / `diffusion` need a masked-LM architecture (an encoder such as BERT, "
+                f"RoBERTa or MiniLM), and {config.model_type!r} has none; use `task: clm` for a decoder"
+            ) from None
         raise RecipeError(
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
         ) from None
@@ -205,18 +265,33 @@ def prepare(recipe: Recipe) -> Prepared:
     if recipe.model.get("quantization"):
         require_bitsandbytes()
     rack, skip_modules, plan = rack_from_config(recipe, config)
-    max_seq_length = recipe.data.get("max_seq_length", 512)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions is not None and max_seq_length > positions:
-        raise RecipeError(f"data.max_seq_length: {max_seq_length} exceeds the model's {positions} positions")
+    plane = DataPlane.from_data(recipe.data)
+    check_lengths(recipe, plane, config)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
-    num_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
-    total_steps = planned_total_steps(args, num_examples)
-    recipe.schedule.resolve(total_steps)  # every phase gets at least one step
-    defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
+    if plane.masked(recipe.schedule) and tokenizer.mask_token_id is None:
+        raise RecipeError(
+            f"{task_key(recipe)}: `mlm` / `diffusion` replace tokens by the mask token, and the tokenizer of "
+            f"{recipe.model['name_or_path']!r} has none; use a tokenizer with a mask token (BERT's [MASK])"
+        )
+    length = plane.chunk_length(recipe.schedule)  # shorter phases split these rows in the training step
+    if recipe.data.get("datasets"):
+        if not (args.max_steps and args.max_steps > 0):
+            raise RecipeError(
+                "training.max_steps: a mixture (`data.datasets`) is a stream of max_steps × batch samples; set "
+                "`training.max_steps`"
+            )
+        sources, eval_dataset = build_sources(recipe.data, tokenizer, length, args.seed)
+        total_steps = args.max_steps
+        recipe.schedule.resolve(total_steps)  # every phase gets at least one step
+        train_dataset = build_mixture(recipe, args, sources, total_steps)
+    else:
+        train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, length, args.seed)
+        num_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
+        total_steps = planned_total_steps(args, num_examples)
+        recipe.schedule.resolve(total_steps)  # every phase gets at least one step
+    defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "data": args.data_plane}
     if recipe.model.get("quantization"):
         defaults["quantization"] = quantization_identity(settings=recipe.model["quantization"])
     total = args.max_steps if args.max_steps > 0 else None
@@ -238,12 +313,13 @@ def load_model(prepared: Prepared):
     quantization = recipe.model.get("quantization")
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
+    model_class = auto_model_class(recipe)
     if recipe.model.get("from_scratch"):  # the architecture's own initialisation, seeded by training.seed
         set_seed(prepared.args.seed)
-        return AutoModelForCausalLM.from_config(prepared.config, **({} if dtype == "auto" else {"dtype": dtype}))
+        return model_class.from_config(prepared.config, **({} if dtype == "auto" else {"dtype": dtype}))
     if recipe.model.get("config"):
         kwargs["config"] = prepared.config
-    model = AutoModelForCausalLM.from_pretrained(recipe.model["name_or_path"], dtype=dtype, **kwargs)
+    model = model_class.from_pretrained(recipe.model["name_or_path"], dtype=dtype, **kwargs)
     disable_cpu_repack(model)
     return model
 

