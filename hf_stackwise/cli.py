@@ -33,6 +33,19 @@ def make_parser() -> argparse.ArgumentParser:
         cmd.add_argument("recipe", help="path of the YAML recipe")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
     help_text = (
+        "print each phase (steps, t, active and trainable stacks, parameters, mode, learning rate, data) and a "
+        "memory estimate per phase; reads the model's config only, loads no weights, writes nothing"
+    )
+    cmd = sub.add_parser(
+        "plan",
+        help=help_text,
+        description=help_text,
+        epilog="Override any recipe key after the recipe: --training.per_device_train_batch_size 4",
+    )
+    cmd.add_argument("recipe", help="path of the YAML recipe")
+    cmd.add_argument("--plot", metavar="PNG", help="also draw the schedule's timeline into this PNG file")
+    cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    help_text = (
         "write a run (its final model, else its last complete checkpoint) or a checkpoint as a plain model folder"
     )
     cmd = sub.add_parser("export", help=help_text, description=help_text + "; inactive stacks are dropped")
@@ -60,6 +73,21 @@ def _print_phases(trace, total_steps: int) -> None:
             f"  {name:<16} steps {start:>6}-{end - 1:<6} t {start / total_steps:.2f}-{end / total_steps:.2f}  "
             f"train stacks {list(stacks)}"
         )
+
+
+def _pop_option(items: list[str], option: str) -> tuple[list[str], str | None]:
+    """Take ``option VALUE`` (or ``option=VALUE``) out of a list of overrides."""
+    rest, value, i = [], None, 0
+    while i < len(items):
+        if items[i] == option and i + 1 < len(items):
+            value, i = items[i + 1], i + 2
+            continue
+        if items[i].startswith(option + "="):
+            value = items[i].split("=", 1)[1]
+        else:
+            rest.append(items[i])
+        i += 1
+    return rest, value
 
 
 def _end_distributed() -> None:
@@ -90,7 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         from . import run
         from .recipe import load_recipe
 
+        if args.command == "plan":  # `--plot` may also come after the overrides
+            args.overrides, plot = _pop_option(args.overrides, "--plot")
+            args.plot = plot or args.plot
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "plan":
+            from .plan import format_plan, make_plan
+
+            plan = make_plan(recipe)
+            print(format_plan(plan))
+            if args.plot:
+                from .plots import plot_timeline
+
+                print(f"hf-stackwise: wrote {plot_timeline(plan.schedule, plan.num_stacks, args.plot, plan.base_lr)}")
+            return 0
         if args.command == "validate":
             prepared = run.prepare(recipe)
             resolved = recipe.schedule.resolve(prepared.total_steps)

@@ -127,18 +127,23 @@ def load_config(recipe: Recipe):
         raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
 
 
+def meta_model(config):
+    """The model built on the meta device: every module and parameter shape, no memory, no weights."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise RecipeError(
+            f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
+        ) from None
+
+
 def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks.
 
     Returns the rack topology, the modules to keep out of 4-bit, and the LoRA adapter plan (checked against
     the real layers of the blocks each adapter covers)."""
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except ValueError as err:
-        raise RecipeError(
-            f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
-        ) from None
+    skeleton = meta_model(config)
     layers = find_layers_path(skeleton, recipe.rack.get("layers"))
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
