@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         _end_distributed()
     if _is_main_process():
         print(f"hf-stackwise: trained {summary['global_step']} steps; model saved to {summary['output_dir']}")
+        if summary.get("hub_model_id"):
+            print(f"hf-stackwise: pushed the export ({summary['output_dir']}/_export) to {summary['hub_model_id']}")
         _print_phases(summary["trace"], summary["global_step"])
         if summary["eval_loss_first"] is not None:
             print(f"eval loss: first {summary['eval_loss_first']:.4f} -> last {summary['eval_loss_last']:.4f}")

@@ -12,9 +12,11 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, default_data_collator
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback, default_data_collator
 
 from .adapters import plan_adapters, resolve_targets
+from .card import RECIPE_NAME
 from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
 from .data import build_datasets
 from .quantization import (
@@ -242,19 +244,37 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     )
 
 
+class KeepRecipe(TrainerCallback):
+    """Write the recipe (overrides applied) into the run folder once the trainer has claimed it; the model card of
+    an export quotes it."""
+
+    def __init__(self, recipe: Recipe):
+        self.text = f"# {recipe.path or 'recipe'}, as run (command-line overrides applied)\n" + yaml.safe_dump(
+            recipe.raw, sort_keys=False
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            with open(os.path.join(args.output_dir, RECIPE_NAME), "w") as f:
+                f.write(self.text)
+
+
 def train(recipe: Recipe) -> dict:
-    """Run a recipe end to end; returns a summary (eval losses, output folder)."""
+    """Run a recipe end to end; returns a summary (eval losses, output folder). With ``training.push_to_hub``, the
+    final save uploads the run's export (see :mod:`hf_stackwise.hub`)."""
     prepared = prepare(recipe)
     trainer = build_trainer(prepared)
+    trainer.add_callback(KeepRecipe(recipe))
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
         evals.append(trainer.evaluate()["eval_loss"])
-    trainer.save_model(prepared.args.output_dir)
+    trainer.save_model(prepared.args.output_dir)  # with `push_to_hub`, this pushes the run's export
     trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`
     return {
         "output_dir": prepared.args.output_dir,
+        "hub_model_id": trainer.hub_model_id,
         "global_step": trainer.state.global_step,
         "eval_loss_first": evals[0] if evals else None,
         "eval_loss_last": evals[-1] if evals else None,
