@@ -8,12 +8,11 @@ import os
 
 from transformers.utils import logging
 
-from .checkpoint import TRAINER_STATE_NAME, read_json
+from .checkpoint import RECIPE_NAME, TRAINER_STATE_NAME, read_json
 from .schedule import Schedule, StackwiseError
 
 logger = logging.get_logger(__name__)
 CARD_NAME = "README.md"
-RECIPE_NAME = "stackwise_recipe.yaml"  # the run's recipe (overrides applied), written by `hf-stackwise train`
 LOSS_PLOT = "loss.png"
 TAGS = ["hf_stackwise", "progressive-training"]
 

@@ -100,7 +100,11 @@ def _end_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("hf_stackwise").setLevel(logging.INFO)
     try:
@@ -145,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = run.train(recipe)
     except StackwiseError as err:
         print(f"hf-stackwise: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.command == "train":  # mid-training I/O errors keep their traceback
+            raise
+        print(f"hf-stackwise: error: {args.command}: {err}", file=sys.stderr)
         return 2
     finally:
         _end_distributed()

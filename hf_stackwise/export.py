@@ -31,7 +31,10 @@ class ExportError(StackwiseError):
 def find_source(path: str) -> str:
     """The folder to export: a checkpoint, or a run's final model (else its last complete checkpoint)."""
     if not os.path.isdir(path):
-        raise ExportError(f"export: {path!r} is not a directory; give a run's output_dir or one of its checkpoints")
+        hint = " (it looks like a recipe: train it first)" if path.endswith((".yaml", ".yml")) else ""
+        raise ExportError(
+            f"export: {path!r} is not a directory{hint}; give a run's output_dir or one of its checkpoint-N folders"
+        )
     has_model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", TRAINABLE_WEIGHTS_NAME))
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)) and has_model:
         return path

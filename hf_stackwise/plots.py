@@ -115,8 +115,10 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder)."""
     manifest = os.path.join(run_dir, RUN_MANIFEST_NAME)
     if not os.path.isfile(manifest):
+        hint = " (for a recipe, `hf-stackwise plan RECIPE --plot OUT.png` draws the timeline)"
         raise PlotError(
             f"plot: {run_dir!r} is not an hf_stackwise run (no {RUN_MANIFEST_NAME}); give a training.output_dir"
+            + (hint if run_dir.endswith((".yaml", ".yml")) else "")
         )
     try:
         run = read_json(manifest)

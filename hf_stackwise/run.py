@@ -16,8 +16,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, TrainerCallback, default_data_collator
 
 from .adapters import plan_adapters, resolve_targets
-from .card import RECIPE_NAME
-from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
+from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .data import build_datasets
 from .quantization import (
     bnb_config,
