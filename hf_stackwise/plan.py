@@ -487,7 +487,7 @@ def format_plan(plan: Plan) -> str:
         f"rack: {plan.num_stacks} stacks over {plan.boundaries[-1]} blocks ({plan.layers}), boundaries "
         f"{plan.boundaries}; {plan.total_steps} steps; {_count(plan.superset_params)} parameters ever train",
         "",
-        f"{'phase':<14} {'steps':>11}  {'t':<9}  {'active':<6} {'train':<7} {'mode':<32} {'trainable':>9}  "
+        f"{'phase':<14} {'steps':>11}  {'t':<9}  {'active':<6} {'train':<7} {'mode':<38} {'trainable':>9}  "
         f"{'lr':<28} data",
     ]
     for p in plan.phases:
@@ -495,7 +495,7 @@ def format_plan(plan: Plan) -> str:
         data = ", ".join(f"{DATA_LABELS.get(k, k)} {v}" for k, v in p.data.items())
         lines.append(
             f"{p.name:<14} {f'{p.start}-{p.end - 1}':>11}  {t:<9}  {_stacks(range(p.active_depth)):<6} "
-            f"{_stacks(p.trainable_stacks):<7} {p.mode:<32} {_count(p.trainable_params):>9}  {p.lr_text:<28} {data}"
+            f"{_stacks(p.trainable_stacks):<7} {p.mode:<38} {_count(p.trainable_params):>9}  {p.lr_text:<28} {data}"
         )
     lines += ["", f"memory estimate, MiB (batch {plan.batch_size}, one process)"]
     header = ("phase", "weights", "gradients", "optimizer", "activations", "total")
