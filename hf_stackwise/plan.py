@@ -357,6 +357,8 @@ def make_plan(recipe: Recipe) -> Plan:
         phase = recipe.schedule.phases[index]
         state = resolved.state_at(start, num_stacks)
         trainable = tensors_of(state.trainable_units)
+        if getattr(phase, "optimizer_state", "keep") == "reset":  # a fresh optimizer state from this phase on
+            trained_so_far = set()
         trained_so_far |= set(state.trainable_units)
         optimized = tensors_of(trained_so_far)
         data = _phase_data(phase, recipe)
