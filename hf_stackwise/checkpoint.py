@@ -15,6 +15,7 @@ from .schedule import StackwiseError
 
 MANIFEST_NAME = "stackwise_state.json"
 RUN_MANIFEST_NAME = "stackwise_run.json"
+RECIPE_NAME = "stackwise_recipe.yaml"  # the recipe a run was started with (overrides applied)
 TRAINER_STATE_NAME = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
 FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

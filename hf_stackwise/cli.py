@@ -33,6 +33,19 @@ def make_parser() -> argparse.ArgumentParser:
         cmd.add_argument("recipe", help="path of the YAML recipe")
         cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
     help_text = (
+        "print each phase (steps, t, active and trainable stacks, parameters, mode, learning rate, data) and a "
+        "memory estimate per phase; reads the model's config only, loads no weights, writes nothing"
+    )
+    cmd = sub.add_parser(
+        "plan",
+        help=help_text,
+        description=help_text,
+        epilog="Override any recipe key after the recipe: --training.per_device_train_batch_size 4",
+    )
+    cmd.add_argument("recipe", help="path of the YAML recipe")
+    cmd.add_argument("--plot", metavar="PNG", help="also draw the schedule's timeline into this PNG file")
+    cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
+    help_text = (
         "write a run (its final model, else its last complete checkpoint) or a checkpoint as a plain model folder"
     )
     cmd = sub.add_parser("export", help=help_text, description=help_text + "; inactive stacks are dropped")
@@ -62,6 +75,21 @@ def _print_phases(trace, total_steps: int) -> None:
         )
 
 
+def _pop_option(items: list[str], option: str) -> tuple[list[str], str | None]:
+    """Take ``option VALUE`` (or ``option=VALUE``) out of a list of overrides."""
+    rest, value, i = [], None, 0
+    while i < len(items):
+        if items[i] == option and i + 1 < len(items):
+            value, i = items[i + 1], i + 2
+            continue
+        if items[i].startswith(option + "="):
+            value = items[i].split("=", 1)[1]
+        else:
+            rest.append(items[i])
+        i += 1
+    return rest, value
+
+
 def _end_distributed() -> None:
     # A clean exit for torchrun / accelerate launch (facts.md: rare abort on exit otherwise).
     if "torch.distributed" in sys.modules:
@@ -72,7 +100,11 @@ def _end_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
     logging.getLogger("hf_stackwise").setLevel(logging.INFO)
     try:
@@ -90,7 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         from . import run
         from .recipe import load_recipe
 
+        if args.command == "plan":  # `--plot` may also come after the overrides
+            args.overrides, plot = _pop_option(args.overrides, "--plot")
+            args.plot = plot or args.plot
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.command == "plan":
+            from .plan import format_plan, make_plan
+
+            plan = make_plan(recipe)
+            print(format_plan(plan))
+            if args.plot:
+                from .plots import plot_timeline
+
+                print(f"hf-stackwise: wrote {plot_timeline(plan.schedule, plan.num_stacks, args.plot, plan.base_lr)}")
+            return 0
         if args.command == "validate":
             prepared = run.prepare(recipe)
             resolved = recipe.schedule.resolve(prepared.total_steps)
@@ -105,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     except StackwiseError as err:
         print(f"hf-stackwise: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if args.command == "train":  # mid-training I/O errors keep their traceback
+            raise
+        print(f"hf-stackwise: error: {args.command}: {err}", file=sys.stderr)
+        return 2
     finally:
         _end_distributed()
     if _is_main_process():
         print(f"hf-stackwise: trained {summary['global_step']} steps; model saved to {summary['output_dir']}")
+        if summary.get("hub_model_id"):
+            print(f"hf-stackwise: pushed the export ({summary['output_dir']}/_export) to {summary['hub_model_id']}")
         _print_phases(summary["trace"], summary["global_step"])
         if summary["eval_loss_first"] is not None:
             print(f"eval loss: first {summary['eval_loss_first']:.4f} -> last {summary['eval_loss_last']:.4f}")

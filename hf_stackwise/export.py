@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from .adapters import attach_adapters
-from .checkpoint import MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
+from .card import write_card
+from .checkpoint import FORMAT_VERSION, MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
 from .growth import allocate
 from .rack import BASE_LAYERS_KEY, per_layer_config_keys
 from .schedule import Schedule, StackwiseError
@@ -32,7 +33,10 @@ class ExportError(StackwiseError):
 def find_source(path: str) -> str:
     """The folder to export: a checkpoint, or a run's final model (else its last complete checkpoint)."""
     if not os.path.isdir(path):
-        raise ExportError(f"export: {path!r} is not a directory; give a run's output_dir or one of its checkpoints")
+        hint = " (it looks like a recipe: train it first)" if path.endswith((".yaml", ".yml")) else ""
+        raise ExportError(
+            f"export: {path!r} is not a directory{hint}; give a run's output_dir or one of its checkpoint-N folders"
+        )
     has_model = any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", TRAINABLE_WEIGHTS_NAME))
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)) and has_model:
         return path
@@ -45,6 +49,22 @@ def find_source(path: str) -> str:
         f"export: {path!r} is not an hf_stackwise run or checkpoint (no {MANIFEST_NAME} or {RUN_MANIFEST_NAME} "
         "next to a model); give a run's output_dir or a checkpoint-N folder"
     )
+
+
+def read_manifest(folder: str) -> dict:
+    """The checkpoint manifest, refused when it is unreadable or written by another version of the format."""
+    path = os.path.join(folder, MANIFEST_NAME)
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"export: cannot read {path}: {err}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or not isinstance(manifest.get("run"), dict):
+        raise ExportError(
+            f"export: {path} has format version {version!r}, and this hf_stackwise reads version {FORMAT_VERSION}; "
+            "export it with the hf_stackwise version that trained it"
+        )
+    return manifest
 
 
 def _layout(manifest: dict):
@@ -147,15 +167,18 @@ def write_adapters(folder: str, manifest: dict, target: str) -> None:
         json.dump(rack, f, indent=2)
 
 
-def export(source: str, output_dir: str, overwrite: bool = False, adapters: bool = False) -> str:
+def export(
+    source: str, output_dir: str, overwrite: bool = False, adapters: bool = False, name: str | None = None
+) -> str:
     """Write ``source`` (run or checkpoint) to ``output_dir`` as a plain model folder (or, with ``adapters``, as
-    PEFT adapter folders plus a rack manifest); returns the folder exported."""
+    PEFT adapter folders plus a rack manifest) with a model card titled ``name`` (default: the folder's name);
+    returns the folder exported."""
     folder = find_source(source)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ExportError(
             f"export: {output_dir!r} is not empty; pass --overwrite to replace it, or pick another folder"
         )
-    manifest = read_json(os.path.join(folder, MANIFEST_NAME))
+    manifest = read_manifest(folder)
     tmp = output_dir.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapters:
@@ -168,6 +191,7 @@ def export(source: str, output_dir: str, overwrite: bool = False, adapters: bool
         AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
     except (OSError, ValueError):
         logger.warning(f"export: {folder} has no tokenizer; the exported folder has none either")
+    write_card(folder, tmp, manifest, adapters=adapters, name=name or os.path.basename(os.path.abspath(output_dir)))
     if os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     os.replace(tmp, output_dir)

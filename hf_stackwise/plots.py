@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
+from .checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
 from .schedule import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
 SIZE = (10, 4)  # inches
@@ -124,10 +124,20 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder)."""
     manifest = os.path.join(run_dir, RUN_MANIFEST_NAME)
     if not os.path.isfile(manifest):
+        hint = " (for a recipe, `hf-stackwise plan RECIPE --plot OUT.png` draws the timeline)"
         raise PlotError(
             f"plot: {run_dir!r} is not an hf_stackwise run (no {RUN_MANIFEST_NAME}); give a training.output_dir"
+            + (hint if run_dir.endswith((".yaml", ".yml")) else "")
         )
-    run = read_json(manifest)
+    try:
+        run = read_json(manifest)
+    except (OSError, ValueError) as err:
+        raise PlotError(f"plot: cannot read {manifest}: {err}") from None
+    if run.get("format_version") != FORMAT_VERSION:
+        raise PlotError(
+            f"plot: {manifest} has format version {run.get('format_version')!r}, and this hf_stackwise reads version "
+            f"{FORMAT_VERSION}; plot it with the hf_stackwise version that trained it"
+        )
     history = log_history(run_dir)  # before writing anything: a run with no logs is an error, not an empty plot
     try:
         schedule = Schedule.from_list(run["schedule"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from .checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from .curriculum import check_data_plane
 from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora
 
@@ -308,6 +309,11 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     """Read, override and statically validate a recipe file."""
+    if os.path.isfile(os.path.join(path, RUN_MANIFEST_NAME)):
+        raise RecipeError(
+            f"recipe: {path!r} is a run folder, not a recipe; the recipe it ran is "
+            f"{os.path.join(path, RECIPE_NAME)} (runs started by `hf-stackwise train` keep it)"
+        )
     if not os.path.isfile(path):
         raise RecipeError(f"recipe: {path!r} is not a file; give the path of a YAML recipe")
     with open(path) as f:
@@ -315,6 +321,11 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise RecipeError(f"recipe: {path!r} is not valid YAML: {err}") from None
+    if isinstance(raw, dict) and "format_version" in raw:
+        raise RecipeError(
+            f"recipe: {path!r} is an hf_stackwise run or checkpoint manifest, not a recipe; give the YAML recipe "
+            f"(a run folder keeps it as {RECIPE_NAME})"
+        )
     if overrides:
         raw = apply_overrides(raw or {}, parse_overrides(overrides))
     return validate_recipe(raw, path)

@@ -13,17 +13,19 @@ import typing
 from dataclasses import dataclass, fields
 
 import torch
+import yaml
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoTokenizer,
+    TrainerCallback,
     default_data_collator,
     set_seed,
 )
 
 from .adapters import plan_adapters, resolve_targets
-from .checkpoint import check_output_dir, check_resumable, resolve_resume, run_identity
+from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
 from .data import build_datasets, build_sources
 from .growth import allocate, check_growth
@@ -193,15 +195,13 @@ def build_mixture(recipe: Recipe, args: StackwiseArguments, sources: dict, total
     return MixtureDataset(sources, phases, per_step, total_steps, seed)
 
 
-def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
-    """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks.
-
-    Returns the rack topology, the modules to keep out of 4-bit, and the LoRA adapter plan (checked against
-    the real layers of the blocks each adapter covers)."""
-    model_class = auto_model_class(recipe)
+def meta_model(config, recipe: Recipe | None = None):
+    """The model built on the meta device: every module and parameter shape, no memory, no weights (the config
+    is copied: growth checks edit the skeleton's)."""
+    model_class = auto_model_class(recipe) if recipe is not None else AutoModelForCausalLM
     try:
         with torch.device("meta"):
-            skeleton = model_class.from_config(copy.deepcopy(config))  # growth edits its config
+            return model_class.from_config(copy.deepcopy(config))
     except ValueError as err:
         if model_class is AutoModelForMaskedLM:
             raise RecipeError(
@@ -211,6 +211,14 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
         raise RecipeError(
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
         ) from None
+
+
+def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
+    """Find the block list on a weightless (meta-device) copy of the model and lay out the stacks.
+
+    Returns the rack topology, the modules to keep out of 4-bit, and the LoRA adapter plan (checked against
+    the real layers of the blocks each adapter covers)."""
+    skeleton = meta_model(config, recipe)
     layers = find_layers_path(skeleton, recipe.rack.get("layers"))
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
@@ -335,19 +343,37 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     )
 
 
+class KeepRecipe(TrainerCallback):
+    """Write the recipe (overrides applied) into the run folder once the trainer has claimed it; the model card of
+    an export quotes it."""
+
+    def __init__(self, recipe: Recipe):
+        self.text = f"# {recipe.path or 'recipe'}, as run (command-line overrides applied)\n" + yaml.safe_dump(
+            recipe.raw, sort_keys=False
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            with open(os.path.join(args.output_dir, RECIPE_NAME), "w") as f:
+                f.write(self.text)
+
+
 def train(recipe: Recipe) -> dict:
-    """Run a recipe end to end; returns a summary (eval losses, output folder)."""
+    """Run a recipe end to end; returns a summary (eval losses, output folder). With ``training.push_to_hub``, the
+    final save uploads the run's export (see :mod:`hf_stackwise.hub`)."""
     prepared = prepare(recipe)
     trainer = build_trainer(prepared)
+    trainer.add_callback(KeepRecipe(recipe))
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
         evals.append(trainer.evaluate()["eval_loss"])
-    trainer.save_model(prepared.args.output_dir)
+    trainer.save_model(prepared.args.output_dir)  # with `push_to_hub`, this pushes the run's export
     trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`
     return {
         "output_dir": prepared.args.output_dir,
+        "hub_model_id": trainer.hub_model_id,
         "global_step": trainer.state.global_step,
         "eval_loss_first": evals[0] if evals else None,
         "eval_loss_last": evals[-1] if evals else None,

@@ -462,10 +462,27 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         load_trainable(self.model, os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does; a final save also gets ``stackwise_state.json`` so it can be exported."""
-        super().save_model(output_dir, _internal_call)
-        if not _internal_call and self.args.should_save and self.resolved is not None:
+        """Save as the Trainer does; a final save also gets ``stackwise_state.json`` so it can be exported, before
+        ``push_to_hub`` (like the Trainer, a final save pushes when ``args.push_to_hub``)."""
+        super().save_model(output_dir, _internal_call=True)
+        if not _internal_call:
+            self.save_manifest(output_dir)
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def save_manifest(self, output_dir: str | None = None) -> None:
+        """Write ``stackwise_state.json`` beside a saved model (what ``hf-stackwise export`` reads)."""
+        if self.args.should_save and self.resolved is not None:
             write_json(os.path.join(output_dir or self.args.output_dir, MANIFEST_NAME), self._manifest())
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
+        """Upload the run's export (a plain model folder with its model card) instead of the training folder, with
+        the Trainer's repository, token and revision; see :mod:`hf_stackwise.hub`."""
+        from .hub import push_export
+
+        return push_export(
+            self, commit_message, blocking, kwargs.get("token"), kwargs.get("revision"), kwargs.get("private")
+        )
 
     def prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """Check the output directory and the checkpoint before any training; returns the checkpoint to resume."""

@@ -51,11 +51,46 @@ def recipe(tmp_path, model_dir, train_file, eval_file, **training):
 
 
 def test_help_of_every_command():
-    for args in (["--help"], ["train", "--help"], ["validate", "--help"]):
+    for args in (["--help"], *([cmd, "--help"] for cmd in ("train", "validate", "plan", "export", "plot"))):
         out = subprocess.run([script("hf-stackwise"), *args], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "usage: hf-stackwise" in out.stdout
     out = subprocess.run([sys.executable, "-m", "hf_stackwise", "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "train" in out.stdout and "validate" in out.stdout
+    assert out.returncode == 0 and all(cmd in out.stdout for cmd in ("train", "validate", "plan", "export", "plot"))
+    out = subprocess.run([sys.executable, "-m", "hf_stackwise"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "usage: hf-stackwise" in out.stderr and "plan" in out.stderr
+
+
+def test_bad_inputs_are_one_paragraph_and_write_nothing(tmp_path, capsys):
+    import json
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a recipe\n")
+    (tmp_path / "recipe.yaml").write_text("model: {name_or_path: x}\n")
+    old = tmp_path / "old-run"  # a run written by another version of the format
+    (old / "checkpoint-2").mkdir(parents=True)
+    manifest = {"format_version": 0, "schedule": [{"until": 1.0}], "rack": {"boundaries": [0, 4]}}
+    (old / "stackwise_run.json").write_text(json.dumps(manifest))
+    (old / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 1.0, "step": 1}]}))
+    for name in ("stackwise_state.json", "config.json", "trainer_state.json"):
+        (old / "checkpoint-2" / name).write_text(json.dumps({"format_version": 0, "run": manifest}))
+    listing = sorted(str(p) for p in tmp_path.rglob("*"))
+    cases = [
+        (["plan", str(tmp_path / "empty")], "is not a file"),
+        (["plan", str(tmp_path / "notes.txt")], "expected a YAML mapping"),
+        (["plan", str(old)], "is a run folder, not a recipe"),
+        (["plan", str(old / "stackwise_run.json")], "is an hf_stackwise run or checkpoint manifest, not a recipe"),
+        (["plot", str(tmp_path / "empty")], "is not an hf_stackwise run"),
+        (["plot", str(tmp_path / "recipe.yaml")], "`hf-stackwise plan RECIPE --plot OUT.png`"),
+        (["plot", str(old)], "has format version 0, and this hf_stackwise reads version 1"),
+        (["export", str(tmp_path / "recipe.yaml"), str(tmp_path / "out")], "it looks like a recipe: train it first"),
+        (["export", str(tmp_path / "empty"), str(tmp_path / "out")], "is not an hf_stackwise run or checkpoint"),
+        (["export", str(old), str(tmp_path / "out")], "has format version 0, and this hf_stackwise reads version 1"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and err.startswith("hf-stackwise: error: ") and err.count("\n") == 1, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == listing  # nothing written or overwritten
 
 
 def test_train_runs_the_recipe_and_saves_a_plain_model(tmp_path, tiny_llama_dir, pydoc_files, capsys):

@@ -79,7 +79,9 @@ def test_plot_refuses_non_runs_and_runs_without_logs(tmp_path, capsys):
     assert "is not an hf_stackwise run" in capsys.readouterr().err
     run = tmp_path / "fresh"
     run.mkdir()
-    (run / "stackwise_run.json").write_text(json.dumps({"schedule": [{"until": 1.0}], "rack": {"boundaries": [0, 4]}}))
+    (run / "stackwise_run.json").write_text(
+        json.dumps({"format_version": 1, "schedule": [{"until": 1.0}], "rack": {"boundaries": [0, 4]}})
+    )
     assert main(["plot", str(run)]) == 2
     assert "no trainer_state.json yet" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == ["stackwise_run.json"]  # nothing written
