@@ -266,8 +266,10 @@ def _optimizer_states(optim: str) -> tuple[int, int | None]:
     return 2, per_element
 
 
-def _mode(phase: Phase, num_stacks: int) -> str:
-    parts = [f"stacks {phase.adapter}" if phase.trainable_stacks(num_stacks) else "no stack"]
+def _mode(phase: Phase, num_stacks: int, new: tuple[int, ...] = ()) -> str:
+    parts = [f"stacks {phase.adapter}" if phase.trainable_stacks(num_stacks, new) else "no stack"]
+    if phase.grow is not None:
+        parts.insert(0, f"grow {phase.grow.op}")
     parts.append(f"trunk {phase.trunk}")
     if phase.trains_embeddings():
         parts.append("+emb")
@@ -316,6 +318,7 @@ def total_steps_of(recipe: Recipe, args, config) -> int:
 def make_plan(recipe: Recipe) -> Plan:
     """Resolve the recipe against the model's config (no weights, no data unless epochs need it, nothing written)."""
     from .adapters import resolve_targets
+    from .growth import allocate
     from .run import build_arguments, load_config, meta_model, rack_from_config, refuse_sharding
 
     refuse_sharding(recipe)
@@ -323,8 +326,13 @@ def make_plan(recipe: Recipe) -> Plan:
     config = load_config(recipe)
     rack, skip, adapter_plan = rack_from_config(recipe, config)
     skeleton = meta_model(config, recipe)
-    layers, boundaries = rack["layers"], rack["boundaries"]
-    num_stacks = len(boundaries) - 1
+    layers, base_boundaries = rack["layers"], rack["boundaries"]
+    base = tuple(b - a for a, b in zip(base_boundaries, base_boundaries[1:], strict=False))
+    layout = recipe.schedule.layout(base)
+    boundaries = list(layout.boundaries)  # physical: the base stacks, then every stack the schedule grows
+    if layout.grows:  # grown blocks exist from the start (the superset rule) and stay in full precision
+        allocate(skeleton, layers, layout)
+        skip = [*skip, *(f"{layers}.{b}" for b in range(layout.num_base_blocks, layout.num_blocks))]
     total_steps = total_steps_of(recipe, args, config)
     resolved = recipe.schedule.resolve(total_steps)
 
@@ -351,11 +359,11 @@ def make_plan(recipe: Recipe) -> Plan:
             found.update(units.get(unit, {}))
         return found
 
-    ever = recipe.schedule.ever_trainable_units(num_stacks)
+    ever = recipe.schedule.ever_trainable_units(base)
     phases, trained_so_far = [], set()
     for index, (start, end) in enumerate(resolved.bounds):
         phase = recipe.schedule.phases[index]
-        state = resolved.state_at(start, num_stacks)
+        state = resolved.state_at(start, base)
         trainable = tensors_of(state.trainable_units)
         if getattr(phase, "optimizer_state", "keep") == "reset":  # a fresh optimizer state from this phase on
             trained_so_far = set()
@@ -367,7 +375,13 @@ def make_plan(recipe: Recipe) -> Plan:
             batch
             * seq
             * _activation_bytes_per_token(
-                dims, seq, act, state.trainable_units, state.active_depth, boundaries, ranks, checkpointing
+                dims,
+                seq,
+                act,
+                state.trainable_units,
+                [(s, layout.stack_blocks(s)) for s in state.order],
+                ranks,
+                checkpointing,
             )
         )
         grads = sum(b for _, b in trainable.values())
@@ -384,7 +398,7 @@ def make_plan(recipe: Recipe) -> Plan:
                 active_depth=state.active_depth,
                 trainable_stacks=state.trainable_stacks,
                 units=tuple(sorted(state.trainable_units)),
-                mode=_mode(phase, num_stacks),
+                mode=_mode(phase, len(layout.orders[index]), layout.new_positions(index)),
                 trainable_params=sum(n for n, _ in trainable.values()),
                 learning_rate=lr,
                 lr_text=lr_text,
@@ -424,13 +438,15 @@ def make_plan(recipe: Recipe) -> Plan:
 
 
 def _activation_bytes_per_token(
-    dims: Dims, seq: int, act: int, trainable: frozenset, depth: int, boundaries, ranks, checkpointing: bool
+    dims: Dims, seq: int, act: int, trainable: frozenset, stacks, ranks, checkpointing: bool
 ) -> float:
-    """Saved-for-backward bytes per token of the active blocks, the final norm, the head and the loss."""
+    """Saved-for-backward bytes per token of the active blocks, the final norm, the head and the loss.
+
+    ``stacks``: ``(physical stack id, its blocks)`` of the active stacks, bottom → top."""
     needs_grad = EMBEDDINGS in trainable
     per_block = []
-    for s in range(depth):
-        for b in range(boundaries[s], boundaries[s + 1]):
+    for s, blocks in stacks:
+        for b in blocks:
             full = stack_unit(s) in trainable
             lora = {}
             for adapter, targets in ranks.get(b, {}).items():

@@ -30,6 +30,18 @@ SCHEDULE = [
     {"name": "shallow", "until": 0.75, "stacks": 2, "train": [1]},
     {"name": "all", "until": 1.0, "train": "all"},
 ]
+GROW = [  # LLaMA Pro interleave, then a prepended copy with fresh optimizer state, then everything
+    {"name": "base", "until": 0.25, "train": "all"},
+    {"name": "pro", "until": 0.5, "grow": {"op": "identity", "stacks": 2, "at": "interleave"}, "train": "new"},
+    {
+        "name": "below",
+        "until": 0.75,
+        "grow": {"op": "copy", "stacks": 1, "at": "bottom"},
+        "train": "new",
+        "optimizer_state": "reset",
+    },
+    {"name": "all", "until": 1.0, "train": "all"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +65,13 @@ def model_dir(tmp_path_factory):
     return str(folder)
 
 
-def write(tmp_path, model_dir, train_file, **training) -> str:
+def write(tmp_path, model_dir, train_file, schedule=SCHEDULE, **training) -> str:
     raw = {
         "model": {"name_or_path": model_dir, "dtype": "float32"},
         "rack": {"blocks_per_stack": 2},
-        "adapters": {"r": 8, "alpha": 16, "trunk_r": 2},
+        **({"adapters": {"r": 8, "alpha": 16, "trunk_r": 2}} if schedule is SCHEDULE else {}),
         "data": {"train": {"path": "text", "data_files": train_file}, "max_seq_length": 64},
-        "schedule": SCHEDULE,
+        "schedule": schedule,
         "training": {
             "output_dir": str(tmp_path / "run"),
             "max_steps": 4,
@@ -112,8 +124,9 @@ class Measure(TrainerCallback):
         )
 
 
-def test_memory_estimate_matches_a_real_run(tmp_path, model_dir, pydoc_files):
-    path = write(tmp_path, model_dir, pydoc_files[0])
+@pytest.mark.parametrize("schedule", [SCHEDULE, GROW], ids=["adapters", "growth"])
+def test_memory_estimate_matches_a_real_run(tmp_path, model_dir, pydoc_files, schedule):
+    path = write(tmp_path, model_dir, pydoc_files[0], schedule)
     plan = make_plan(load_recipe(path))
     assert [(p.start, p.end) for p in plan.phases] == [(0, 1), (1, 2), (2, 3), (3, 4)]
     prepared = run.prepare(load_recipe(path))
