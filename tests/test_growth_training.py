@@ -199,3 +199,12 @@ def test_progressive_stacking_recipe_runs(tmp_path, tiny_llama_dir, at_root, cap
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "export").num_hidden_layers == 8  # 2 -> 4 -> 8
+
+
+def test_prepend_recipe_runs(tmp_path, tiny_30_block_dir, at_root, capsys):
+    assert main(shipped("smollm2-135m/prepend", tiny_30_block_dir, tmp_path, "--training.save_strategy", "no")) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "export").num_hidden_layers == 36
