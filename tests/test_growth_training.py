@@ -208,3 +208,35 @@ def test_prepend_recipe_runs(tmp_path, tiny_30_block_dir, at_root, capsys):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "export").num_hidden_layers == 36
+
+
+@pytest.mark.parametrize("at", ["bottom", "top"], ids=["prepend-right-to-left", "append-left-to-right"])
+def test_new_stack_trains_through_frozen_neighbours(tmp_path, token_dataset, at):
+    """Prepend: the loss reaches the new bottom stack through the frozen suffix and head. Append: the new top stack
+    trains on a frozen prefix. Either way only the new stack changes."""
+    schedule = [
+        {"name": "base", "until": 0.5, "train": "all"},
+        {"name": "grown", "until": 1.0, "grow": {"op": "copy", "stacks": 1, "at": at}, "train": "new"},
+    ]
+    trainer = make_trainer(tmp_path / "out", token_dataset, schedule)
+    seen = {}
+
+    class AtGrowth(__import__("transformers").TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # one step after the growth step: the new stack holds its copy + 1 update
+                seen["after_first"] = snapshot(trainer.model)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                seen["base"] = snapshot(trainer.model)
+
+    trainer.add_callback(AtGrowth())
+    trainer.train()
+    end = snapshot(trainer.model)
+    prefix = "model.layers.4."  # the grown block (physical id 4), at the bottom or the top of the rack
+    assert trainer.producing_blocks()[0 if at == "bottom" else -1] == 4
+    for name, value in end.items():
+        if name.startswith(prefix):
+            assert not torch.equal(value, seen["after_first"][name]), name  # kept training after the growth step
+        else:
+            assert torch.equal(value, seen["base"][name]), name  # frozen: bit-identical
