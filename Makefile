@@ -31,6 +31,7 @@ test-fast: install
 bench: assets
 	$(PYTHON) benchmarks/overhead.py
 	$(PYTHON) benchmarks/memory.py
+	$(PYTHON) benchmarks/growth.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts

@@ -198,3 +198,27 @@ def write_recipe(tmp_path, raw: dict) -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
+
+
+def brief_run_args(recipe: str, model_dir: str, tmp_path, *extra: str) -> list[str]:
+    """`hf-stackwise train` arguments that run a shipped recipe unchanged but for the model (a tiny one) and the
+    length: 4 steps of batch 2 x 32 tokens, no eval, no checkpoints."""
+    return [
+        "train",
+        recipe,
+        "--model.name_or_path",
+        model_dir,
+        "--training.output_dir",
+        str(tmp_path / "run"),
+        "--training.max_steps",
+        "4",
+        "--training.per_device_train_batch_size",
+        "2",
+        "--data.max_seq_length",
+        "32",
+        "--training.eval_strategy",
+        "no",
+        "--training.save_strategy",
+        "no",
+        *extra,
+    ]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import logits_in_clean_process, tiny_causal_lm
+from conftest import brief_run_args, logits_in_clean_process, tiny_causal_lm
 
 from hf_stackwise.cli import main
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
@@ -150,23 +150,7 @@ def test_export_of_a_grown_run_loads_in_plain_transformers(tmp_path, grown_run):
 
 
 def shipped(name, model_dir, tmp_path, *extra):
-    return [
-        "train",
-        f"recipes/{name}.yaml",
-        "--model.name_or_path",
-        model_dir,
-        "--training.output_dir",
-        str(tmp_path / "run"),
-        "--training.max_steps",
-        "4",
-        "--training.per_device_train_batch_size",
-        "2",
-        "--data.max_seq_length",
-        "32",
-        "--training.eval_strategy",
-        "no",
-        *extra,
-    ]
+    return brief_run_args(f"recipes/{name}.yaml", model_dir, tmp_path, *extra)
 
 
 @pytest.fixture
@@ -177,7 +161,7 @@ def at_root(monkeypatch):
 @pytest.mark.slow
 def test_llama_pro_recipe_runs_and_exports_35_blocks(tmp_path, tiny_30_block_dir, at_root, capsys):
     """The shipped LLaMA Pro recipe (4-bit trunk, identity growth, trunk LoRA), only the model swapped."""
-    assert main(shipped("smollm2-135m/llama_pro", tiny_30_block_dir, tmp_path, "--training.save_strategy", "no")) == 0
+    assert main(shipped("smollm2-135m/llama_pro", tiny_30_block_dir, tmp_path)) == 0
     assert "trained 4 steps" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     from transformers import AutoModelForCausalLM
@@ -190,7 +174,7 @@ def test_llama_pro_recipe_runs_and_exports_35_blocks(tmp_path, tiny_30_block_dir
 
 
 def test_progressive_stacking_recipe_runs(tmp_path, tiny_llama_dir, at_root, capsys):
-    args = shipped("tiny/progressive_stacking", tiny_llama_dir, tmp_path, "--training.save_strategy", "no")
+    args = shipped("tiny/progressive_stacking", tiny_llama_dir, tmp_path)
     args += ["--training.max_steps", "10"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -202,7 +186,7 @@ def test_progressive_stacking_recipe_runs(tmp_path, tiny_llama_dir, at_root, cap
 
 
 def test_prepend_recipe_runs(tmp_path, tiny_30_block_dir, at_root, capsys):
-    assert main(shipped("smollm2-135m/prepend", tiny_30_block_dir, tmp_path, "--training.save_strategy", "no")) == 0
+    assert main(shipped("smollm2-135m/prepend", tiny_30_block_dir, tmp_path)) == 0
     assert "trained 4 steps" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "export")]) == 0
     from transformers import AutoConfig

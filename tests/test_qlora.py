@@ -9,7 +9,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import yaml
-from conftest import logits_in_clean_process
+from conftest import brief_run_args, logits_in_clean_process
 from torch import nn
 
 from hf_stackwise import run
@@ -191,26 +191,7 @@ def test_quantization_needs_lora_and_keeps_full_stacks_out(tmp_path, tiny_llama_
 def test_shipped_adapter_recipes_run_briefly(tmp_path, tiny_30_block_dir, name, capsys, monkeypatch):
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # the recipes name their data relative to the project root (made by `make assets`)
-    code = main(
-        [
-            "train",
-            f"recipes/smollm2-135m/{name}.yaml",
-            "--model.name_or_path",
-            tiny_30_block_dir,
-            "--training.output_dir",
-            str(tmp_path / "run"),
-            "--training.max_steps",
-            "4",
-            "--training.per_device_train_batch_size",
-            "2",
-            "--data.max_seq_length",
-            "32",
-            "--training.eval_strategy",
-            "no",
-            "--training.save_strategy",
-            "no",
-        ]
-    )
+    code = main(brief_run_args(f"recipes/smollm2-135m/{name}.yaml", tiny_30_block_dir, tmp_path))
     assert code == 0
     assert "trained 4 steps" in capsys.readouterr().out
     assert (tmp_path / "run" / "stackwise_trainable.safetensors").is_file()
