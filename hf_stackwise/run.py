@@ -253,15 +253,30 @@ def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> i
 SHARDED_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 
 
+def sharding_problem(schedule) -> str:
+    """Why this schedule does not run sharded (the end of the refusal message)."""
+    changes = [p.name for p in schedule.phases[1:]] if len(schedule.phases) > 1 else []
+    if changes or schedule.grows():
+        return (
+            f"phase {changes[0]!r} changes which parameters train (or the rack grows), and FSDP / DeepSpeed fix the "
+            "trainable set and the optimizer's shards when they wrap the model, so later phases would train the "
+            "wrong parameters; launch with DDP instead (recipes/accelerate/multi_gpu_ddp.yaml)"
+        )
+    return (
+        "even a one-phase schedule is refused: hf_stackwise's per-unit optimizer groups and invariant checks are "
+        "verified under DDP only (on CPU the Trainer runs DDP even when FSDP is asked for), and an unverified "
+        "sharded run could be silently wrong; launch with DDP (recipes/accelerate/multi_gpu_ddp.yaml)"
+    )
+
+
 def refuse_sharding(recipe: Recipe) -> None:
-    """FSDP / DeepSpeed shard parameters and optimizer state by the trainable set at wrap time; phases change it."""
+    """FSDP / DeepSpeed are refused: see :func:`sharding_problem`."""
     asked = [name for key, name in SHARDED_ENV.items() if os.environ.get(key, "").lower() in ("1", "true")]
     asked += [key for key in ("fsdp", "deepspeed") if recipe.training.get(key)]
     if asked:
         raise RecipeError(
-            f"training: {' / '.join(asked)} requested (by the recipe or the accelerate config), but phase "
-            "transitions change which parameters train, and sharded optimizers fix that set when they wrap the "
-            "model; launch with DDP instead (recipes/accelerate/multi_gpu_ddp.yaml)"
+            f"training: {' / '.join(asked)} requested (by the recipe or the accelerate config), but "
+            + sharding_problem(recipe.schedule)
         )
 
 

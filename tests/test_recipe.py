@@ -217,7 +217,12 @@ def test_recipes_are_found():
 def test_sharded_launches_are_refused_before_weights(tmp_path, good, monkeypatch, env, value):
     monkeypatch.setenv(env, value)
     message = prepare_error(tmp_path, good, monkeypatch)
-    assert "phase transitions change which parameters train" in message and "multi_gpu_ddp.yaml" in message
+    assert f"phase {good['schedule'][1]['name']!r} changes which parameters train" in message
+    assert "multi_gpu_ddp.yaml" in message
+    single = copy.deepcopy(good)
+    single["schedule"] = [{"name": "all", "until": 1.0, "train": "all"}]
+    message = prepare_error(tmp_path, single, monkeypatch)
+    assert "even a one-phase schedule is refused" in message and "multi_gpu_ddp.yaml" in message
 
 
 def test_accelerate_configs_are_valid_launch_configs():
