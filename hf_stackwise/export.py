@@ -19,6 +19,7 @@ from .adapters import attach_adapters
 from .card import write_card
 from .checkpoint import FORMAT_VERSION, MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
 from .growth import allocate
+from .layout import stack_sizes
 from .rack import BASE_LAYERS_KEY, per_layer_config_keys
 from .schedule import Schedule, StackwiseError
 from .trainer import TRAINABLE_WEIGHTS_NAME, load_trainable
@@ -70,8 +71,7 @@ def read_manifest(folder: str) -> dict:
 def _layout(manifest: dict):
     run = manifest["run"]
     boundaries = run["rack"]["boundaries"]
-    sizes = tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False))
-    return Schedule.from_list(run["schedule"]).layout(sizes)
+    return Schedule.from_list(run["schedule"]).layout(stack_sizes(boundaries))
 
 
 def active_blocks(manifest: dict) -> list[int]:

@@ -72,13 +72,13 @@ def check_growth(model: nn.Module, layers_path: str, layout: Layout) -> None:
 
 def _dense_copy(block: nn.Module) -> nn.Module:
     """A trainable copy of ``block``: bitsandbytes 4-bit linears become plain ``nn.Linear`` (dequantized)."""
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
     floats = [p.dtype for p in block.parameters() if p.dtype.is_floating_point]
     dtype = floats[0] if floats else torch.float32
     memo: dict[int, nn.Module] = {}
     for module in block.modules():
-        if type(module.weight if hasattr(module, "weight") else None).__name__ == "Params4bit":
-            from transformers.integrations.bitsandbytes import dequantize_bnb_weight
-
+        if type(getattr(module, "weight", None)).__name__ == "Params4bit":
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
             dense.weight = nn.Parameter(dequantize_bnb_weight(module.weight).to(dtype))
             if module.bias is not None:
@@ -122,6 +122,8 @@ def _base_name(name: str) -> str:
 @torch.no_grad()
 def initialize(model: nn.Module, layers_path: str, layout: Layout, new: NewStack, seed: int, step: int) -> None:
     """Fill the blocks of ``new`` in place, as its ``op`` says (see the module docstring)."""
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
     blocks = model.get_submodule(layers_path)
     init_weights = getattr(model, "_init_weights", None)
     for target, source in zip(layout.stack_blocks(new.stack), new.sources, strict=True):
@@ -134,8 +136,6 @@ def initialize(model: nn.Module, layers_path: str, layout: Layout, new: NewStack
                 for module in block.modules():
                     init_weights(module)
             continue
-        from transformers.integrations.bitsandbytes import dequantize_bnb_weight
-
         own = {_base_name(n): p for n, p in block.named_parameters() if "lora_" not in n}
         for name, param in blocks[source].named_parameters():
             if "lora_" not in name:

@@ -19,6 +19,11 @@ GROW_KEYS = ("op", "stacks", "blocks", "at")
 GROW_KEYWORD = "new"  # `train: new` trains the stacks the phase grows
 
 
+def stack_sizes(boundaries) -> tuple[int, ...]:
+    """Blocks per stack of block boundaries ``(0, b1, ..., num_blocks)``."""
+    return tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False))
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 

@@ -319,6 +319,7 @@ def make_plan(recipe: Recipe) -> Plan:
     """Resolve the recipe against the model's config (no weights, no data unless epochs need it, nothing written)."""
     from .adapters import resolve_targets
     from .growth import allocate
+    from .layout import stack_sizes
     from .run import build_arguments, load_config, meta_model, rack_from_config, refuse_sharding
 
     refuse_sharding(recipe)
@@ -327,7 +328,7 @@ def make_plan(recipe: Recipe) -> Plan:
     rack, skip, adapter_plan = rack_from_config(recipe, config)
     skeleton = meta_model(config, recipe)
     layers, base_boundaries = rack["layers"], rack["boundaries"]
-    base = tuple(b - a for a, b in zip(base_boundaries, base_boundaries[1:], strict=False))
+    base = stack_sizes(base_boundaries)
     layout = recipe.schedule.layout(base)
     boundaries = list(layout.boundaries)  # physical: the base stacks, then every stack the schedule grows
     if layout.grows:  # grown blocks exist from the start (the superset rule) and stay in full precision

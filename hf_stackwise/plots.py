@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
+from .layout import stack_sizes
 from .schedule import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
 SIZE = (10, 4)  # inches
@@ -31,21 +32,31 @@ def _pyplot():
     return plt
 
 
-def stack_mode(schedule: Schedule, phase_index: int, stack: int, base) -> str:
-    """How physical ``stack`` takes part in a phase: full, lora, trunk, frozen or inactive (also: not grown yet).
+def stack_modes(schedule: Schedule, base) -> list[list[str]]:
+    """Per phase, how each physical stack takes part: full, lora, trunk, frozen or inactive (also: not grown yet).
 
     ``base``: the model's stack count (or stack sizes) before growth."""
     layout = schedule.layout(base)
-    phase = schedule.phases[phase_index]
-    order = layout.orders[phase_index]
-    if stack not in order[: phase.active_depth(len(order))]:
-        return "inactive"
-    units = phase.trainable_units(len(order), order, layout.new_positions(phase_index))
-    if stack_unit(stack) in units:
-        return "full"
-    if lora_unit(stack) in units:
-        return "lora"
-    return "trunk" if trunk_unit(stack) in units else "frozen"
+    modes = []
+    for phase, order, units in zip(schedule.phases, layout.orders, schedule.phase_units(base), strict=True):
+        active = order[: phase.active_depth(len(order))]
+        row = []
+        for stack in range(len(layout.sizes)):
+            if stack not in active:
+                row.append("inactive")
+            elif stack_unit(stack) in units:
+                row.append("full")
+            elif lora_unit(stack) in units:
+                row.append("lora")
+            else:
+                row.append("trunk" if trunk_unit(stack) in units else "frozen")
+        modes.append(row)
+    return modes
+
+
+def stack_mode(schedule: Schedule, phase_index: int, stack: int, base) -> str:
+    """How physical ``stack`` takes part in phase ``phase_index`` (see :func:`stack_modes`)."""
+    return stack_modes(schedule, base)[phase_index][stack]
 
 
 def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0) -> str:
@@ -55,20 +66,22 @@ def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0) -> 
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    num_stacks = len(schedule.layout(base).sizes)
+    layout = schedule.layout(base)
+    num_stacks = len(layout.sizes)
+    modes = stack_modes(schedule, base)
 
     fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
     start = 0.0
     for index, phase in enumerate(schedule.phases):
         for stack in range(num_stacks):
-            mode = stack_mode(schedule, index, stack, base)
-            ax.barh(stack, phase.until - start, left=start, color=COLORS[mode], edgecolor="#555555", height=0.8)
+            color = COLORS[modes[index][stack]]
+            ax.barh(stack, phase.until - start, left=start, color=color, edgecolor="#555555", height=0.8)
         ax.text((start + phase.until) / 2, num_stacks - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
         start = phase.until
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, num_stacks + 0.2)
-    num_base = schedule.layout(base).num_base
-    ax.set_yticks(range(num_stacks), [f"stack {i}" + (" (grown)" if i >= num_base else "") for i in range(num_stacks)])
+    labels = [f"stack {i}" + (" (grown)" if i >= layout.num_base else "") for i in range(num_stacks)]
+    ax.set_yticks(range(num_stacks), labels)
     ax.set_xlabel("t")
     lr = ax.twinx()
     start, peak = 0.0, 0.0
@@ -146,8 +159,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
     bounds = run["rack"]["boundaries"]
-    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:], strict=False))
     base_lr = run.get("defaults", {}).get("learning_rate", 1.0)
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
-    timeline = plot_timeline(schedule, sizes, os.path.join(out_dir, "schedule.png"), base_lr)
+    timeline = plot_timeline(schedule, stack_sizes(bounds), os.path.join(out_dir, "schedule.png"), base_lr)
     return [timeline, loss]

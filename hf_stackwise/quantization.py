@@ -12,6 +12,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from .layout import stack_sizes
 from .schedule import RecipeError, Schedule, stack_unit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,7 +28,7 @@ def require_bitsandbytes() -> None:
 def full_precision_modules(model: nn.Module, layers_path: str, schedule: Schedule, boundaries) -> list[str]:
     """Module names to keep out of 4-bit: blocks ever trained with `adapter: full`, and linears outside blocks."""
     num_stacks = len(boundaries) - 1
-    ever = schedule.ever_trainable_units(tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False)))
+    ever = schedule.ever_trainable_units(stack_sizes(boundaries))
     keep = [
         f"{layers_path}.{b}"
         for s in range(num_stacks)

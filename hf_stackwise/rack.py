@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layout import stack_sizes
 from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, RecipeError, lora_unit, stack_unit, trunk_unit
 
 BASE_LAYERS_KEY = "stackwise_base_layers"  # config entry of a grown rack: the block count before growth
@@ -156,7 +157,7 @@ class Rack:
     @property
     def sizes(self) -> tuple[int, ...]:
         """Blocks per stack."""
-        return tuple(b - a for a, b in zip(self.boundaries, self.boundaries[1:], strict=False))
+        return stack_sizes(self.boundaries)
 
     def stack_blocks(self, index: int) -> range:
         """Block indices of stack ``index``."""
@@ -199,28 +200,15 @@ class Rack:
         """Context: the forward runs the physical blocks ``blocks`` in that order (see :func:`arranged`)."""
         return arranged(self.model, self.layers_path, blocks)
 
-    @contextlib.contextmanager
     def active_depth(self, stacks: int):
-        """Run only the first ``stacks`` stacks inside this context; the head reads after the last of them.
+        """Context: run only the first ``stacks`` stacks; the head reads after the last of them.
 
         The full block list stays registered (state dicts, checkpoints and optimizer see every block);
-        only the forward pass sees the truncated list.
+        only the forward pass sees the truncated list (see :func:`arranged`).
         """
         if not 1 <= stacks <= self.num_stacks:
             raise ValueError(f"active depth {stacks} is not in 1..{self.num_stacks}")
-        num_blocks = self.boundaries[stacks]
-        if num_blocks == self.num_blocks:
-            yield
-            return
-        parent_path, _, attr = self.layers_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        # Shadow the attribute in the instance dict: forward sees the short list (instance attributes win
-        # over nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
-        parent.__dict__[attr] = nn.ModuleList(list(parent._modules[attr])[:num_blocks])
-        try:
-            yield
-        finally:
-            del parent.__dict__[attr]
+        return self.arranged(list(range(self.boundaries[stacks])))
 
 
 @contextlib.contextmanager
@@ -237,6 +225,8 @@ def arranged(model: nn.Module, layers_path: str, blocks: list[int]):
     if blocks == list(range(len(physical))):
         yield
         return
+    # Shadow the attribute in the instance dict: forward sees this list (instance attributes win over
+    # nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
     parent.__dict__[attr] = nn.ModuleList([physical[b] for b in blocks])
     restore: list[tuple[object, str, object]] = []
     if blocks != list(range(len(blocks))):

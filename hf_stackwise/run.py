@@ -29,6 +29,7 @@ from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_
 from .curriculum import DataPlane
 from .data import build_datasets, build_sources
 from .growth import allocate, check_growth
+from .layout import stack_sizes
 from .mixture import MixtureDataset
 from .quantization import (
     bnb_config,
@@ -222,7 +223,7 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     layers = find_layers_path(skeleton, recipe.rack.get("layers"))
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
-    sizes = tuple(b - a for a, b in zip(boundaries, boundaries[1:], strict=False))
+    sizes = stack_sizes(boundaries)
     recipe.schedule.validate_rack(sizes)
     layout = recipe.schedule.layout(sizes)
     skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)
