@@ -57,7 +57,7 @@ TRAINING_OWNED_ELSEWHERE = {
     "blocks_per_stack": "`rack.blocks_per_stack`",
     "stack_boundaries": "`rack.boundaries`",
     "rack_layers": "`rack.layers`",
-    "lr_scheduler_type": "`lr_schedule` on each phase (constant | linear | cosine)",
+    "lr_scheduler_type": "`lr_schedule` (and `lr_schedule_kwargs`) on each phase: any transformers step schedule",
     "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
     "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
     "data_plane": "the top-level `data:` section and the phases' data fields",

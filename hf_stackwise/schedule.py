@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
@@ -20,7 +19,23 @@ from .phase_data import MASK_SCHEDULES, MASKED_TASKS, TASKS, parse_data_fields  
 
 TRAIN_KEYWORDS = ("top", "all", "none", GROW_KEYWORD)
 LIST_KEYWORDS = ("top", GROW_KEYWORD)  # allowed inside a list of stack indices: `train: [top]`, `[2, new]`
-LR_SCHEDULES = ("constant", "linear", "cosine")
+# transformers' step schedules (``transformers.SchedulerType`` less the metric-driven ones) plus two additions;
+# hf_stackwise.lr_schedules computes them with transformers' own functions.
+LR_SCHEDULES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "exponential",
+    "step",
+)
+BASIC_LR_SCHEDULES = ("constant", "linear", "cosine")  # no keyword arguments needed
 TRAIN_OR_FREEZE = ("train", "freeze")
 PHASE_KEYS = (
     "name",
@@ -32,6 +47,7 @@ PHASE_KEYS = (
     "learning_rate",
     "warmup",
     "lr_schedule",
+    "lr_schedule_kwargs",
     "weight_decay",
     "layer_lr_decay",
     "adapter",
@@ -122,7 +138,8 @@ class Phase:
     head: str | None = None  # train | freeze; None = train only with `train: all`
     learning_rate: float | None = None  # None = training.learning_rate
     warmup: float = 0.0  # fraction of this phase
-    lr_schedule: str = "constant"  # within the phase, after warm-up
+    lr_schedule: str = "constant"  # within the phase, after warm-up (see hf_stackwise.lr_schedules)
+    lr_schedule_kwargs: dict | None = None  # the schedule function's other arguments, e.g. {num_cycles: 2}
     weight_decay: float | None = None  # None = training.weight_decay
     layer_lr_decay: float = 1.0  # stack i gets lr * decay ** (top active stack - i)
     adapter: str = "full"  # how trained stacks train: their own weights (full) or a LoRA adapter (lora)
@@ -267,10 +284,25 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) ->
     values["warmup"] = float(warmup)
 
     lr_schedule = raw.get("lr_schedule", "constant")
-    if lr_schedule not in LR_SCHEDULES:
-        problems.append(f"{path}.lr_schedule: {lr_schedule!r} is not one of {LR_SCHEDULES}")
-        lr_schedule = "constant"
+    lr_kwargs = raw.get("lr_schedule_kwargs")
+    if isinstance(lr_schedule, str) and lr_schedule in ("reduce_lr_on_plateau", "greedy"):
+        from .lr_schedules import check_schedule
+
+        check_schedule(lr_schedule, None, path, problems)  # says why a metric-driven schedule is refused
+        lr_schedule, lr_kwargs = "constant", None
+    elif not isinstance(lr_schedule, str) or lr_schedule not in LR_SCHEDULES:
+        known = ", ".join(LR_SCHEDULES)
+        problems.append(f"{path}.lr_schedule: {lr_schedule!r} is not one of {known} (transformers' step schedules)")
+        lr_schedule, lr_kwargs = "constant", None
+    elif lr_schedule not in BASIC_LR_SCHEDULES or lr_kwargs is not None:
+        from .lr_schedules import check_schedule  # reads transformers' signatures; plain schedules need none
+
+        before = len(problems)
+        check_schedule(lr_schedule, lr_kwargs, path, problems)
+        if len(problems) > before:
+            lr_schedule, lr_kwargs = "constant", None
     values["lr_schedule"] = lr_schedule
+    values["lr_schedule_kwargs"] = dict(lr_kwargs) if lr_kwargs else None
 
     wd = raw.get("weight_decay")
     if wd is not None and not (_is_number(wd) and wd >= 0):
@@ -444,7 +476,9 @@ class Schedule:
             start = max(start, end)
         if problems:
             raise RecipeError(problems)
-        return ResolvedSchedule(self, total_steps, tuple(bounds))
+        resolved = ResolvedSchedule(self, total_steps, tuple(bounds))
+        resolved.check_lr_shapes()
+        return resolved
 
 
 @dataclass(frozen=True)
@@ -460,6 +494,16 @@ class PhaseState:
     grown: tuple[NewStack, ...] = ()  # stacks this phase grows at its first step
 
 
+def phase_step_kwargs(kwargs: dict | None, length: int) -> dict:
+    """A phase's ``lr_schedule_kwargs`` with step counts given as fractions of the phase (``num_decay_steps: 0.2``,
+    any ``num_*_steps`` in (0, 1)) turned into steps of a phase ``length`` steps long."""
+    out = dict(kwargs or {})
+    for key, value in out.items():
+        if key.startswith("num_") and key.endswith("_steps") and isinstance(value, float) and 0 < value < 1:
+            out[key] = max(1, round(value * length))
+    return out
+
+
 @dataclass(frozen=True)
 class ResolvedSchedule:
     """A schedule with its boundaries resolved to steps for one run length."""
@@ -468,6 +512,7 @@ class ResolvedSchedule:
     total_steps: int
     bounds: tuple[tuple[int, int], ...]
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    _factors: dict = field(default_factory=dict, compare=False, repr=False)
 
     def phase_index(self, step: int) -> int:
         """Index of the phase that step ``step`` (0-based optimizer step) belongs to; clamped to the last."""
@@ -507,22 +552,55 @@ class ResolvedSchedule:
             )
         return self._cache[key]
 
-    def lr_factor(self, step: int) -> float:
-        """Shape of the learning rate inside the phase of ``step``: warm-up, then constant/linear/cosine."""
+    def check_lr_shapes(self) -> None:
+        """Phases with ``lr_schedule_kwargs`` give a finite, non-negative rate over their steps at this run length
+        (e.g. ``num_decay_steps`` no longer than the phase)."""
+        problems = []
+        for index, phase in enumerate(self.schedule.phases):
+            if not phase.lr_schedule_kwargs:
+                continue
+            start, end = self.bounds[index]
+            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, end - start)
+            long = [k for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_steps") and v > end - start]
+            if long:
+                problems.append(
+                    f"schedule[{index}].lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the phase has "
+                    f"{end - start} at this run length; give fewer steps or a fraction of the phase (e.g. 0.2)"
+                )
+                continue
+            probes = sorted({start, (start + end) // 2, end - 1, *range(start, min(end, start + 3))})
+            try:
+                factors = [self.lr_factor(step) for step in probes]
+            except (ValueError, TypeError, ZeroDivisionError) as err:
+                problems.append(f"schedule[{index}].lr_schedule_kwargs: {err}")
+                continue
+            bad = [f for f in factors if not (f >= 0 and f < float("inf"))]
+            if bad:
+                problems.append(
+                    f"schedule[{index}].lr_schedule_kwargs: {phase.lr_schedule!r} gives a rate factor of {bad[0]} "
+                    f"over this phase's {end - start} steps; check that step counts fit the phase"
+                )
+        if problems:
+            raise RecipeError(problems)
+
+    def lr_factor(self, step: int, base_lr: float = 1.0) -> float:
+        """Shape of the learning rate inside the phase of ``step``: its ``warmup``, then its ``lr_schedule``, as
+        transformers computes them over the phase's steps (``base_lr``: the rate a phase without
+        ``learning_rate`` uses, which absolute kwargs such as ``min_lr`` are relative to)."""
         index = self.phase_index(step)
         phase = self.schedule.phases[index]
         start, end = self.bounds[index]
         length = end - start
         position = min(step, end - 1) - start
-        warmup_steps = min(round(phase.warmup * length), length - 1)  # always leave a step at full rate
-        if position < warmup_steps:
-            return position / max(1, warmup_steps)
-        if phase.lr_schedule == "constant":
-            return 1.0
-        progress = (position - warmup_steps) / max(1, length - warmup_steps)
-        if phase.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        peak = phase.learning_rate if phase.learning_rate is not None else base_lr
+        key = (index, peak)
+        if key not in self._factors:
+            from .lr_schedules import phase_factor
+
+            warmup_steps = min(round(phase.warmup * length), length - 1)  # always leave a step at full rate
+            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, length)
+            self._factors[key] = phase_factor(phase.lr_schedule, kwargs, warmup_steps, length, peak)
+        return self._factors[key](position)
 
     def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int | tuple[int, ...]) -> float:
         """Learning rate of ``unit`` at ``step``; 0 for a unit that does not train then.
@@ -534,7 +612,7 @@ class ResolvedSchedule:
         if unit not in state.trainable_units:
             return 0.0
         phase = self.schedule.phases[state.index]
-        lr = (phase.learning_rate if phase.learning_rate is not None else base_lr) * self.lr_factor(step)
+        lr = (phase.learning_rate if phase.learning_rate is not None else base_lr) * self.lr_factor(step, base_lr)
         top = state.active_depth - 1
         if unit == HEAD:
             return lr

@@ -53,7 +53,7 @@ def with_change(path: str, value):
         ("schedule.0.learning_rate", "fast", "schedule[0].learning_rate: 'fast' is not a non-negative number"),
         ("schedule.0.stacks", 0, "schedule[0].stacks: 0 is not a positive integer"),
         ("schedule.0.warmup", 1.5, "schedule[0].warmup: 1.5 is not a fraction"),
-        ("schedule.0.lr_schedule", "step", "schedule[0].lr_schedule: 'step' is not one of"),
+        ("schedule.0.lr_schedule", "steps", "schedule[0].lr_schedule: 'steps' is not one of"),
         ("schedule.0.head", "yes", "schedule[0].head: 'yes' is not one of"),
         ("model.dtype", "float8", "model.dtype: 'float8' is not one of"),
         ("model.quantisation", {"bits": 4}, "model.quantisation: unknown key"),

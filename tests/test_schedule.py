@@ -205,7 +205,7 @@ INVALID = [
     (one_phase(warmup="0.1"), "schedule[0].warmup: '0.1' is not a fraction", ""),
     (one_phase(warmup=False), "schedule[0].warmup: False is not a fraction", ""),  # False == 0 must not pass
     # lr_schedule
-    (one_phase(lr_schedule="exponential"), "schedule[0].lr_schedule: 'exponential' is not one of", "'cosine'"),
+    (one_phase(lr_schedule="exponentially"), "schedule[0].lr_schedule: 'exponentially' is not one of", "cosine"),
     (one_phase(lr_schedule="Cosine"), "schedule[0].lr_schedule: 'Cosine' is not one of", ""),
     # weight_decay
     (one_phase(weight_decay=-0.01), "schedule[0].weight_decay: -0.01 is not a non-negative number", ""),
@@ -253,7 +253,7 @@ def test_all_problems_are_reported_together():
         {"until": 0, "stacks": 0, "bogus": 1},
         {"until": "x", "train": "bottom", "head": "maybe"},
         3,
-        {"until": 1.0, "warmup": 1.0, "lr_schedule": "step", "layer_lr_decay": 0},
+        {"until": 1.0, "warmup": 1.0, "lr_schedule": "steps", "layer_lr_decay": 0},
     ]
     with pytest.raises(RecipeError) as info:
         Schedule.from_list(raw)
@@ -560,6 +560,7 @@ CHANGED = {
     "learning_rate": 2e-3,
     "warmup": 0.2,
     "lr_schedule": "cosine",
+    "lr_schedule_kwargs": {"num_cycles": 1.5},
     "weight_decay": 0.0,
     "layer_lr_decay": 0.8,
     "adapter": "lora",
@@ -601,6 +602,8 @@ def test_fingerprint_changes_with_every_field():
             raw[0]["adapter"] = "lora"
         if key == "mask_schedule":
             raw[0]["mask_rate"] = [0.15, 0.5]
+        if key == "lr_schedule_kwargs":  # differs from the `lr_schedule: cosine` case by the kwargs alone
+            raw[0]["lr_schedule"] = "cosine"
         fingerprint = Schedule.from_list(raw).fingerprint()
         assert fingerprint not in seen, key
         seen.add(fingerprint)
