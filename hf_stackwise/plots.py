@@ -107,7 +107,7 @@ def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0, tot
             hatch="///" if c.new else None,
         )
         if grows and c.end - c.start >= 0.04 and rows <= 16:  # which physical stack sits there
-            ax.text((c.start + c.end) / 2, c.position, f"s{c.stack}", ha="center", va="center", fontsize=7)
+            ax.text((c.start + c.end) / 2, c.position, f"id {c.stack}", ha="center", va="center", fontsize=7)
     for phase, (start, end) in zip(schedule.phases, spans, strict=True):
         ax.text((start + end) / 2, rows - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
     ax.set_xlim(0, 1)
@@ -126,7 +126,9 @@ def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0, tot
     lr.set_ylim(0, peak * 1.35 or 1.0)
     handles = [Patch(facecolor=c, edgecolor="#555555", label=m) for m, c in COLORS.items()]
     if grows:
-        handles.append(Patch(facecolor="white", edgecolor="#555555", hatch="///", label="grown here (s<id>: stack)"))
+        handles.append(
+            Patch(facecolor="white", edgecolor="#555555", hatch="///", label="grown here (id: physical stack)")
+        )
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=6, frameon=False)
     fig.tight_layout()
     fig.savefig(path)

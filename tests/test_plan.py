@@ -247,6 +247,7 @@ def test_tied_weights_count_once(tmp_path, tied_dir, pydoc_files):
     trainer.train()
     top, everything = measure.steps
     for key in ("weights", "gradients", "optimizer"):
+        print(f"tied all {key}: estimate {plan.phases[1].memory[key]:,.0f} measured {everything[key]:,.0f}")
         assert plan.phases[1].memory[key] == pytest.approx(everything[key], rel=TOLERANCE[key]), key
     assert plan.phases[1].memory["gradients"] == everything["gradients"]  # exact: the same shapes
     # the test can tell: the shared tensor counted twice would miss by more than the tolerance
