@@ -1,7 +1,9 @@
 """``hf-stackwise plan RECIPE``: what each phase does and what it costs in memory, from the model's config only.
 
-The model is built on the meta device (shapes, no weights), so parameter counts are exact; LoRA adapter sizes come
-from the adapter plan and the shapes of the linear layers they target. Memory per phase, for one process:
+The model is built on the meta device (shapes, no weights), so parameter counts are exact, each tensor counted once
+(a tied LM head is the input embeddings' tensor); LoRA adapter sizes come from the adapter plan and the shapes of the
+linear layers they target. The recipe passes the same config checks as ``validate`` and ``train``
+(:func:`hf_stackwise.run.check_recipe`). Memory per phase, in bytes, for one process (printed in MiB, 2^20 bytes):
 
 1. **weights**: every parameter and buffer at the recipe's dtype; a 4-bit base stores its quantized linear layers
    as half a byte per weight plus the quantization state (absmax per 64 weights, code tables); LoRA adapters are
