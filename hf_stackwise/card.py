@@ -9,6 +9,7 @@ import os
 from transformers.utils import logging
 
 from .checkpoint import RECIPE_NAME, TRAINER_STATE_NAME, read_json
+from .layout import stack_sizes
 from .schedule import Schedule, StackwiseError
 
 logger = logging.get_logger(__name__)
@@ -35,23 +36,31 @@ def _stacks(indices) -> str:
 
 
 def phase_table(run: dict, total_steps: int | None) -> str:
-    """Markdown: one row per phase with its steps, t range, active and trainable stacks, mode and learning rate."""
+    """Markdown: one row per phase with its steps, t range, active and trainable stacks, mode and learning rate.
+
+    Phases start and end at the run's resolved steps (t = step / total steps), not at the recipe's ``until``; stacks
+    are positions in the phase's rack (after its growth), bottom → top."""
+    from .plots import phase_spans
+
     schedule = Schedule.from_list(run["schedule"])
-    num_stacks = len(run["rack"]["boundaries"]) - 1
+    layout = schedule.layout(stack_sizes(run["rack"]["boundaries"]))
     base_lr = run.get("defaults", {}).get("learning_rate")
     rows = [
         "| phase | steps | t | active stacks | trains | mode | learning rate |",
         "|---|---|---|---|---|---|---|",
     ]
     bounds = schedule.resolve(total_steps).bounds if total_steps else [(None, None)] * len(schedule.phases)
-    start_t = 0.0
-    for phase, (start, end) in zip(schedule.phases, bounds):
+    spans = phase_spans(schedule, total_steps)
+    for index, (phase, (start, end), (t0, t1)) in enumerate(zip(schedule.phases, bounds, spans, strict=True)):
+        num_stacks = len(layout.orders[index])
         steps = f"{start}–{end - 1}" if start is not None else "–"
-        trains = [f"stacks {_stacks(phase.trainable_stacks(num_stacks))}"]
+        trains = [f"stacks {_stacks(phase.trainable_stacks(num_stacks, layout.new_positions(index)))}"]
         trains += [
             unit for unit, on in (("embeddings", phase.trains_embeddings()), ("head", phase.trains_head())) if on
         ]
         mode = f"{phase.adapter} (trunk {phase.trunk})"
+        if phase.grow is not None:
+            mode = f"grow {phase.grow.op} at {_place(phase.grow.at)}, {mode}"
         lr = phase.learning_rate if phase.learning_rate is not None else base_lr
         lr_text = f"{lr:.1e} {phase.lr_schedule}" if lr is not None else phase.lr_schedule
         if phase.warmup:
@@ -61,11 +70,22 @@ def phase_table(run: dict, total_steps: int | None) -> str:
         depth = phase.active_depth(num_stacks)
         active = f"0–{depth - 1}" if depth > 1 else "0"
         rows.append(
-            f"| {phase.name} | {steps} | {start_t:.2f}–{phase.until:.2f} | {active} | {', '.join(trains)} | "
-            f"{mode} | {lr_text} |"
+            f"| {phase.name} | {steps} | {t0:.2f}–{t1:.2f} | {active} | {', '.join(trains)} | {mode} | {lr_text} |"
         )
-        start_t = phase.until
     return "\n".join(rows)
+
+
+def _growth(run: dict) -> str:
+    """``, grown by the schedule to N stacks over B blocks`` for a schedule that grows, else nothing."""
+    schedule = Schedule.from_list(run["schedule"])
+    if not schedule.grows():
+        return ""
+    layout = schedule.layout(stack_sizes(run["rack"]["boundaries"]))
+    return f"; the schedule grows it to {len(layout.sizes)} stacks over {layout.num_blocks} blocks"
+
+
+def _place(at) -> str:
+    return ", ".join(str(p) for p in at) if isinstance(at, tuple) else at
 
 
 def _loss_plot(folder: str, target: str) -> str | None:
@@ -108,7 +128,7 @@ def build_card(folder: str, target: str, manifest: dict, adapters: bool = False,
         "",
         f"- **Base model:** `{base}`",
         f"- **Rack:** {len(rack['boundaries']) - 1} stacks over {rack['num_blocks']} blocks (`{rack['layers']}`), "
-        f"boundaries {rack['boundaries']}",
+        f"boundaries {rack['boundaries']}{_growth(run)}",
         f"- **Exported at:** step {manifest.get('global_step')} (t = {manifest.get('t', 0):.2f}), after phase "
         f"`{phase.get('name')}`",
     ]

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.plot:
                 from .plots import plot_timeline
 
-                print(f"hf-stackwise: wrote {plot_timeline(plan.schedule, plan.num_stacks, args.plot, plan.base_lr)}")
+                path = plot_timeline(plan.schedule, plan.base_sizes, args.plot, plan.base_lr, plan.total_steps)
+                print(f"hf-stackwise: wrote {path}")
             return 0
         if args.command == "validate":
             prepared = run.prepare(recipe)

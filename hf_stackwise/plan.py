@@ -1,7 +1,9 @@
 """``hf-stackwise plan RECIPE``: what each phase does and what it costs in memory, from the model's config only.
 
-The model is built on the meta device (shapes, no weights), so parameter counts are exact; LoRA adapter sizes come
-from the adapter plan and the shapes of the linear layers they target. Memory per phase, for one process:
+The model is built on the meta device (shapes, no weights), so parameter counts are exact, each tensor counted once
+(a tied LM head is the input embeddings' tensor); LoRA adapter sizes come from the adapter plan and the shapes of the
+linear layers they target. The recipe passes the same config checks as ``validate`` and ``train``
+(:func:`hf_stackwise.run.check_recipe`). Memory per phase, in bytes, for one process (printed in MiB, 2^20 bytes):
 
 1. **weights**: every parameter and buffer at the recipe's dtype; a 4-bit base stores its quantized linear layers
    as half a byte per weight plus the quantization state (absmax per 64 weights, code tables); LoRA adapters are
@@ -150,7 +152,8 @@ class Plan:
     dtype: str
     quantization: dict | None
     layers: str
-    boundaries: list[int]
+    boundaries: list[int]  # physical: the base stacks, then every stack the schedule grows
+    base_sizes: tuple[int, ...]  # blocks per stack of the model as loaded, before growth
     total_steps: int
     batch_size: int
     total_params: int
@@ -191,6 +194,22 @@ def _quantized_bytes(numel: int, double_quant: bool) -> int:
     return numel // 2 + 4 * blocks + 64
 
 
+def tensor_names(model: nn.Module) -> dict[str, str]:
+    """Every parameter name → the name of the tensor it is: a tied parameter (the LM head sharing the input
+    embeddings) maps to the tensor it shares, so it is counted once.
+
+    Shared tensors are found by identity, and by the model's tie declarations (``all_tied_weights_keys``, which
+    follows ``config.tie_word_embeddings``) where a skeleton has not tied them."""
+    first: dict[int, str] = {}
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names[name] = first.setdefault(id(param), name)
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in names and source in names:
+            names[target] = names[source]
+    return names
+
+
 def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantization, skip) -> tuple[dict, dict, int]:
     """Parameter bytes and counts per unit (``{unit: {name: (numel, bytes)}}``), the weight bytes of the whole
     model (buffers included), and the parameter count."""
@@ -212,11 +231,14 @@ def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantizat
         per = dtype_bytes if tensor.is_floating_point() else tensor.element_size()
         return tensor.numel(), tensor.numel() * per
 
-    units = {unit: {name: size(name, p) for name, p in params} for unit, params in rack.parameter_units().items()}
-    seen, weights, count = set(), 0, 0
+    names = tensor_names(skeleton)
+    units = {
+        unit: {names[name]: size(names[name], p) for name, p in params}
+        for unit, params in rack.parameter_units().items()
+    }
+    weights, count = 0, 0
     for name, param in skeleton.named_parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
+        if names[name] == name:
             count += param.numel()
             weights += size(name, param)[1]
     weights += sum(b.numel() * b.element_size() for b in skeleton.buffers())
@@ -320,12 +342,9 @@ def make_plan(recipe: Recipe) -> Plan:
     from .adapters import resolve_targets
     from .growth import allocate
     from .layout import stack_sizes
-    from .run import build_arguments, load_config, meta_model, rack_from_config, refuse_sharding
+    from .run import check_recipe, meta_model
 
-    refuse_sharding(recipe)
-    args = build_arguments(recipe)
-    config = load_config(recipe)
-    rack, skip, adapter_plan = rack_from_config(recipe, config)
+    args, config, rack, skip, adapter_plan, _ = check_recipe(recipe)  # the checks `validate` and `train` run
     skeleton = meta_model(config, recipe)
     layers, base_boundaries = rack["layers"], rack["boundaries"]
     base = stack_sizes(base_boundaries)
@@ -426,6 +445,7 @@ def make_plan(recipe: Recipe) -> Plan:
         quantization=quantization,
         layers=layers,
         boundaries=list(boundaries),
+        base_sizes=base,
         total_steps=total_steps,
         batch_size=batch,
         total_params=total_params,
@@ -500,11 +520,15 @@ def _stacks(indices) -> str:
 def format_plan(plan: Plan) -> str:
     """The plan as text: a header, one row per phase, the memory per phase, and the peak."""
     quant = ", 4-bit base" if plan.quantization else ""
+    base_bounds = plan.boundaries[: len(plan.base_sizes) + 1]
+    grown = ""
+    if plan.num_stacks > len(plan.base_sizes):
+        grown = f", growing to {plan.num_stacks} stacks over {plan.boundaries[-1]} blocks"
     lines = [
         f"{plan.recipe_path or 'recipe'}: {plan.model} ({plan.model_type}, {_count(plan.total_params)} parameters, "
         f"{plan.dtype}{quant})",
-        f"rack: {plan.num_stacks} stacks over {plan.boundaries[-1]} blocks ({plan.layers}), boundaries "
-        f"{plan.boundaries}; {plan.total_steps} steps; {_count(plan.superset_params)} parameters ever train",
+        f"rack: {len(plan.base_sizes)} stacks over {sum(plan.base_sizes)} blocks ({plan.layers}), boundaries "
+        f"{base_bounds}{grown}; {plan.total_steps} steps; {_count(plan.superset_params)} parameters ever train",
         "",
         f"{'phase':<14} {'steps':>11}  {'t':<9}  {'active':<6} {'train':<7} {'mode':<38} {'trainable':>9}  "
         f"{'lr':<28} data",
@@ -516,7 +540,7 @@ def format_plan(plan: Plan) -> str:
             f"{p.name:<14} {f'{p.start}-{p.end - 1}':>11}  {t:<9}  {_stacks(range(p.active_depth)):<6} "
             f"{_stacks(p.trainable_stacks):<7} {p.mode:<38} {_count(p.trainable_params):>9}  {p.lr_text:<28} {data}"
         )
-    lines += ["", f"memory estimate, MiB (batch {plan.batch_size}, one process)"]
+    lines += ["", f"memory estimate in MiB, 1 MiB = 2^20 bytes (batch {plan.batch_size}, one process)"]
     header = ("phase", "weights", "gradients", "optimizer", "activations", "total")
     lines.append(" ".join(f"{h:<14}" if i == 0 else f"{h:>{12 if i == 4 else 10}}" for i, h in enumerate(header)))
     for p in plan.phases:

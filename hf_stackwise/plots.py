@@ -7,6 +7,7 @@ matplotlib (``pip install 'hf-stackwise[plot]'``) is imported only here.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
 from .layout import stack_sizes
@@ -32,67 +33,103 @@ def _pyplot():
     return plt
 
 
-def stack_modes(schedule: Schedule, base) -> list[list[str]]:
-    """Per phase, how each physical stack takes part: full, lora, trunk, frozen or inactive (also: not grown yet).
+@dataclass(frozen=True)
+class Cell:
+    """One rectangle of the timeline: the stack at ``position`` (bottom → top) of phase ``phase``'s rack."""
 
-    ``base``: the model's stack count (or stack sizes) before growth."""
+    phase: int
+    position: int  # in the rack as the phase runs it: 0 next to the embeddings
+    stack: int  # physical id (`stack_<id>` in logs and optimizer groups)
+    mode: str  # full | lora | trunk | frozen | inactive
+    new: bool  # grown at the phase's first step
+    start: float  # t
+    end: float
+
+
+def phase_spans(schedule: Schedule, total_steps: int | None = None) -> list[tuple[float, float]]:
+    """Each phase's ``(start, end)`` in t: the resolved steps over ``total_steps`` (what the run does), or the
+    recipe's ``until`` values when the run length is unknown."""
+    if total_steps:
+        resolved = schedule.resolve(total_steps)
+        return [(start / total_steps, end / total_steps) for start, end in resolved.bounds]
+    ends = [p.until for p in schedule.phases]
+    return list(zip([0.0, *ends[:-1]], ends, strict=True))
+
+
+def timeline_cells(schedule: Schedule, base, total_steps: int | None = None) -> list[Cell]:
+    """What the timeline draws: per phase, one cell per stack of the phase's rack, by position bottom → top.
+
+    ``base``: the model's stack count (or stack sizes) before growth. A phase that grows has more rows than the one
+    before it; a stack grown at the bottom is position 0 from its phase on, and the stacks above it move up."""
     layout = schedule.layout(base)
-    modes = []
-    for phase, order, units in zip(schedule.phases, layout.orders, schedule.phase_units(base), strict=True):
-        active = order[: phase.active_depth(len(order))]
-        row = []
-        for stack in range(len(layout.sizes)):
-            if stack not in active:
-                row.append("inactive")
+    spans = phase_spans(schedule, total_steps)
+    cells = []
+    phases = zip(schedule.phases, layout.orders, schedule.phase_units(base), spans, strict=True)
+    for index, (phase, order, units, (start, end)) in enumerate(phases):
+        depth = phase.active_depth(len(order))
+        new = {n.stack for n in layout.grown[index]}
+        for position, stack in enumerate(order):
+            if position >= depth:
+                mode = "inactive"
             elif stack_unit(stack) in units:
-                row.append("full")
+                mode = "full"
             elif lora_unit(stack) in units:
-                row.append("lora")
+                mode = "lora"
             else:
-                row.append("trunk" if trunk_unit(stack) in units else "frozen")
-        modes.append(row)
-    return modes
+                mode = "trunk" if trunk_unit(stack) in units else "frozen"
+            cells.append(Cell(index, position, stack, mode, stack in new, start, end))
+    return cells
 
 
-def stack_mode(schedule: Schedule, phase_index: int, stack: int, base) -> str:
-    """How physical ``stack`` takes part in phase ``phase_index`` (see :func:`stack_modes`)."""
-    return stack_modes(schedule, base)[phase_index][stack]
+def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0, total_steps: int | None = None) -> str:
+    """The schedule over t: per phase, one row per rack position (bottom = position 0), coloured by mode, stacks
+    grown at the phase's start hatched; the phase's peak learning rate as a line.
 
-
-def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0) -> str:
-    """The schedule over t: one row per stack (bottom = stack 0), coloured by mode; the phase LR as a line.
-
-    ``base``: the model's stack count (or stack sizes); stacks a phase grows get rows above the base ones."""
+    ``base``: the model's stack count (or stack sizes) before growth; ``total_steps``: the run length, so phases
+    end where the run's resolved steps end them (without it, at the recipe's ``until``)."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    layout = schedule.layout(base)
-    num_stacks = len(layout.sizes)
-    modes = stack_modes(schedule, base)
+    cells = timeline_cells(schedule, base, total_steps)
+    spans = phase_spans(schedule, total_steps)
+    rows = 1 + max(c.position for c in cells)
+    grows = schedule.grows()
 
     fig, ax = plt.subplots(figsize=SIZE, dpi=DPI)
-    start = 0.0
-    for index, phase in enumerate(schedule.phases):
-        for stack in range(num_stacks):
-            color = COLORS[modes[index][stack]]
-            ax.barh(stack, phase.until - start, left=start, color=color, edgecolor="#555555", height=0.8)
-        ax.text((start + phase.until) / 2, num_stacks - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
-        start = phase.until
+    for c in cells:
+        ax.barh(
+            c.position,
+            c.end - c.start,
+            left=c.start,
+            color=COLORS[c.mode],
+            edgecolor="#555555",
+            height=0.8,
+            hatch="///" if c.new else None,
+        )
+        if grows and c.end - c.start >= 0.04 and rows <= 16:  # which physical stack sits there
+            ax.text((c.start + c.end) / 2, c.position, f"id {c.stack}", ha="center", va="center", fontsize=7)
+    for phase, (start, end) in zip(schedule.phases, spans, strict=True):
+        ax.text((start + end) / 2, rows - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_ylim(-0.6, num_stacks + 0.2)
-    labels = [f"stack {i}" + (" (grown)" if i >= layout.num_base else "") for i in range(num_stacks)]
-    ax.set_yticks(range(num_stacks), labels)
-    ax.set_xlabel("t")
+    ax.set_ylim(-0.6, rows + 0.2)
+    ticks = range(0, rows, max(1, rows // 16))
+    ax.set_yticks(list(ticks), [f"position {i}" for i in ticks], fontsize=8)
+    ax.set_ylabel("stack position (0 = bottom)", fontsize=8)
+    ax.set_xlabel("t (phase ends at the run's resolved steps)" if total_steps else "t")
     lr = ax.twinx()
-    start, peak = 0.0, 0.0
-    for phase in schedule.phases:
+    peak = 0.0
+    for phase, (start, end) in zip(schedule.phases, spans, strict=True):
         value = phase.learning_rate if phase.learning_rate is not None else base_lr
-        lr.plot([start, phase.until], [value, value], color="black", linewidth=1.5)
-        start, peak = phase.until, max(peak, value)
+        lr.plot([start, end], [value, value], color="black", linewidth=1.5)
+        peak = max(peak, value)
     lr.set_ylabel("peak learning rate (line)")
     lr.set_ylim(0, peak * 1.35 or 1.0)
     handles = [Patch(facecolor=c, edgecolor="#555555", label=m) for m, c in COLORS.items()]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=5, frameon=False)
+    if grows:
+        handles.append(
+            Patch(facecolor="white", edgecolor="#555555", hatch="///", label="grown here (id: physical stack)")
+        )
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, ncol=6, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -123,14 +160,27 @@ def plot_loss(log_history: list[dict], path: str) -> str:
     return path
 
 
-def log_history(run_dir: str) -> list[dict]:
-    """The run's log history: the final trainer_state.json, else the last complete checkpoint's."""
+def _trainer_state(run_dir: str) -> dict | None:
+    """The final ``trainer_state.json`` of a run, else its last complete checkpoint's; None before either exists."""
     candidates = [os.path.join(run_dir, TRAINER_STATE_NAME)]
     candidates += [os.path.join(c, TRAINER_STATE_NAME) for c in reversed(complete_checkpoints(run_dir))]
     for path in candidates:
         if os.path.isfile(path):
-            return read_json(path).get("log_history", [])
-    raise PlotError(f"plot: {run_dir!r} has no trainer_state.json yet (no checkpoint, no finished run)")
+            return read_json(path)
+    return None
+
+
+def log_history(run_dir: str) -> list[dict]:
+    """The run's log history: the final trainer_state.json, else the last complete checkpoint's."""
+    state = _trainer_state(run_dir)
+    if state is None:
+        raise PlotError(f"plot: {run_dir!r} has no trainer_state.json yet (no checkpoint, no finished run)")
+    return state.get("log_history", [])
+
+
+def run_total_steps(run_dir: str) -> int | None:
+    """The run's length as the Trainer resolved it (``max_steps`` of its trainer_state.json), if known."""
+    return (_trainer_state(run_dir) or {}).get("max_steps") or None
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
@@ -158,8 +208,10 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         raise PlotError(f"plot: {manifest} holds an invalid schedule: {err}") from None
     out_dir = out_dir or run_dir
     os.makedirs(out_dir, exist_ok=True)
-    bounds = run["rack"]["boundaries"]
+    bounds = run["rack"]["boundaries"]  # the rack as loaded, before growth
     base_lr = run.get("defaults", {}).get("learning_rate", 1.0)
+    total_steps = run.get("total_steps") or run_total_steps(run_dir)
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
-    timeline = plot_timeline(schedule, stack_sizes(bounds), os.path.join(out_dir, "schedule.png"), base_lr)
+    schedule_png = os.path.join(out_dir, "schedule.png")
+    timeline = plot_timeline(schedule, stack_sizes(bounds), schedule_png, base_lr, total_steps)
     return [timeline, loss]

@@ -281,8 +281,21 @@ def refuse_sharding(recipe: Recipe) -> None:
         )
 
 
-def prepare(recipe: Recipe) -> Prepared:
-    """Validate the recipe against the model's config, the data and the output directory; load no weights."""
+class Checked(typing.NamedTuple):
+    """What the config-only checks resolve: the arguments, the model's config and the rack."""
+
+    args: StackwiseArguments
+    config: object
+    rack: dict
+    skip_modules: list[str]
+    adapter_plan: dict
+    plane: DataPlane
+
+
+def check_recipe(recipe: Recipe) -> Checked:
+    """Every check that needs the recipe and the model's config only (no tokenizer, data or weights).
+
+    ``plan``, ``validate`` and ``train`` all start here, so they accept and refuse the same recipes."""
     refuse_sharding(recipe)
     args = build_arguments(recipe)
     config = load_config(recipe)
@@ -291,6 +304,12 @@ def prepare(recipe: Recipe) -> Prepared:
     rack, skip_modules, plan = rack_from_config(recipe, config)
     plane = DataPlane.from_data(recipe.data)
     check_lengths(recipe, plane, config)
+    return Checked(args, config, rack, skip_modules, plan, plane)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Validate the recipe against the model's config, the data and the output directory; load no weights."""
+    args, config, rack, skip_modules, plan, plane = check_recipe(recipe)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

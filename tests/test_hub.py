@@ -133,3 +133,21 @@ def test_card_base_model_metadata_is_a_hub_id_only():
     assert _looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
     assert not _looks_like_hub_id(".cache/models/SmolLM2-135M-Instruct")
     assert not _looks_like_hub_id("/abs/path/model")
+
+
+def test_card_table_shows_the_resolved_boundaries():
+    """`until: 0.4` of a 3-step run ends at step round(1.2) = 1: the card says t 0.33, where the run switched."""
+    from hf_stackwise.card import phase_table
+    from hf_stackwise.checkpoint import run_identity
+    from hf_stackwise.schedule import Schedule
+
+    schedule = Schedule.from_list(
+        [{"name": "top", "until": 0.4, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]
+    )
+    rack = {"layers": "model.layers", "num_blocks": 4, "boundaries": [0, 2, 4]}
+    run = run_identity(schedule.to_list(), rack, 3, {"learning_rate": 1e-3})
+    table = phase_table(run, 3).splitlines()
+    assert table[2] == "| top | 0–0 | 0.00–0.33 | 0–1 | stacks 1 | full (trunk frozen) | 1.0e-03 constant |"
+    assert table[3].startswith("| all | 1–2 | 0.33–1.00 | 0–1 | stacks 0, 1, embeddings, head |")
+    assert "0.40" not in phase_table(run, 3)
+    assert "| top | – | 0.00–0.40 |" in phase_table(run, None)  # no run length known: the recipe's `until`

@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import build_tokenizer
+from conftest import ROOT, build_tokenizer, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 from hf_stackwise import run
@@ -161,7 +161,7 @@ def test_plan_prints_every_phase_and_loads_no_weights(tmp_path, model_dir, pydoc
     for name in ("top", "mid-lora", "shallow", "all"):
         assert f"\n{name} " in out
     assert "stacks lora, trunk lora, +head" in out
-    assert "peak" in out and "memory estimate, MiB (batch 4, one process)" in out
+    assert "peak" in out and "memory estimate in MiB, 1 MiB = 2^20 bytes (batch 4, one process)" in out
     assert sorted(os.listdir(tmp_path)) == before  # nothing written, no output_dir
     assert main(["plan", path, "--training.per_device_train_batch_size", "8", "--plot", str(tmp_path / "t.png")]) == 0
     assert "(batch 8, one process)" in capsys.readouterr().out
@@ -215,3 +215,100 @@ def test_four_bit_weights_estimate(tmp_path, model_dir, pydoc_files):
     assert plan.phases[0].memory["weights"] == pytest.approx(measured, rel=TOLERANCE["weights"])
     full = make_plan(load_recipe(path, ["--model.quantization", "null"])).phases[0].memory["weights"]
     assert plan.phases[0].memory["weights"] < 0.6 * full  # 6 of 8 blocks are 4-bit
+
+
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama whose LM head shares the input embeddings (as SmolLM2's does); the embeddings are a large part
+    of it, so counting the shared tensor twice would miss by far more than the tolerance."""
+    folder = tmp_path_factory.mktemp("plan-tied")
+    config = tiny_config("llama", layers=4)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_tied_weights_count_once(tmp_path, tied_dir, pydoc_files):
+    schedule = [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]
+    path = write(tmp_path, tied_dir, pydoc_files[0], schedule, max_steps=2)
+    plan = make_plan(load_recipe(path))
+    trainer = run.build_trainer(run.prepare(load_recipe(path)))
+    model = trainer.model
+    distinct = sum(p.numel() for p in model.parameters())  # each tensor once
+    shared = model.lm_head.weight.nbytes
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert plan.total_params == plan.superset_params == plan.phases[1].trainable_params == distinct
+    measure = Measure()
+    trainer.add_callback(measure)
+    trainer.train()
+    top, everything = measure.steps
+    for key in ("weights", "gradients", "optimizer"):
+        print(f"tied all {key}: estimate {plan.phases[1].memory[key]:,.0f} measured {everything[key]:,.0f}")
+        assert plan.phases[1].memory[key] == pytest.approx(everything[key], rel=TOLERANCE[key]), key
+    assert plan.phases[1].memory["gradients"] == everything["gradients"]  # exact: the same shapes
+    # the test can tell: the shared tensor counted twice would miss by more than the tolerance
+    assert shared > TOLERANCE["gradients"] * everything["gradients"]
+    assert 2 * shared > TOLERANCE["optimizer"] * everything["optimizer"]
+
+
+def test_smollm2_ever_train_is_at_most_its_parameters():
+    """SmolLM2 ties its LM head to the input embeddings: `train: all` trains 134.5M parameters, not 162.8M."""
+    smollm2 = ROOT + "/.cache/models/SmolLM2-135M-Instruct"
+    assert os.path.isfile(smollm2 + "/config.json"), "run `make assets` first"
+    plan = make_plan(load_recipe(ROOT + "/recipes/smollm2-135m/unfreeze.yaml"))
+    assert plan.total_params == 134_515_008  # SmolLM2-135M, embeddings once
+    assert plan.superset_params == plan.phases[-1].trainable_params == plan.total_params
+    memory = plan.phases[-1].memory
+    assert memory["gradients"] == 4 * plan.total_params <= memory["weights"]  # float32, each tensor once
+    assert memory["optimizer"] == 2 * memory["gradients"]  # AdamW: two float32 tensors per trained value
+
+
+BAD = {  # override → what the refusal names; each is refused before any weight loads
+    "seq": (["--data.max_seq_length", "100000"], "data.max_seq_length: 100000 exceeds the model's 256 positions"),
+    "phase-seq": (["--schedule.1.max_seq_length", "4096"], "schedule[1].max_seq_length: 4096 exceeds"),
+    "fsdp": (["--training.fsdp", "full_shard"], "fsdp requested"),
+    "stack": (["--schedule.0.train", "[9]"], "schedule[0].train: stack [9] does not exist"),
+    "optim": (["--training.optim", "galore_adamw"], None),  # refused alike once the optimizer check refuses it
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_plan_and_validate_refuse_alike(tmp_path, model_dir, pydoc_files, capsys, case):
+    """`plan` runs the checks `validate` and `train` run (one function, `run.check_recipe`): what one refuses, the
+    other refuses with the same message; a `max_seq_length` beyond the model's positions is no 382 GiB plan."""
+    path = write(tmp_path, model_dir, pydoc_files[0])
+    overrides, expected = BAD[case]
+    results = {}
+    for command in ("plan", "validate"):
+        code = main([command, path, *overrides])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-stackwise: error")]
+        results[command] = (code, err)
+    assert results["plan"] == results["validate"]
+    if expected is not None:
+        code, err = results["plan"]
+        assert code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_tensor_names_follow_declared_ties_on_an_untied_skeleton():
+    """Where a skeleton has not tied the head to the embeddings yet, the model's tie declarations still count the
+    shared tensor once."""
+    from torch import nn
+
+    from hf_stackwise.plan import tensor_names
+
+    config = tiny_config("llama", layers=4)
+    config.tie_word_embeddings = True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        model.lm_head.weight = nn.Parameter(torch.empty_like(model.lm_head.weight))  # untied
+    names = tensor_names(model)
+    assert names["lm_head.weight"] == "model.embed_tokens.weight"
+    assert names["model.layers.0.self_attn.q_proj.weight"] == "model.layers.0.self_attn.q_proj.weight"
+    config.tie_word_embeddings = False
+    with torch.device("meta"):
+        untied = AutoModelForCausalLM.from_config(config)
+    assert tensor_names(untied)["lm_head.weight"] == "lm_head.weight"
