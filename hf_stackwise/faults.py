@@ -79,7 +79,8 @@ class Preemption(TrainerCallback):
             control.should_evaluate = False  # the grace period is for the checkpoint
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            logger.warning(f"[hf_stackwise] SIGTERM: stopping after step {state.global_step}, saving its checkpoint")
+            if state.is_world_process_zero:
+                logger.warning(f"[hf_stackwise] SIGTERM: stopping after step {state.global_step}, saving it")
         return control
 
 
