@@ -56,6 +56,7 @@ class Preemption(TrainerCallback):
     def __init__(self):
         self.signalled = False
         self.stopped_at: int | None = None
+        self._installed = False
         self._previous = None
 
     def install(self) -> None:
@@ -63,11 +64,13 @@ class Preemption(TrainerCallback):
         self.signalled, self.stopped_at = False, None
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+            self._installed = True
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        """Put back the handler that was there before (the default one if it was not set from Python)."""
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = True

@@ -8,6 +8,7 @@ import copy
 import enum
 import math
 import os
+import signal
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -383,6 +384,7 @@ def train(recipe: Recipe) -> dict:
     trainer.add_callback(KeepRecipe(recipe))
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
     if trainer.preemption.stopped_at is not None:  # SIGTERM: the checkpoint is the result; no eval, no final save
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher relaying SIGTERM again must not cut the exit short
         return {"output_dir": prepared.args.output_dir, "preempted_at": trainer.preemption.stopped_at}
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}

@@ -170,7 +170,7 @@ def test_kill_9_at_any_moment_then_resume_is_bitwise_equal(uninterrupted, tiny_l
     for _ in range(2):
         run = Run(cli(recipe, *RESUME))
         resumed = int(last_complete_checkpoint(str(run_dir)).rsplit("-", 1)[1])
-        step, delay = rng.randint(resumed + 1, 13), rng.uniform(0, 0.05)
+        step, delay = rng.randint(resumed + 1, max(resumed + 1, 13)), rng.uniform(0, 0.05)
         wait_until_step(run, step)
         time.sleep(delay)
         run.kill()
@@ -284,9 +284,11 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(uninterrupted, tiny
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"])  # both ranks saved this step
         assert incomplete_reason(str(folder)) is None and last_complete_checkpoint(str(tmp / "ddp")) == str(folder)
         assert out.count("SIGTERM: stopping after step") == 1 and step < STEPS  # rank 0 logs, for both ranks
+        codes = sorted(set(re.findall(r"exitcode *: (-?[0-9]+)", out)))  # what torchrun reports of failed ranks
+        assert codes in ([], ["143"]), codes
         report.append(
             f"SIGTERM to {target}: both ranks saved step {step}, exit after {seconds:.2f} s (torchrun status "
-            f"{run.proc.returncode}, ranks {sorted(set(re.findall(r'exitcode *: (-?[0-9]+)', out)))})"
+            f"{run.proc.returncode}, ranks {codes or 'not reported'})"
         )
         first = step
     run = launch_two_ranks(torchrun(recipe, *RESUME))
