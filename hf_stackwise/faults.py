@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .checkpoint import mark_complete, unmark_complete
+from .checkpoint import last_complete_checkpoint, mark_complete, unmark_complete
 from .errors import StackwiseError
 
 logger = logging.get_logger(__name__)
@@ -176,8 +176,6 @@ class FaultTolerance:
         )
 
     def _last_checkpoint_note(self) -> str:
-        from .checkpoint import last_complete_checkpoint
-
         last = last_complete_checkpoint(self.args.output_dir)
         return f"the last is {os.path.basename(last)}" if last else "no checkpoint was written yet"
 
@@ -186,14 +184,15 @@ class FaultTolerance:
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then the completion marker (after every rank's files), then rotation."""
         nonfinite = [n for n, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        step = self.state.global_step
         if nonfinite:  # an optimizer update overflowed although its gradient was finite: never save that
             raise NonFiniteError(
-                f"training.nonfinite: after step {self.state.global_step} the weights are non-finite "
-                f"({len(nonfinite)} tensors, first {nonfinite[0]}); no checkpoint was written for it. Lower the "
-                "learning rate and resume with `training.resume_from_checkpoint: true`"
+                f"training.nonfinite: after step {step} the weights are non-finite ({len(nonfinite)} tensors, first "
+                f"{nonfinite[0]}), so checkpoint-{step} was not written. Lower the learning rate and resume with "
+                "`training.resume_from_checkpoint: true`"
             )
         run_dir = self._get_output_dir(trial)
-        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
         if self.args.should_save:
             unmark_complete(folder)
         limit = self.args.save_total_limit
@@ -204,5 +203,5 @@ class FaultTolerance:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (its RNG state) are on disk
         if self.args.should_save:
-            mark_complete(folder, self.state.global_step)
+            mark_complete(folder, step)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=True)

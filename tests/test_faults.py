@@ -164,15 +164,15 @@ class Inject:
     """Make step ``step`` (1-based) non-finite: ``output`` multiplies block 2's output by inf (the loss is nan),
     ``grad`` makes the gradient of block 1's first MLP weight inf (the loss stays finite)."""
 
-    def __init__(self, trainer, steps: set[int], where: str = "output"):
-        self.trainer, self.steps = trainer, steps
+    def __init__(self, trainer, steps: set[int], where: str = "output", block: int = 1, factor=float("inf")):
+        self.trainer, self.steps, self.factor = trainer, steps, factor
         if where == "output":
             trainer.model.model.layers[2].register_forward_hook(lambda m, a, out: out * self._factor())
         else:
-            trainer.model.model.layers[1].mlp.up_proj.weight.register_hook(lambda g: g * self._factor())
+            trainer.model.model.layers[block].mlp.up_proj.weight.register_hook(lambda g: g * self._factor())
 
     def _factor(self) -> float:
-        return float("inf") if self.trainer.state.global_step + 1 in self.steps else 1.0
+        return self.factor if self.trainer.state.global_step + 1 in self.steps else 1.0
 
 
 class Snapshots(TrainerCallback):
@@ -236,6 +236,18 @@ def test_the_skip_policy_skips_up_to_its_limit_and_logs_it(tmp_path, token_datas
     Inject(over, {4, 7})
     with pytest.raises(NonFiniteError, match=r"step 7 of 8 .* and 1 steps were skipped already \(\[4\]"):
         over.train()
+
+
+def test_weights_an_update_made_non_finite_are_never_saved(tmp_path, token_dataset):
+    trainer = make_trainer(
+        tmp_path / "run", token_dataset, optim="sgd", learning_rate=3e38, max_steps=4, max_grad_norm=0
+    )
+    Inject(trainer, {1}, where="grad", block=3, factor=1e10)  # a large but finite gradient
+    with pytest.raises(
+        NonFiniteError, match="after step 1 the weights are non-finite .* checkpoint-1 was not written"
+    ):
+        trainer.train()  # step 1's loss and gradient were finite; its update overflowed
+    assert complete_checkpoints(tmp_path / "run") == []
 
 
 def test_bad_policy_names_the_key(tmp_path):
