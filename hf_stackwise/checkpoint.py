@@ -1,8 +1,10 @@
 """Run and checkpoint manifests, complete-checkpoint discovery, and the output-directory guard.
 
 Standard library only. A checkpoint is a normal Trainer checkpoint plus ``stackwise_state.json``
-(schedule hash, rack topology, phase). A run directory carries ``stackwise_run.json`` so a second run
-never writes into a different run's output.
+(schedule hash, rack topology, phase) and, written atomically once every other file of it is on disk,
+``stackwise_complete.json`` (each file's size): a checkpoint killed at any moment of writing, or with a file
+truncated later, is never taken. A run directory carries ``stackwise_run.json`` so a second run never
+writes into a different run's output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from .schedule import StackwiseError
 MANIFEST_NAME = "stackwise_state.json"
 RUN_MANIFEST_NAME = "stackwise_run.json"
 RECIPE_NAME = "stackwise_recipe.yaml"  # the recipe a run was started with (overrides applied)
-TRAINER_STATE_NAME = "trainer_state.json"  # written last by the Trainer: marks a complete checkpoint
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's step counter and log history
+COMPLETE_NAME = "stackwise_complete.json"  # written last: the checkpoint's files and their sizes
 FORMAT_VERSION = 1
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -64,8 +67,57 @@ def run_identity(
     }
 
 
+def checkpoint_files(folder: str) -> dict[str, int]:
+    """Every file under ``folder`` (relative path → size in bytes), the completion marker aside."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel != COMPLETE_NAME and not name.endswith(".tmp"):
+                files[rel] = os.path.getsize(path)
+    return files
+
+
+def mark_complete(folder: str, global_step: int) -> None:
+    """Record that ``folder`` is completely written: the last file a checkpoint gets, atomically."""
+    write_json(os.path.join(folder, COMPLETE_NAME), {"global_step": global_step, "files": checkpoint_files(folder)})
+
+
+def unmark_complete(folder: str) -> None:
+    """Before a checkpoint folder is (re)written: it is not complete until :func:`mark_complete` says so again."""
+    if os.path.isfile(os.path.join(folder, COMPLETE_NAME)):
+        os.remove(os.path.join(folder, COMPLETE_NAME))
+
+
+def incomplete_reason(folder: str) -> str | None:
+    """Why ``folder`` is not a complete checkpoint (None when it is).
+
+    Complete: the completion marker is readable and every file it lists exists with the size it lists.
+    A checkpoint of another format version (which predates the marker) only needs both manifests, so that
+    readers can refuse it by its version."""
+    for name in (MANIFEST_NAME, TRAINER_STATE_NAME):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"no {name}"
+    try:
+        marker = read_json(os.path.join(folder, COMPLETE_NAME))
+    except (OSError, ValueError):
+        try:
+            version = read_json(os.path.join(folder, MANIFEST_NAME)).get("format_version")
+        except (OSError, ValueError):
+            version = None
+        return None if version not in (None, FORMAT_VERSION) else f"no readable {COMPLETE_NAME}"
+    for rel, size in marker.get("files", {}).items():
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != size:
+            return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
 def complete_checkpoints(output_dir: str) -> list[str]:
-    """Checkpoint folders that finished writing (both manifests present), oldest step first."""
+    """Checkpoint folders that finished writing (see :func:`incomplete_reason`), oldest step first."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -74,11 +126,7 @@ def complete_checkpoints(output_dir: str) -> list[str]:
         path = os.path.join(output_dir, name)
         if match and os.path.isdir(path):
             found.append((int(match.group(1)), path))
-    return [
-        path
-        for _, path in sorted(found)
-        if os.path.isfile(os.path.join(path, MANIFEST_NAME)) and os.path.isfile(os.path.join(path, TRAINER_STATE_NAME))
-    ]
+    return [path for _, path in sorted(found) if incomplete_reason(path) is None]
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -138,9 +186,10 @@ def check_resumable(checkpoint: str, current: dict) -> dict:
             f"training.resume_from_checkpoint: {checkpoint!r} has no {MANIFEST_NAME}; it is not an hf_stackwise "
             "checkpoint (or it was not completely written); pick another checkpoint"
         )
-    if not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+    reason = incomplete_reason(checkpoint)
+    if reason is not None:
         raise ResumeError(
-            f"training.resume_from_checkpoint: {checkpoint!r} was not completely written (no {TRAINER_STATE_NAME}); "
+            f"training.resume_from_checkpoint: {checkpoint!r} was not completely written ({reason}); "
             "resume from an earlier checkpoint"
         )
     manifest = read_json(manifest_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from .schedule import StackwiseError
@@ -99,6 +100,21 @@ def _end_distributed() -> None:
             dist.destroy_process_group()
 
 
+def _preempted(recipe: str, overrides: list[str], summary: dict) -> int:
+    """SIGTERM stopped the run after a checkpoint: say where, and how to continue."""
+    from .faults import PREEMPTED_EXIT_CODE
+
+    if _is_main_process():
+        step = summary["preempted_at"]
+        overrides, _ = _pop_option(overrides, "--training.resume_from_checkpoint")
+        again = ["hf-stackwise", "train", recipe, *overrides, "--training.resume_from_checkpoint", "true"]
+        print(
+            f"hf-stackwise: stopped by SIGTERM after step {step}; {summary['output_dir']}/checkpoint-{step} holds "
+            f"it. Continue the run with: {shlex.join(again)}"
+        )
+    return PREEMPTED_EXIT_CODE
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     if not (sys.argv[1:] if argv is None else argv):
@@ -158,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         _end_distributed()
+    if summary.get("preempted_at") is not None:
+        return _preempted(args.recipe, args.overrides, summary)
     if _is_main_process():
         print(f"hf-stackwise: trained {summary['global_step']} steps; model saved to {summary['output_dir']}")
         if summary.get("hub_model_id"):

@@ -8,6 +8,7 @@ import copy
 import enum
 import math
 import os
+import signal
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -395,11 +396,15 @@ class KeepRecipe(TrainerCallback):
 
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns a summary (eval losses, output folder). With ``training.push_to_hub``, the
-    final save uploads the run's export (see :mod:`hf_stackwise.hub`)."""
+    final save uploads the run's export (see :mod:`hf_stackwise.hub`). Stopped by SIGTERM, it returns
+    ``preempted_at`` (the step its last checkpoint holds) instead."""
     prepared = prepare(recipe)
     trainer = build_trainer(prepared)
     trainer.add_callback(KeepRecipe(recipe))
     trainer.train(resume_from_checkpoint=prepared.resume_from_checkpoint)
+    if trainer.preemption.stopped_at is not None:  # SIGTERM: the checkpoint is the result; no eval, no final save
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher relaying SIGTERM again must not cut the exit short
+        return {"output_dir": prepared.args.output_dir, "preempted_at": trainer.preemption.stopped_at}
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):

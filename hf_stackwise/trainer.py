@@ -41,6 +41,7 @@ from .checkpoint import (
     write_json,
 )
 from .data_plane import DataPlaneMixin
+from .faults import NONFINITE_POLICIES, FaultTolerance
 from .growth import allocate, check_growth, initialize
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
@@ -85,6 +86,17 @@ class StackwiseArguments(TrainingArguments):
         default=True,
         metadata={"help": "After each transition, check trainable ⊆ optimized and frozen parameters unchanged."},
     )
+    nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "A step whose loss or gradient norm is non-finite is never applied. `stop`: end the run with an "
+            "error naming the step and phase; `skip`: skip such steps (logged as `skipped_steps`), up to "
+            "`max_skipped_steps`, then stop."
+        },
+    )
+    max_skipped_steps: int = field(
+        default=10, metadata={"help": "With `nonfinite: skip`, how many steps the run may skip before it stops."}
+    )
     # Parameters of the data plane
     data_plane: dict | None = field(
         default=None,
@@ -99,12 +111,17 @@ class StackwiseArguments(TrainingArguments):
         if self.schedule is None:
             self.schedule = [{"name": "all", "until": 1.0, "train": "all"}]
         Schedule.from_list(self.schedule)  # fail early, with key paths
+        if self.nonfinite not in NONFINITE_POLICIES or self.max_skipped_steps < 0:
+            raise RecipeError(
+                f"training.nonfinite: {self.nonfinite!r} / training.max_skipped_steps: {self.max_skipped_steps!r}; "
+                "use `stop` or `skip`, and a limit >= 0"
+            )
         if self.ddp_find_unused_parameters is None:
             # Frozen or inactive stacks produce no gradient: DDP must look for unused parameters.
             self.ddp_find_unused_parameters = True
 
 
-class StackwiseTrainer(DataPlaneMixin, Trainer):
+class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -160,6 +177,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
         self._init_data_plane()
+        self._init_faults()
 
     # ---- the rack's parameters -------------------------------------------------------------
 
