@@ -58,6 +58,7 @@ TRAINING_OWNED_ELSEWHERE = {
     "stack_boundaries": "`rack.boundaries`",
     "rack_layers": "`rack.layers`",
     "lr_scheduler_type": "`lr_schedule` on each phase (constant | linear | cosine)",
+    "lr_scheduler_kwargs": "`lr_schedule` and `warmup` on each phase",
     "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
     "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
     "data_plane": "the top-level `data:` section and the phases' data fields",

@@ -18,7 +18,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
-    AutoTokenizer,
     TrainerCallback,
     default_data_collator,
     set_seed,
@@ -31,6 +30,7 @@ from .data import build_datasets, build_sources
 from .growth import allocate, check_growth
 from .layout import stack_sizes
 from .mixture import MixtureDataset
+from .preflight import check_arguments, check_weights, launch_settings, library_error_key, load_tokenizer
 from .quantization import (
     bnb_config,
     disable_cpu_repack,
@@ -92,7 +92,7 @@ def _type_name(hint) -> str:
 
 def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
-    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    training = launch_settings({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
     known = {f.name for f in fields(StackwiseArguments) if f.init}
     unknown = [k for k in training if k not in known]
     if unknown:
@@ -110,7 +110,7 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     if wrong:
         raise RecipeError(wrong)
     try:
-        return StackwiseArguments(
+        args = StackwiseArguments(
             **training,
             schedule=recipe.raw["schedule"],
             blocks_per_stack=recipe.rack.get("blocks_per_stack"),
@@ -122,7 +122,9 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     except RecipeError:
         raise
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"training: {err}") from None
+        raise RecipeError(f"{library_error_key(err, training)}: {' '.join(str(err).split())}") from None
+    check_arguments(recipe, args)
+    return args
 
 
 def _model_kwargs(recipe: Recipe, keys) -> dict:
@@ -133,13 +135,17 @@ def load_config(recipe: Recipe):
     path = os.path.expanduser(recipe.model["name_or_path"])
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local and not os.path.exists(path):
-        raise RecipeError(
-            f"model.name_or_path: {path!r} does not exist; give a local model folder or a Hub id like `org/name`"
-        )
+        fix = "give a local model folder or a Hub id like `org/name`"
+        if ".cache" in os.path.normpath(path).split(os.sep):
+            fix = "run `make assets` (it writes the shipped recipes' models into .cache/), or " + fix
+        raise RecipeError(f"model.name_or_path: {path!r} does not exist; {fix}")
+    check_weights(recipe, path)
     try:
         config = AutoConfig.from_pretrained(path, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS))
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RecipeError(
+            f"model.name_or_path: cannot load the config of {path!r}: {' '.join(str(err).split())}"
+        ) from None
     overrides = recipe.model.get("config") or {}
     unknown = [key for key in overrides if not hasattr(config, key)]
     if unknown:
@@ -291,7 +297,7 @@ def prepare(recipe: Recipe) -> Prepared:
     rack, skip_modules, plan = rack_from_config(recipe, config)
     plane = DataPlane.from_data(recipe.data)
     check_lengths(recipe, plane, config)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
+    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if plane.masked(recipe.schedule) and tokenizer.mask_token_id is None:
