@@ -110,7 +110,7 @@ def check_reporting(args) -> list[str]:
 
     problems = []
     for name in args.report_to or []:
-        if name not in INTEGRATION_TO_CALLBACK:
+        if not isinstance(name, str) or name not in INTEGRATION_TO_CALLBACK:
             problems.append(
                 f"training.report_to: {name!r} is not a reporting integration; use none, all or one of "
                 + ", ".join(INTEGRATION_TO_CALLBACK)

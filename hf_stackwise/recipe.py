@@ -321,7 +321,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         try:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise RecipeError(f"recipe: {path!r} is not valid YAML: {err}") from None
+            raise RecipeError(f"recipe: {path!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if isinstance(raw, dict) and "format_version" in raw:
         raise RecipeError(
             f"recipe: {path!r} is an hf_stackwise run or checkpoint manifest, not a recipe; give the YAML recipe "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -154,7 +155,16 @@ def load_config(recipe: Recipe):
             "config.json has (e.g. num_hidden_layers, hidden_size)"
         )
     for key, value in overrides.items():
-        setattr(config, key, value)
+        sized = key.startswith(("num_", "n_")) or key.endswith(("_size", "_dim", "_layers", "_heads", "_embeddings"))
+        if sized and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise RecipeError(f"model.config.{key}: {value!r} is not a positive size; give a positive integer")
+        try:
+            setattr(config, key, value)
+        except (StrictDataclassError, TypeError, ValueError) as err:
+            detail = " ".join(str(err).split())
+            raise RecipeError(
+                f"model.config.{key}: {value!r} is refused by {type(config).__name__} ({detail})"
+            ) from None
     return config
 
 
@@ -210,6 +220,8 @@ def meta_model(config, recipe: Recipe | None = None):
         with torch.device("meta"):
             return model_class.from_config(copy.deepcopy(config))
     except ValueError as err:
+        if recipe is not None and recipe.model.get("config") and type(config) in model_class._model_mapping:
+            raise config_error(recipe, config, err) from None
         if model_class is AutoModelForMaskedLM:
             raise RecipeError(
                 f"{task_key(recipe)}: `mlm` / `diffusion` need a masked-LM architecture (an encoder such as BERT, "
@@ -218,6 +230,20 @@ def meta_model(config, recipe: Recipe | None = None):
         raise RecipeError(
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
         ) from None
+    except (RuntimeError, TypeError, ZeroDivisionError, AttributeError, IndexError) as err:
+        if recipe is None or not recipe.model.get("config"):
+            raise
+        raise config_error(recipe, config, err) from None
+
+
+def config_error(recipe: Recipe, config, err: Exception) -> RecipeError:
+    """``model.config`` overrides the architecture cannot be built with."""
+    detail = " ".join(str(err).split())[:300]
+    return RecipeError(
+        f"model.config: {type(config).__name__} cannot be built with {recipe.model['config']} "
+        f"({type(err).__name__}: {detail}); give settings the architecture takes (positive sizes, heads dividing "
+        "hidden_size)"
+    )
 
 
 def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_recipe, write_recipe
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from hf_stackwise import run
 from hf_stackwise.cli import main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE = [
     {"name": "top", "until": 0.5, "train": ["top"], "learning_rate": 1e-3},
     {"name": "all", "until": 1.0, "train": "all", "learning_rate": 5e-4},
@@ -150,8 +152,7 @@ def test_a_tokenizer_larger_than_the_vocabulary(recipe_path, tmp_path, capsys):
 
 @pytest.mark.usefixtures("no_weights")
 def test_missing_demo_model_says_make_assets(tmp_path, capsys):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    demo = os.path.join(root, "recipes", "demo.yaml")
+    demo = os.path.join(ROOT, "recipes", "demo.yaml")
     missing = ".cache/models/not-made-yet"
     refused(
         ["validate", demo, "--model.name_or_path", missing, "--training.output_dir", str(tmp_path / "run")],
@@ -173,6 +174,7 @@ def test_bad_input_in_a_fresh_process_has_no_traceback(recipe_path, tiny_llama_d
         text=True,
         timeout=300,
         env=dict(os.environ, TRANSFORMERS_VERBOSITY="error"),
+        cwd=ROOT,  # this checkout's hf_stackwise, not an installed copy
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "hf-stackwise: error: model.name_or_path:" in out.stderr
@@ -220,3 +222,61 @@ def test_recipes_with_eval_data_still_evaluate(tmp_path, tiny_llama_dir, pydoc_f
     raw["data"]["eval"] = {"path": "text", "data_files": pydoc_files[1]}
     (tmp_path / "b").mkdir()
     assert main(["validate", write_recipe(tmp_path / "b", yaml.safe_load(yaml.safe_dump(raw)))]) == 0
+
+
+def launch_two(tmp_path, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, "-m", "hf_stackwise", "train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_torchrun_on_cpu_without_use_cpu_trains_one_ddp_run(tmp_path, tiny_llama_dir, pydoc_files, capsys):
+    """Without `use_cpu`, the Trainer would leave 2 torchrun processes as 2 independent trainings into one folder;
+    on a machine without an accelerator the launch becomes CPU DDP, equal to one process with the doubled batch."""
+    from safetensors.torch import load_file
+
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], SCHEDULE, per_device_train_batch_size=2, seed=0)
+    raw["training"].pop("use_cpu")
+    raw["training"]["dataloader_drop_last"] = True
+    path = write_recipe(tmp_path, raw)
+    ddp = launch_two(tmp_path, path, "--training.output_dir", str(tmp_path / "ddp"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes and no accelerator: training with CPU DDP" in ddp.stderr
+    assert (
+        main(
+            [
+                "train",
+                path,
+                "--training.output_dir",
+                str(tmp_path / "one"),
+                "--training.per_device_train_batch_size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    two, one = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    start = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
+    assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    # one process alone (batch 2) differs: the two ranks really trained together
+    assert main(["train", path, "--training.output_dir", str(tmp_path / "alone")]) == 0
+    alone = load_file(tmp_path / "alone" / "model.safetensors")
+    assert not torch.allclose(alone["model.layers.0.mlp.up_proj.weight"], one["model.layers.0.mlp.up_proj.weight"])
+
+    refused = launch_two(tmp_path, path, "--training.output_dir", str(tmp_path / "no"), "--training.use_cpu", "false")
+    assert refused.returncode != 0
+    assert "hf-stackwise: error: training.use_cpu: launched as 2 processes" in refused.stderr
+    assert "--training.use_cpu true" in refused.stderr
+    assert 'hf_stackwise/run.py", line' not in refused.stderr  # no traceback from hf_stackwise (torchrun adds its own)
+    assert not (tmp_path / "no").exists()
