@@ -232,7 +232,12 @@ def _check_data(data, problems: list[str]) -> dict:
         problems.append("data: expected a mapping with at least `train` (datasets.load_dataset arguments)")
         return {}
     _check_keys(data, DATA_KEYS, "data", problems)
-    if isinstance(data.get("datasets"), dict) and data["datasets"]:
+    if data.get("datasets") is not None and not isinstance(data["datasets"], dict):
+        problems.append(
+            f"data.datasets: {data['datasets']!r} is not a mapping of source names to `datasets.load_dataset` "
+            "arguments (e.g. {docs: {path: text, data_files: docs.txt}})"
+        )
+    elif isinstance(data.get("datasets"), dict) and data["datasets"]:
         if data.get("train") is not None:
             problems.append("data: give either `train` or named `datasets` (a mixture), not both")
         for name, spec in data["datasets"].items():
@@ -264,7 +269,7 @@ def _check_training(training, problems: list[str]) -> dict:
     for key, where in TRAINING_OWNED_ELSEWHERE.items():
         if key in training:
             problems.append(f"training.{key}: set by the schedule; use {where}")
-    if not isinstance(training.get("output_dir"), str):
+    if not isinstance(training.get("output_dir"), str) or not training["output_dir"].strip():
         problems.append("training.output_dir: missing; say where checkpoints and the final model go")
     return training
 

@@ -28,6 +28,7 @@ from .adapters import plan_adapters, resolve_targets
 from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
 from .data import build_datasets, build_sources
+from .errors import StackwiseError
 from .growth import allocate, check_growth
 from .layout import stack_sizes
 from .mixture import MixtureDataset
@@ -381,14 +382,23 @@ def load_model(prepared: Prepared):
 
 
 def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
-    return StackwiseTrainer(
-        model=model if model is not None else load_model(prepared),
-        args=prepared.args,
-        train_dataset=prepared.train_dataset,
-        eval_dataset=prepared.eval_dataset,
-        processing_class=prepared.tokenizer,
-        data_collator=default_data_collator,
-    )
+    model = model if model is not None else load_model(prepared)
+    try:
+        return StackwiseTrainer(
+            model=model,
+            args=prepared.args,
+            train_dataset=prepared.train_dataset,
+            eval_dataset=prepared.eval_dataset,
+            processing_class=prepared.tokenizer,
+            data_collator=default_data_collator,
+        )
+    except StackwiseError:
+        raise
+    except ValueError as err:  # the Trainer refusing a training setting: name it (anything else stays a bug)
+        key = library_error_key(err, prepared.recipe.training)
+        if key == "training":
+            raise
+        raise RecipeError(f"{key}: {' '.join(str(err).split())}") from err
 
 
 class KeepRecipe(TrainerCallback):

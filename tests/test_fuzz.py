@@ -30,6 +30,8 @@ refused_count = {"examples": 0, "n": 0, "kinds": {}}
 FREE_FORM = ("data_files", "split", "streaming", "name")
 # Keys a recipe must have (missing → refused); per phase, `until`.
 REQUIRED = [("model",), ("data",), ("schedule",), ("training",), ("model", "name_or_path"), ("training", "output_dir")]
+# Fractions, for which a value above 1 is out of range too.
+FRACTIONS = {"until", "warmup", "eval_fraction", "mask_rate", "eval_mask_rate", "dropout", "diffusion_min_rate"}
 # Numeric leaves for which a negative value is still valid.
 NEGATIVE_OK = {("training", "max_steps")}
 
@@ -105,6 +107,8 @@ def mutations(draw):
         ]
         path, value = draw(st.sampled_from(candidates))
         bad = draw(st.sampled_from([-1, -7, -0.5, -1e-3])) if value >= 0 else abs(value) + 1
+        if path[-1] in FRACTIONS and draw(st.booleans()):
+            bad = draw(st.sampled_from([1.5, 2, 100]))
         set_at(raw, path, bad)
         return name, raw, kind, [path]
     if kind == "unknown":
@@ -123,7 +127,11 @@ def mutations(draw):
         node = raw
         for part in path[:-1]:
             node = node[part]
-        del node[path[-1]]
+        blank = draw(st.sampled_from(["delete", None, ""]))  # absent, `key: null` or `key: ""`
+        if blank == "delete":
+            del node[path[-1]]
+        else:
+            node[path[-1]] = blank
         return name, raw, kind, [path]
     if kind == "order":
         phases = raw["schedule"]
