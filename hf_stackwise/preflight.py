@@ -221,10 +221,10 @@ def load_tokenizer(recipe, config, keys: tuple[str, ...]):
             "tokenizer into the model folder (tokenizer.save_pretrained)"
             + (f", or check {', '.join(given)}" if given else "")
         ) from None
-    vocab = getattr(config, "vocab_size", None)
-    if isinstance(vocab, int) and len(tokenizer) > vocab:
+    vocab, base = getattr(config, "vocab_size", None), getattr(tokenizer, "vocab_size", None)
+    if isinstance(vocab, int) and isinstance(base, int) and base > vocab:  # plain text would index past the table
         raise RecipeError(
-            f"model.name_or_path: the tokenizer of {name!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"model.name_or_path: the tokenizer of {name!r} has {base} tokens but the model's vocab_size is "
             f"{vocab}, so some token ids have no embedding; use the model's own tokenizer"
             + (" or raise `model.config.vocab_size`" if recipe.model.get("from_scratch") else "")
         )
