@@ -147,32 +147,37 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | bool | None) -
     return None if resume_from_checkpoint is False else resume_from_checkpoint
 
 
-def describe_differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between a saved and a current run identity."""
+def _key_differences(path: str, old, new, then: str) -> list[str]:
+    """``path.key: old <then>, new now`` for each leaf key that differs (not whole sections)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for key in sorted(set(old) | set(new), key=str)
+            for line in _key_differences(f"{path}.{key}", old.get(key), new.get(key), then)
+        ]
+    return [] if old == new else [f"{path}: {old!r} {then}, {new!r} now"]
+
+
+def describe_differences(saved: dict, current: dict, then: str = "in the checkpoint") -> list[str]:
+    """Human-readable differences between a saved and a current run identity, one line per differing key."""
     changes = []
     old_phases, new_phases = saved.get("schedule", []), current.get("schedule", [])
     if len(old_phases) != len(new_phases):
-        changes.append(f"schedule: {len(old_phases)} phases in the checkpoint, {len(new_phases)} in the recipe")
+        changes.append(f"schedule: {len(old_phases)} phases {then}, {len(new_phases)} in the recipe")
     for i, (old, new) in enumerate(zip(old_phases, new_phases, strict=False)):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                changes.append(f"schedule[{i}].{key}: {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+        changes += _key_differences(f"schedule[{i}]", old, new, then)
     old_defaults, new_defaults = saved.get("defaults", {}), current.get("defaults", {})
     for key in sorted(set(old_defaults) | set(new_defaults)):
-        if old_defaults.get(key) != new_defaults.get(key):
-            where = {"quantization": "model.quantization", "data": "data"}.get(key, f"training.{key}")
-            why = "" if key in ("quantization", "data") else " (phases without their own value use it)"
-            changes.append(f"{where}: {old_defaults.get(key)!r} in the checkpoint, {new_defaults.get(key)!r} now{why}")
-    if saved.get("adapters", {}) != current.get("adapters", {}):
-        changes.append(f"adapters: {saved.get('adapters')} in the checkpoint, {current.get('adapters')} now")
-    if saved.get("rack") != current.get("rack"):
-        changes.append(f"rack: {saved.get('rack')} in the checkpoint, {current.get('rack')} now")
+        where = {"quantization": "model.quantization", "data": "data"}.get(key, f"training.{key}")
+        lines = _key_differences(where, old_defaults.get(key), new_defaults.get(key), then)
+        why = "" if key in ("quantization", "data") else " (phases without their own value use it)"
+        changes += [line + why for line in lines]
+    changes += _key_differences("adapters", saved.get("adapters") or {}, current.get("adapters") or {}, then)
+    rack_changes = _key_differences("rack", saved.get("rack") or {}, current.get("rack") or {}, then)
+    changes += [line + " (from rack.blocks_per_stack / boundaries / layers)" for line in rack_changes]
     old_total, new_total = saved.get("total_steps"), current.get("total_steps")
     if old_total is not None and new_total is not None and old_total != new_total:
-        changes.append(
-            f"training.max_steps: the checkpoint's run has {old_total} steps, this one {new_total} "
-            "(phase boundaries would move)"
-        )
+        changes.append(f"training.max_steps: {old_total} {then}, {new_total} now (phase boundaries would move)")
     return changes
 
 
@@ -208,16 +213,25 @@ def check_output_dir(output_dir: str, current: dict, resuming: bool, overwrite: 
     if overwrite or resuming or not os.path.isdir(output_dir) or not os.listdir(output_dir):
         return
     run_manifest = os.path.join(output_dir, RUN_MANIFEST_NAME)
-    fix = (
-        "set `training.overwrite_output_dir: true` to replace it, `training.resume_from_checkpoint: true` to "
-        "continue it, or choose another `training.output_dir`"
-    )
+    replace = "set `training.overwrite_output_dir: true` to replace it, or choose another `training.output_dir`"
     if not os.path.isfile(run_manifest):
-        raise OutputDirError(f"training.output_dir: {output_dir!r} is not empty and holds no hf_stackwise run; {fix}")
-    changes = describe_differences(read_json(run_manifest), current)
+        raise OutputDirError(
+            f"training.output_dir: {output_dir!r} is not empty and holds no hf_stackwise run; {replace}"
+        )
+    changes = describe_differences(read_json(run_manifest), current, then="in that run")
     if changes:
         raise OutputDirError(
-            f"training.output_dir: {output_dir!r} holds a different run (" + "; ".join(changes) + f"); {fix}"
+            f"training.output_dir: {output_dir!r} holds a different run, which this recipe cannot continue ("
+            + "; ".join(changes)
+            + f"); {replace}"
+            + (
+                ", or restore those keys to continue that run with `training.resume_from_checkpoint: true`"
+                if complete_checkpoints(output_dir)
+                else ""
+            )
         )
     if complete_checkpoints(output_dir):
-        raise OutputDirError(f"training.output_dir: {output_dir!r} already holds checkpoints of this run; {fix}")
+        raise OutputDirError(
+            f"training.output_dir: {output_dir!r} already holds checkpoints of this run; set "
+            f"`training.resume_from_checkpoint: true` to continue it, or {replace[4:]}"
+        )

@@ -20,6 +20,12 @@ def _load(spec: dict, key: str) -> Dataset:
         loaded = load_dataset(**spec, split=split)
     except FileNotFoundError as err:
         raise RecipeError(f"{key}: {err}; check `data_files` / `path`") from None
+    except (TypeError, ValueError, ConnectionError) as err:  # arguments load_dataset does not take
+        detail = " ".join(str(err).split())[:300]
+        raise RecipeError(
+            f"{key}: datasets.load_dataset refuses these arguments ({type(err).__name__}: {detail}); give it "
+            "`path`, `data_files`, `split` and the builder's own options"
+        ) from None
     if isinstance(loaded, (DatasetDict, IterableDatasetDict)):  # a split that was not a plain name
         loaded = loaded[next(iter(loaded))]
     return loaded

@@ -323,15 +323,14 @@ def _phase_data(phase: Phase, recipe: Recipe) -> dict:
 
 def total_steps_of(recipe: Recipe, args, config) -> int:
     """``training.max_steps``; without it, epochs × steps per epoch, which needs the tokenized data."""
-    from .run import TOKENIZER_KEYS, _model_kwargs, planned_total_steps
+    from .run import TOKENIZER_KEYS, planned_total_steps
 
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
-    from transformers import AutoTokenizer
-
     from .data import build_datasets
+    from .preflight import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
+    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
     max_seq_length = recipe.data.get("max_seq_length", 512)
     train, _ = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
     return planned_total_steps(args, len(train) if hasattr(train, "__len__") else None)

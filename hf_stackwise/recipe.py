@@ -58,6 +58,7 @@ TRAINING_OWNED_ELSEWHERE = {
     "stack_boundaries": "`rack.boundaries`",
     "rack_layers": "`rack.layers`",
     "lr_scheduler_type": "`lr_schedule` (and `lr_schedule_kwargs`) on each phase: any transformers step schedule",
+    "lr_scheduler_kwargs": "`lr_schedule_kwargs` (with `lr_schedule` and `warmup`) on each phase",
     "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
     "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
     "data_plane": "the top-level `data:` section and the phases' data fields",
@@ -231,7 +232,12 @@ def _check_data(data, problems: list[str]) -> dict:
         problems.append("data: expected a mapping with at least `train` (datasets.load_dataset arguments)")
         return {}
     _check_keys(data, DATA_KEYS, "data", problems)
-    if isinstance(data.get("datasets"), dict) and data["datasets"]:
+    if data.get("datasets") is not None and not isinstance(data["datasets"], dict):
+        problems.append(
+            f"data.datasets: {data['datasets']!r} is not a mapping of source names to `datasets.load_dataset` "
+            "arguments (e.g. {docs: {path: text, data_files: docs.txt}})"
+        )
+    elif isinstance(data.get("datasets"), dict) and data["datasets"]:
         if data.get("train") is not None:
             problems.append("data: give either `train` or named `datasets` (a mixture), not both")
         for name, spec in data["datasets"].items():
@@ -263,7 +269,7 @@ def _check_training(training, problems: list[str]) -> dict:
     for key, where in TRAINING_OWNED_ELSEWHERE.items():
         if key in training:
             problems.append(f"training.{key}: set by the schedule; use {where}")
-    if not isinstance(training.get("output_dir"), str):
+    if not isinstance(training.get("output_dir"), str) or not training["output_dir"].strip():
         problems.append("training.output_dir: missing; say where checkpoints and the final model go")
     return training
 
@@ -320,7 +326,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         try:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise RecipeError(f"recipe: {path!r} is not valid YAML: {err}") from None
+            raise RecipeError(f"recipe: {path!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if isinstance(raw, dict) and "format_version" in raw:
         raise RecipeError(
             f"recipe: {path!r} is an hf_stackwise run or checkpoint manifest, not a recipe; give the YAML recipe "

@@ -15,11 +15,11 @@ from dataclasses import dataclass, fields
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
-    AutoTokenizer,
     TrainerCallback,
     default_data_collator,
     set_seed,
@@ -29,9 +29,11 @@ from .adapters import plan_adapters, resolve_targets
 from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
 from .data import build_datasets, build_sources
+from .errors import StackwiseError
 from .growth import allocate, check_growth
 from .layout import stack_sizes
 from .mixture import MixtureDataset
+from .preflight import check_arguments, check_weights, launch_settings, library_error_key, load_tokenizer
 from .quantization import (
     bnb_config,
     disable_cpu_repack,
@@ -93,7 +95,7 @@ def _type_name(hint) -> str:
 
 def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
-    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    training = launch_settings({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
     known = {f.name for f in fields(StackwiseArguments) if f.init}
     unknown = [k for k in training if k not in known]
     if unknown:
@@ -111,7 +113,7 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     if wrong:
         raise RecipeError(wrong)
     try:
-        return StackwiseArguments(
+        args = StackwiseArguments(
             **training,
             schedule=recipe.raw["schedule"],
             blocks_per_stack=recipe.rack.get("blocks_per_stack"),
@@ -123,7 +125,9 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     except RecipeError:
         raise
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"training: {err}") from None
+        raise RecipeError(f"{library_error_key(err, training)}: {' '.join(str(err).split())}") from None
+    check_arguments(recipe, args)
+    return args
 
 
 def _model_kwargs(recipe: Recipe, keys) -> dict:
@@ -134,13 +138,17 @@ def load_config(recipe: Recipe):
     path = os.path.expanduser(recipe.model["name_or_path"])
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
     if looks_local and not os.path.exists(path):
-        raise RecipeError(
-            f"model.name_or_path: {path!r} does not exist; give a local model folder or a Hub id like `org/name`"
-        )
+        fix = "give a local model folder or a Hub id like `org/name`"
+        if ".cache" in os.path.normpath(path).split(os.sep):
+            fix = "run `make assets` (it writes the shipped recipes' models into .cache/), or " + fix
+        raise RecipeError(f"model.name_or_path: {path!r} does not exist; {fix}")
+    check_weights(recipe, path)
     try:
         config = AutoConfig.from_pretrained(path, **_model_kwargs(recipe, FROM_PRETRAINED_KEYS))
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"model.name_or_path: cannot load the config of {path!r}: {err}") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RecipeError(
+            f"model.name_or_path: cannot load the config of {path!r}: {' '.join(str(err).split())}"
+        ) from None
     overrides = recipe.model.get("config") or {}
     unknown = [key for key in overrides if not hasattr(config, key)]
     if unknown:
@@ -149,7 +157,16 @@ def load_config(recipe: Recipe):
             "config.json has (e.g. num_hidden_layers, hidden_size)"
         )
     for key, value in overrides.items():
-        setattr(config, key, value)
+        sized = key.startswith(("num_", "n_")) or key.endswith(("_size", "_dim", "_layers", "_heads", "_embeddings"))
+        if sized and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise RecipeError(f"model.config.{key}: {value!r} is not a positive size; give a positive integer")
+        try:
+            setattr(config, key, value)
+        except (StrictDataclassError, TypeError, ValueError) as err:
+            detail = " ".join(str(err).split())
+            raise RecipeError(
+                f"model.config.{key}: {value!r} is refused by {type(config).__name__} ({detail})"
+            ) from None
     return config
 
 
@@ -205,6 +222,8 @@ def meta_model(config, recipe: Recipe | None = None):
         with torch.device("meta"):
             return model_class.from_config(copy.deepcopy(config))
     except ValueError as err:
+        if recipe is not None and recipe.model.get("config") and type(config) in model_class._model_mapping:
+            raise config_error(recipe, config, err) from None
         if model_class is AutoModelForMaskedLM:
             raise RecipeError(
                 f"{task_key(recipe)}: `mlm` / `diffusion` need a masked-LM architecture (an encoder such as BERT, "
@@ -213,6 +232,20 @@ def meta_model(config, recipe: Recipe | None = None):
         raise RecipeError(
             f"data.task: `clm` needs a causal-LM architecture, and {config.model_type!r} has none ({err})"
         ) from None
+    except (RuntimeError, TypeError, ZeroDivisionError, AttributeError, IndexError) as err:
+        if recipe is None or not recipe.model.get("config"):
+            raise
+        raise config_error(recipe, config, err) from None
+
+
+def config_error(recipe: Recipe, config, err: Exception) -> RecipeError:
+    """``model.config`` overrides the architecture cannot be built with."""
+    detail = " ".join(str(err).split())[:300]
+    return RecipeError(
+        f"model.config: {type(config).__name__} cannot be built with {recipe.model['config']} "
+        f"({type(err).__name__}: {detail}); give settings the architecture takes (positive sizes, heads dividing "
+        "hidden_size)"
+    )
 
 
 def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
@@ -311,7 +344,7 @@ def check_recipe(recipe: Recipe) -> Checked:
 def prepare(recipe: Recipe) -> Prepared:
     """Validate the recipe against the model's config, the data and the output directory; load no weights."""
     args, config, rack, skip_modules, plan, plane = check_recipe(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model["name_or_path"], **_model_kwargs(recipe, TOKENIZER_KEYS))
+    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if plane.masked(recipe.schedule) and tokenizer.mask_token_id is None:
@@ -369,14 +402,23 @@ def load_model(prepared: Prepared):
 
 
 def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
-    return StackwiseTrainer(
-        model=model if model is not None else load_model(prepared),
-        args=prepared.args,
-        train_dataset=prepared.train_dataset,
-        eval_dataset=prepared.eval_dataset,
-        processing_class=prepared.tokenizer,
-        data_collator=default_data_collator,
-    )
+    model = model if model is not None else load_model(prepared)
+    try:
+        return StackwiseTrainer(
+            model=model,
+            args=prepared.args,
+            train_dataset=prepared.train_dataset,
+            eval_dataset=prepared.eval_dataset,
+            processing_class=prepared.tokenizer,
+            data_collator=default_data_collator,
+        )
+    except StackwiseError:
+        raise
+    except ValueError as err:  # the Trainer refusing a training setting: name it (anything else stays a bug)
+        key = library_error_key(err, prepared.recipe.training)
+        if key == "training":
+            raise
+        raise RecipeError(f"{key}: {' '.join(str(err).split())}") from err
 
 
 class KeepRecipe(TrainerCallback):
