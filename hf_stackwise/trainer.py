@@ -40,10 +40,11 @@ from .checkpoint import (
     run_identity,
     write_json,
 )
+from .checksum import tensor_checksums
 from .data_plane import DataPlaneMixin
 from .growth import allocate, check_growth, initialize
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
-from .rack import Rack, parameter_fingerprint
+from .rack import Rack
 from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
 
 logger = logging.get_logger(__name__)
@@ -156,7 +157,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         self._grad_norms: dict[str, float] = {}
         self._phase_state = None
         self._frozen: list[tuple[str, torch.nn.Parameter]] = []
-        self._fingerprints: dict[str, tuple[float, float]] = {}
+        self._fingerprints: dict[str, tuple | None] = {}
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
         self._init_data_plane()
@@ -257,12 +258,13 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         state = self.resolved.state_at(step, self._base)
         if self._phase_state is not None and state.index == self._phase_state.index:
             return
-        if self.args.check_invariants:
-            self._check_frozen_untouched()
+        verified = self._check_frozen_untouched() if self.args.check_invariants else {}
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
         if step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
             self._grow(state.grown, step)
+            if state.grown:
+                verified = {}  # growth wrote into blocks that were frozen: checksum them again
             if phase.optimizer_state == "reset":
                 self.optimizer.state.clear()
         self._phase_blocks = self.layout.blocks(state.order)
@@ -280,8 +282,10 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         for group in self.optimizer.param_groups:
             group["weight_decay"] = weight_decay if group["stackwise_decay"] else 0.0
         self._check_trainable_optimized()
-        if self.args.check_invariants:
-            self._fingerprints = {name: parameter_fingerprint(p) for name, p in self._frozen}
+        if self.args.check_invariants:  # still frozen: the checksum just verified; newly frozen: a new one
+            new = [(n, p) for n, p in self._frozen if n not in verified]
+            fresh = dict(zip((n for n, _ in new), tensor_checksums(p for _, p in new)))
+            self._fingerprints = {n: verified[n] if n in verified else fresh[n] for n, _ in self._frozen}
         self._phase_state = state
         self._show_phase_in_progress_bar(state.name)
         if self.is_world_process_zero():
@@ -312,15 +316,18 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
                 f"(first: {stray[0]}); they would never update"
             )
 
-    def _check_frozen_untouched(self) -> None:
-        by_name = {name: p for name, p in self._frozen}
-        changed = [n for n, fp in self._fingerprints.items() if parameter_fingerprint(by_name[n]) != fp]
+    def _check_frozen_untouched(self) -> dict[str, tuple | None]:
+        """Compare every parameter frozen in the applied phase with its checksum; returns the checksums."""
+        names = [name for name, _ in self._frozen]
+        current = dict(zip(names, tensor_checksums(p for _, p in self._frozen)))
+        changed = [n for n in names if current[n] != self._fingerprints[n]]
         if changed:
             phase = self._phase_state.name if self._phase_state else "?"
             raise RuntimeError(
                 f"hf_stackwise invariant broken: {len(changed)} parameters frozen in phase {phase!r} changed "
                 f"(first: {changed[0]})"
             )
+        return current
 
     def producing_blocks(self) -> list[int]:
         """Physical blocks, bottom → top, of the phase that produced the current weights (what eval and export
