@@ -24,7 +24,6 @@ import safetensors.torch
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import ProgressCallback, Trainer, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -43,6 +42,8 @@ from .checkpoint import (
 from .checksum import tensor_checksums
 from .data_plane import DataPlaneMixin
 from .growth import allocate, check_growth, initialize
+from .metrics import grad_scale, unit_grad_norms
+from .optimizers import check_cls_and_kwargs, check_user_optimizers
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack
 from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
@@ -116,8 +117,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
                 "training.fsdp / training.deepspeed: phase transitions change the trainable set, which sharded "
                 "optimizers do not support here yet; use DDP (`accelerate launch` / `torchrun`) instead"
             )
-        if kwargs.get("optimizers", (None, None))[1] is not None:
-            raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
+        check_user_optimizers(kwargs.get("optimizers"), kwargs.get("optimizer_cls_and_kwargs"), args)
         schedule = Schedule.from_list(args.schedule)
         if hasattr(model, "peft_config") and schedule.uses_lora():
             raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
@@ -209,12 +209,11 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
             }
             for (owners, decay), params in groups.items()
         ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            raise RecipeError(
-                f"training.optim: {self.args.optim!r} builds its own parameter groups, which a phase schedule "
-                "cannot drive; use an AdamW variant, SGD, Adafactor, RMSprop, Lion or another standard optimizer"
-            )
+        chosen, where = self.optimizer_cls_and_kwargs, "optimizer_cls_and_kwargs"  # the user's class and kwargs
+        if chosen is None:
+            chosen = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            where = f"training.optim: {self.args.optim}"
+        optimizer_cls, optimizer_kwargs = check_cls_and_kwargs(chosen, where)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -355,17 +354,18 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         return loss
 
     def _is_logging_step(self) -> bool:
-        steps = self.args.logging_steps
-        return self.args.logging_strategy == "steps" and steps > 0 and (self.state.global_step + 1) % steps == 0
+        """Whether the step now running ends with a log: the Trainer's rule, with its resolved ``logging_steps``
+        (a fraction of the run is an integer in ``state.logging_steps``)."""
+        step = self.state.global_step + 1
+        if step == 1 and self.args.logging_first_step:
+            return True
+        steps = self.state.logging_steps
+        return self.args.logging_strategy == "steps" and steps > 0 and step % steps == 0
 
     def _unit_grad_norms(self) -> dict[str, float]:
-        """L2 norm of each unit's (synchronized, unclipped) gradient; a tied tensor counts for its first unit."""
-        squares: dict[str, torch.Tensor] = {}
-        for _, param, owners in self._params:
-            if param.grad is not None:
-                value = param.grad.detach().float().pow(2).sum()
-                squares[owners[0]] = squares[owners[0]] + value if owners[0] in squares else value
-        return {unit: float(total.sqrt()) for unit, total in squares.items()}
+        """L2 norm of each unit's (synchronized, unclipped, unscaled) gradient; a tied tensor counts for its first
+        unit."""
+        return unit_grad_norms(self._params, grad_scale(self.accelerator))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._transform_eval_inputs(inputs)
@@ -376,6 +376,9 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add ``t``, the phase, the trainable parameter count, each unit's learning rate and gradient norm."""
+        if self.resolved is not None and self._phase_state is None:  # eval_on_start: the model of phase 0
+            first = self.resolved.state_at(0, self._base)
+            logs.update(t=0.0, phase=first.name, phase_index=first.index)
         if self.resolved is not None and self._phase_state is not None:
             step = self.state.global_step
             logs["t"] = round(self.resolved.t(step), 6)
