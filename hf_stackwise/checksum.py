@@ -1,21 +1,23 @@
 """Exact change detection for frozen tensors: checksums over their raw bytes, in chunks, on their own device.
 
-A tensor's bytes are read as 32-bit words ``w_i`` (sign-extended to int64; a final partial word is padded
-with zero bytes) and three sums are kept modulo 2**64: ``Σ w_i``, ``Σ i·w_i`` and ``Σ w_i²``, with ``i`` the
-word's position in the tensor. The first sum alone changes whenever one word changes (the change is
+A tensor's bytes are read as signed 32-bit words ``w_i`` (a final partial word is padded with zero bytes) and
+three sums are kept modulo 2**64: ``Σ w_i``, ``Σ i·w_i`` and ``Σ (w_i² mod 2**32)``, with ``i`` the word's
+position in the tensor. The first sum alone changes whenever one word changes (the change is
 nonzero and smaller than 2**32); the first two together change whenever the changes are confined to two
 words of a tensor under 16 GiB (``(i - j)·Δ`` cannot be a multiple of 2**64). A wider change goes unseen
 only if all three sums coincide, which no optimizer update or in-place write does short of crafting it.
 Any dtype is read the same way (float, bfloat16, int8, bitsandbytes' packed uint8), so the check is
 bit-exact: ``torch.equal`` tensors of one dtype and shape have equal checksums, and -0.0 differs from 0.0.
 
-The bytes are never copied as a whole: each chunk of ``chunk_bytes`` is widened into buffers of
-``2 × chunk_bytes`` each (words, index, product), so the extra memory is a few chunks whatever the
-tensor size, and a whole list of tensors is summed with one device synchronization at the end.
+The bytes are never copied as a whole: each chunk of ``chunk_bytes`` is read in place (a misaligned view or a
+non-contiguous tensor copies one chunk), with two int64 buffers of ``2 × chunk_bytes`` (positions, products),
+so the extra memory is a few chunks whatever the tensor size, and a whole list of tensors is summed with one
+device synchronization at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -37,10 +39,11 @@ def tensor_checksums(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_B
         device = tensor.device
         if device not in buffers:
             index = torch.arange(words, dtype=torch.int64, device=device)
-            buffers[device] = (torch.empty_like(index), index, torch.empty_like(index))
+            buffers[device] = (index, torch.empty_like(index))
         total = torch.zeros(3, dtype=torch.int64, device=device)
-        for start, part in _word_chunks(tensor.detach(), chunk_bytes):
-            _accumulate(total, part, start, buffers[device])
+        with _one_thread():
+            for start, part in _word_chunks(tensor.detach(), chunk_bytes):
+                _accumulate(total, part, start, buffers[device])
         sums.append(total)
     values = [None if s is None else s.tolist() for s in sums]  # the only synchronization
     return [None if v is None else (str(t.dtype), tuple(t.shape), *v) for t, v in zip(tensors, values)]
@@ -82,11 +85,22 @@ def _word_chunks(tensor: torch.Tensor, chunk_bytes: int):
 
 def _accumulate(total: torch.Tensor, part: torch.Tensor, start: int, buffers) -> None:
     """Add one chunk's three sums (mod 2**64) to ``total``; ``start`` is the chunk's first word position."""
-    wide, index, product = (b[: part.numel()] for b in buffers)
-    wide.copy_(part)  # int32 → int64, sign-extended
-    chunk_sum = wide.sum()
-    torch.mul(wide, index, out=product)
+    index, product = (b[: part.numel()] for b in buffers)
+    chunk_sum = part.sum(dtype=torch.int64)
+    torch.mul(part, index, out=product)  # int32 · int64 → int64
     total[0] += chunk_sum
     total[1] += product.sum() + chunk_sum * start  # Σ (start + j)·w_j
-    torch.mul(wide, wide, out=product)
+    torch.mul(part, part, out=product)  # the squares, modulo 2**32: a nonlinear mix
     total[2] += product.sum()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Sum on one CPU thread: a chunk's ops are too small to gain from torch's thread pool, whose synchronization
+    dominates (tens of times slower) when other processes keep the cores busy. GPU kernels are unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
