@@ -1,9 +1,9 @@
 """Cost of a phase transition on a real model, as a multiple of the median training step of the same run.
 
-Run it (CPU only, offline, about 2-3 minutes with the defaults on 2 cores)::
+Run it (CPU only, offline; a few minutes with the defaults on 2 idle cores)::
 
     make bench                          # or: python benchmarks/transition.py
-    python benchmarks/transition.py --steps 10   # a quick smoke run
+    python benchmarks/transition.py --steps 10 --drop 1   # a quick smoke run
 
 The job: SmolLM2-135M-Instruct from ``.cache/models`` (30 blocks, fp32, tied embeddings; ``make assets``
 puts it there), stacks of 6 blocks, on real prose (``pydoc_data.topics`` tokenized by the model's
@@ -19,7 +19,10 @@ both sides reuse the checksum just verified). The *step* is the span from ``on_s
 that began a phase. The table gives each transition's time, the part spent in checksums, and the ratio to
 the median step (target < 1). For comparison, the former check — a float64 copy of every frozen tensor
 summed with its squares, on both sides of the transition — is timed on the same tensors right after each
-transition (outside the timed window). A report, not a test: the exit status is 0 whatever the ratio.
+transition (outside the timed window). The checksums run on one thread, the steps on torch's pool: on a
+machine busy with other work the steps slow down more than the checksums, so read the ratio with the
+printed load average (idle, the checksums take about 0.1 s per 128 MB of frozen weights). A report, not a
+test: the exit status is 0 whatever the ratio.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ def token_rows(tokenizer, seq_len: int, count: int) -> list[list[int]]:
     return rows[:count]
 
 
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
     import hf_stackwise.trainer as trainer_module
     from hf_stackwise.checksum import float64_fingerprint
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=0,
         )
         trainer = TimedTrainer(model=model, args=training_args, train_dataset=dataset, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # it prints the final train metrics
+        load_start = load_average()
         trainer.train()
     starts = {t["step"] for t in transitions} | {0}
     steps = [s for k, s in timer.spans if k >= args.drop and k not in starts]
@@ -169,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  torch {torch.__version__}  transformers {transformers.__version__}  threads {torch.get_num_threads()}")
     print(f"  model {os.path.basename(args.model)}: {n_params:,} parameters, fp32, 5 stacks of 6 blocks")
     print(f"  {args.steps} steps, batch {args.batch_size} x {args.seq_len} tokens, AdamW, check_invariants on")
+    print(f"  load average {load_start} at start, {load_average()} at end (other work slows the steps)")
     print(
         f"  median step {1000 * median:.0f} ms over {len(steps)} steps (min {1000 * min(steps):.0f}, max "
         f"{1000 * max(steps):.0f})"
