@@ -14,6 +14,7 @@ import torch
 
 from .curriculum import DataPlane, DataState
 from .masking import IGNORE_INDEX, Vocabulary, mask_for_diffusion, mask_for_mlm, split_rows
+from .metrics import is_causal_lm
 from .mixture import MixtureDataset
 from .schedule import RecipeError
 
@@ -139,13 +140,14 @@ class DataPlaneMixin:
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        """Adds ``<prefix>_masked_accuracy`` for masked tasks, ``<prefix>_perplexity`` for the causal LM."""
+        """Adds ``<prefix>_masked_accuracy`` when the eval masks (a masked task), ``<prefix>_perplexity`` when it
+        does not and the model is a causal LM (its loss is then a mean token cross-entropy)."""
         self._masked_counts = torch.zeros(2, dtype=torch.long)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self._vocab is not None:
             counts = self.accelerator.reduce(self._masked_counts.to(self.args.device), reduction="sum")
             output.metrics[f"{metric_key_prefix}_masked_accuracy"] = float(counts[0]) / max(int(counts[1]), 1)
-        elif output.metrics.get(f"{metric_key_prefix}_loss") is not None:
+        elif output.metrics.get(f"{metric_key_prefix}_loss") is not None and is_causal_lm(self.model):
             loss = output.metrics[f"{metric_key_prefix}_loss"]
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
         return output

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from .layout import stack_sizes
@@ -258,9 +257,3 @@ def per_layer_config_keys(config, num_blocks: int) -> list[str]:
         for key, value in vars(config).items()
         if isinstance(value, list) and len(value) == num_blocks and key != "architectures"
     ]
-
-
-def parameter_fingerprint(param: torch.Tensor) -> tuple[float, float]:
-    """Cheap fingerprint of a tensor's values (float64 sum and sum of squares) to detect changes."""
-    data = param.detach().to(torch.float64)
-    return float(data.sum()), float((data * data).sum())

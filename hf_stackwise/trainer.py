@@ -24,7 +24,6 @@ import safetensors.torch
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import ProgressCallback, Trainer, TrainingArguments
-from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -40,11 +39,14 @@ from .checkpoint import (
     run_identity,
     write_json,
 )
+from .checksum import tensor_checksums
 from .data_plane import DataPlaneMixin
 from .faults import NONFINITE_POLICIES, FaultTolerance
 from .growth import allocate, check_growth, initialize
+from .metrics import grad_scale, unit_grad_norms
+from .optimizers import check_cls_and_kwargs, check_user_optimizers
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
-from .rack import Rack, parameter_fingerprint
+from .rack import Rack
 from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
 
 logger = logging.get_logger(__name__)
@@ -132,8 +134,7 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
                 "training.fsdp / training.deepspeed: phase transitions change the trainable set, which sharded "
                 "optimizers do not support here yet; use DDP (`accelerate launch` / `torchrun`) instead"
             )
-        if kwargs.get("optimizers", (None, None))[1] is not None:
-            raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
+        check_user_optimizers(kwargs.get("optimizers"), kwargs.get("optimizer_cls_and_kwargs"), args)
         schedule = Schedule.from_list(args.schedule)
         if hasattr(model, "peft_config") and schedule.uses_lora():
             raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
@@ -173,7 +174,7 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         self._grad_norms: dict[str, float] = {}
         self._phase_state = None
         self._frozen: list[tuple[str, torch.nn.Parameter]] = []
-        self._fingerprints: dict[str, tuple[float, float]] = {}
+        self._fingerprints: dict[str, tuple | None] = {}
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
         self._init_data_plane()
@@ -226,12 +227,11 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
             }
             for (owners, decay), params in groups.items()
         ]
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
-            raise RecipeError(
-                f"training.optim: {self.args.optim!r} builds its own parameter groups, which a phase schedule "
-                "cannot drive; use an AdamW variant, SGD, Adafactor, RMSprop, Lion or another standard optimizer"
-            )
+        chosen, where = self.optimizer_cls_and_kwargs, "optimizer_cls_and_kwargs"  # the user's class and kwargs
+        if chosen is None:
+            chosen = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            where = f"training.optim: {self.args.optim}"
+        optimizer_cls, optimizer_kwargs = check_cls_and_kwargs(chosen, where)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -275,12 +275,13 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         state = self.resolved.state_at(step, self._base)
         if self._phase_state is not None and state.index == self._phase_state.index:
             return
-        if self.args.check_invariants:
-            self._check_frozen_untouched()
+        verified = self._check_frozen_untouched() if self.args.check_invariants else {}
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
         if step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
             self._grow(state.grown, step)
+            if state.grown:
+                verified = {}  # growth wrote into blocks that were frozen: checksum them again
             if phase.optimizer_state == "reset":
                 self.optimizer.state.clear()
         self._phase_blocks = self.layout.blocks(state.order)
@@ -298,8 +299,10 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         for group in self.optimizer.param_groups:
             group["weight_decay"] = weight_decay if group["stackwise_decay"] else 0.0
         self._check_trainable_optimized()
-        if self.args.check_invariants:
-            self._fingerprints = {name: parameter_fingerprint(p) for name, p in self._frozen}
+        if self.args.check_invariants:  # still frozen: the checksum just verified; newly frozen: a new one
+            new = [(n, p) for n, p in self._frozen if n not in verified]
+            fresh = dict(zip((n for n, _ in new), tensor_checksums(p for _, p in new)))
+            self._fingerprints = {n: verified[n] if n in verified else fresh[n] for n, _ in self._frozen}
         self._phase_state = state
         self._show_phase_in_progress_bar(state.name)
         if self.is_world_process_zero():
@@ -330,15 +333,18 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
                 f"(first: {stray[0]}); they would never update"
             )
 
-    def _check_frozen_untouched(self) -> None:
-        by_name = {name: p for name, p in self._frozen}
-        changed = [n for n, fp in self._fingerprints.items() if parameter_fingerprint(by_name[n]) != fp]
+    def _check_frozen_untouched(self) -> dict[str, tuple | None]:
+        """Compare every parameter frozen in the applied phase with its checksum; returns the checksums."""
+        names = [name for name, _ in self._frozen]
+        current = dict(zip(names, tensor_checksums(p for _, p in self._frozen)))
+        changed = [n for n in names if current[n] != self._fingerprints[n]]
         if changed:
             phase = self._phase_state.name if self._phase_state else "?"
             raise RuntimeError(
                 f"hf_stackwise invariant broken: {len(changed)} parameters frozen in phase {phase!r} changed "
                 f"(first: {changed[0]})"
             )
+        return current
 
     def producing_blocks(self) -> list[int]:
         """Physical blocks, bottom → top, of the phase that produced the current weights (what eval and export
@@ -366,17 +372,18 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         return loss
 
     def _is_logging_step(self) -> bool:
-        steps = self.args.logging_steps
-        return self.args.logging_strategy == "steps" and steps > 0 and (self.state.global_step + 1) % steps == 0
+        """Whether the step now running ends with a log: the Trainer's rule, with its resolved ``logging_steps``
+        (a fraction of the run is an integer in ``state.logging_steps``)."""
+        step = self.state.global_step + 1
+        if step == 1 and self.args.logging_first_step:
+            return True
+        steps = self.state.logging_steps
+        return self.args.logging_strategy == "steps" and steps > 0 and step % steps == 0
 
     def _unit_grad_norms(self) -> dict[str, float]:
-        """L2 norm of each unit's (synchronized, unclipped) gradient; a tied tensor counts for its first unit."""
-        squares: dict[str, torch.Tensor] = {}
-        for _, param, owners in self._params:
-            if param.grad is not None:
-                value = param.grad.detach().float().pow(2).sum()
-                squares[owners[0]] = squares[owners[0]] + value if owners[0] in squares else value
-        return {unit: float(total.sqrt()) for unit, total in squares.items()}
+        """L2 norm of each unit's (synchronized, unclipped, unscaled) gradient; a tied tensor counts for its first
+        unit."""
+        return unit_grad_norms(self._params, grad_scale(self.accelerator))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._transform_eval_inputs(inputs)
@@ -387,6 +394,9 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add ``t``, the phase, the trainable parameter count, each unit's learning rate and gradient norm."""
+        if self.resolved is not None and self._phase_state is None:  # eval_on_start: the model of phase 0
+            first = self.resolved.state_at(0, self._base)
+            logs.update(t=0.0, phase=first.name, phase_index=first.index)
         if self.resolved is not None and self._phase_state is not None:
             step = self.state.global_step
             logs["t"] = round(self.resolved.t(step), 6)

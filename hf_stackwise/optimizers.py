@@ -1,0 +1,95 @@
+"""The optimizers a user brings: ``optimizer_cls_and_kwargs`` is used, a ready optimizer or scheduler is refused.
+
+``StackwiseTrainer`` builds one optimizer over every parameter the schedule ever trains, with one parameter
+group per unit (and weight-decay class), whose learning rates one ``LambdaLR`` sets phase by phase. So it
+takes the optimizer's *class and keyword arguments* — the Trainer's ``optimizer_cls_and_kwargs`` — and builds
+those groups with them; the learning rate and weight decay come from ``learning_rate`` / ``weight_decay`` and
+the schedule. An optimizer or scheduler built beforehand (``optimizers=(opt, sched)``) cannot be re-grouped
+faithfully, so it is refused with the equivalent ``optimizer_cls_and_kwargs`` spelled out.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.trainer_optimizer import is_optimizer_factory
+
+from .schedule import RecipeError
+
+OWN_GROUPS_KEYS = {"params", "model", "optimizer_dict"}  # kwargs of optimizers that bring their own groups
+SCHEDULE_KEYS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+
+
+def check_user_optimizers(optimizers, cls_and_kwargs, args) -> None:
+    """Refuse what the schedule cannot drive, before anything loads; see the module docstring."""
+    optimizer, scheduler = optimizers if optimizers is not None else (None, None)
+    if optimizer is not None:
+        suggestion = f"optimizer_cls_and_kwargs=({class_path(type(optimizer))}, {equivalent_kwargs(optimizer)!r})"
+        raise ValueError(
+            "optimizers: StackwiseTrainer builds its own optimizer (one parameter group per unit over every "
+            "parameter the schedule ever trains, with per-phase learning rates), so it cannot use one built "
+            f"beforehand{' nor a scheduler' if scheduler is not None else ''}; pass the class and its arguments "
+            f"instead: `{suggestion}` (learning rate and weight decay come from `learning_rate`, `weight_decay` "
+            "and the schedule)"
+        )
+    if scheduler is not None:
+        raise ValueError(
+            "optimizers: StackwiseTrainer builds its own learning-rate scheduler from the schedule; drop the "
+            "scheduler and set each phase's `learning_rate`, `warmup` and `lr_schedule` instead"
+        )
+    if cls_and_kwargs is not None:
+        _, kwargs = check_cls_and_kwargs(cls_and_kwargs, "optimizer_cls_and_kwargs")
+        for key, field in SCHEDULE_KEYS.items():
+            if key in kwargs and kwargs[key] != getattr(args, field):
+                raise ValueError(
+                    f"optimizer_cls_and_kwargs: {key}={kwargs[key]!r} would be ignored: the schedule sets each "
+                    f"group's {key} from `{field}` ({getattr(args, field)!r}) and the phases; set `{field}` (or a "
+                    f"phase's) instead and drop {key!r} from the kwargs"
+                )
+
+
+def check_cls_and_kwargs(cls_and_kwargs, where: str) -> tuple[type, dict]:
+    """``(optimizer class, kwargs)`` the per-unit groups can be built with; raises naming ``where`` otherwise."""
+    if not (isinstance(cls_and_kwargs, tuple | list) and len(cls_and_kwargs) == 2):
+        raise ValueError(f"{where}: expected (optimizer class, dict of keyword arguments), got {cls_and_kwargs!r}")
+    cls, kwargs = cls_and_kwargs
+    if not callable(cls) or not isinstance(kwargs, dict):
+        raise ValueError(f"{where}: expected (optimizer class, dict of keyword arguments), got {cls_and_kwargs!r}")
+    if is_optimizer_factory(cls) or OWN_GROUPS_KEYS & set(kwargs):
+        raise RecipeError(
+            f"{where}: {getattr(cls, '__name__', cls)!s} builds its own parameter groups, which a phase schedule "
+            "cannot drive; use an AdamW variant, SGD, Adafactor, RMSprop, Lion or another standard optimizer"
+        )
+    return cls, dict(kwargs)
+
+
+def class_path(cls: type) -> str:
+    """``torch.optim.SGD`` for torch's optimizers, else ``module.QualName``."""
+    if getattr(torch.optim, cls.__name__, None) is cls:
+        return f"torch.optim.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def equivalent_kwargs(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's hyperparameters that differ from its class's defaults (learning rate and weight decay aside)."""
+    try:
+        defaults = {
+            name: p.default
+            for name, p in inspect.signature(type(optimizer).__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    except (TypeError, ValueError):
+        defaults = {}
+    return {
+        key: value
+        for key, value in getattr(optimizer, "defaults", {}).items()
+        if key not in SCHEDULE_KEYS and key in defaults and not _same(value, defaults[key])
+    }
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):  # e.g. tensors
+        return False

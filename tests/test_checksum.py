@@ -1,0 +1,98 @@
+"""The frozen-parameter checksum: bit-exact over raw bytes, chunked, any dtype, memory bounded by a chunk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_stackwise.checksum import tensor_checksum, tensor_checksums
+
+CHUNK = 1024  # bytes: every tensor below spans several chunks
+
+
+def flip_bit(tensor: torch.Tensor, element: int, bit: int) -> torch.Tensor:
+    """A copy of ``tensor`` with one bit of one element's bytes flipped."""
+    out = tensor.clone()
+    raw = out.view(-1).view(torch.uint8)
+    byte = element * tensor.element_size() + bit // 8
+    raw[byte] ^= 1 << (bit % 8)
+    return out
+
+
+def tensors():
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "float32": torch.randn(64, 33, generator=generator),  # 8448 bytes: 9 chunks
+        "bfloat16": torch.randn(3001, generator=generator).to(torch.bfloat16),  # odd byte count / 4
+        "float16": torch.randn(17, 129, generator=generator).to(torch.float16),
+        "uint8 (4-bit packed)": torch.randint(0, 256, (4097, 1), dtype=torch.uint8, generator=generator),
+        "int8": torch.randint(-128, 128, (2051,), dtype=torch.int8, generator=generator),
+        "float64": torch.randn(300, generator=generator, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("name", list(tensors()))
+def test_every_single_bit_flip_at_first_middle_last_element_is_detected(name):
+    tensor = tensors()[name]
+    assert tensor.numel() * tensor.element_size() > 2 * CHUNK
+    reference = tensor_checksum(tensor, CHUNK)
+    assert tensor_checksum(tensor.clone(), CHUNK) == reference
+    n = tensor.numel()
+    for element in (0, n // 2, n - 1):
+        for bit in range(8 * tensor.element_size()):
+            assert tensor_checksum(flip_bit(tensor, element, bit), CHUNK) != reference, (element, bit)
+
+
+def test_equal_tensors_equal_checksums_whatever_their_layout():
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(40, 70, generator=generator)
+    transposed = base.t()  # not contiguous: read in row pieces
+    assert not transposed.is_contiguous()
+    assert tensor_checksum(transposed, CHUNK) == tensor_checksum(transposed.contiguous(), CHUNK)
+    storage = torch.randn(1 + 3001, generator=generator).to(torch.bfloat16)
+    view = storage[1:]  # starts mid-word in its storage
+    assert tensor_checksum(view, CHUNK) == tensor_checksum(view.clone(), CHUNK)
+    assert tensor_checksum(base, CHUNK) == tensor_checksum(base, 4 * CHUNK) == tensor_checksum(base)  # any chunk
+
+
+def test_changes_the_float64_sums_miss_are_detected():
+    tensor = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    swapped = torch.tensor([2.0, 1.0, 3.0, 4.0])  # same sum and sum of squares
+    assert tensor_checksum(swapped) != tensor_checksum(tensor)
+    signed_zero = torch.tensor([-0.0, 2.0, 3.0, 4.0])
+    assert tensor_checksum(signed_zero) != tensor_checksum(torch.tensor([0.0, 2.0, 3.0, 4.0]))
+    # two words changed by opposite amounts keep Σw; the position-weighted sum tells them apart
+    words = torch.tensor([5, 7, 9, 11], dtype=torch.int32)
+    assert tensor_checksum(torch.tensor([6, 6, 9, 11], dtype=torch.int32)) != tensor_checksum(words)
+
+
+def test_dtype_and_shape_are_part_of_the_checksum():
+    tensor = torch.zeros(8)
+    assert tensor_checksum(tensor) != tensor_checksum(torch.zeros(2, 4))
+    assert tensor_checksum(tensor) != tensor_checksum(torch.zeros(8, dtype=torch.int32))
+
+
+def test_meta_and_empty_tensors():
+    assert tensor_checksum(torch.empty(4, 4, device="meta")) is None
+    assert tensor_checksum(torch.empty(0)) == ("torch.float32", (0,), 0, 0, 0)
+    assert tensor_checksum(torch.tensor(1.5)) == tensor_checksum(torch.tensor(1.5).clone())
+
+
+def test_many_tensors_at_once_equal_one_by_one():
+    values = list(tensors().values())
+    assert tensor_checksums(values, CHUNK) == [tensor_checksum(t, CHUNK) for t in values]
+
+
+def test_extra_memory_is_bounded_by_the_chunk():
+    """A 64 MiB tensor with 1 MiB chunks: peak allocation stays at a few chunks (the float64 copy would be 128 MiB)."""
+    profiler = pytest.importorskip("torch.profiler")
+    tensor = torch.ones(16 * 1024 * 1024)
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        tensor_checksum(tensor, 1 << 20)
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert largest <= 2 * (1 << 20) + 4096  # the biggest single buffer: one chunk widened to int64
+
+
+def test_chunk_size_must_be_a_multiple_of_four():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tensor_checksum(torch.zeros(4), chunk_bytes=6)

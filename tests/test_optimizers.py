@@ -1,0 +1,172 @@
+"""Optimizers the user brings: ``optimizer_cls_and_kwargs`` builds the per-unit groups with the user's class and
+kwargs (checked against a hand-written SGD-momentum step); a ready optimizer or scheduler is refused clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from transformers import TrainerCallback
+
+from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+
+SCHEDULE = [
+    {"name": "top", "until": 0.5, "train": ["top"]},
+    {"name": "low", "until": 1.0, "train": [0, 1]},
+]
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        schedule=SCHEDULE,
+        blocks_per_stack=1,
+    )
+    kwargs.update(overrides)
+    return StackwiseArguments(**kwargs)
+
+
+class StepRecorder(TrainerCallback):
+    """Each optimizer step: the tracked parameters before and after, their (clipped) gradients and group lr."""
+
+    def __init__(self, trainer, names):
+        self.trainer, self.names, self.steps = trainer, names, []
+        self.params = {n: p for n, p in trainer.model.named_parameters() if n in names}
+
+    def _lr_of(self, param):
+        return next(
+            (g["lr"] for g in self.trainer.optimizer.param_groups if any(p is param for p in g["params"])), None
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.before = {
+            n: (p.detach().clone(), None if p.grad is None else p.grad.detach().clone(), self._lr_of(p))
+            for n, p in self.params.items()
+        }
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.steps.append({n: (*self.before[n], p.detach().clone()) for n, p in self.params.items()})
+
+
+def test_optimizer_cls_and_kwargs_builds_the_unit_groups_with_that_class(tmp_path, token_dataset):
+    model = tiny_causal_lm("llama")
+    names = {
+        "top": "model.layers.3.mlp.down_proj.weight",  # trains in phase 'top' only
+        "low": "model.layers.0.self_attn.q_proj.weight",  # trains in phase 'low' only
+        "never": "model.layers.2.mlp.up_proj.weight",
+    }
+    trainer = StackwiseTrainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=token_dataset,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
+    )
+    recorder = StepRecorder(trainer, set(names.values()))
+    trainer.add_callback(recorder)
+    never_before = dict(model.named_parameters())[names["never"]].detach().clone()
+    trainer.train()
+
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around the user's class
+    assert type(optimizer) is torch.optim.SGD
+    assert len(optimizer.param_groups) > 3  # per unit and decay class, not one group
+    assert {g["momentum"] for g in optimizer.param_groups} == {0.9}
+    assert {u for g in optimizer.param_groups for u in g["stackwise_units"]} >= {"stack_0", "stack_1", "stack_3"}
+    # the weights move exactly as SGD with momentum 0.9 moves them, step by step, phase by phase
+    buffers = {}
+    moved = {name: [] for name in names.values()}
+    for step in recorder.steps:
+        for name, (before, grad, lr, after) in step.items():
+            if grad is None:
+                assert torch.equal(after, before), name  # frozen in this phase: bit-identical
+                continue
+            buffers[name] = grad if name not in buffers else 0.9 * buffers[name] + grad
+            torch.testing.assert_close(after, before - lr * buffers[name], rtol=1e-6, atol=1e-7)
+            moved[name].append(not torch.equal(after, before))
+    assert moved[names["top"]] == [True, True] and moved[names["low"]] == [True, True]
+    assert moved[names["never"]] == []
+    assert torch.equal(dict(model.named_parameters())[names["never"]], never_before)
+    # the schedule's learning rate reached the groups (LambdaLR over lr=1.0), not SGD's default
+    assert recorder.steps[0][names["top"]][2] == pytest.approx(1e-2)
+
+
+def test_optimizer_cls_and_kwargs_adam_hyperparameters_reach_every_group(tmp_path, token_dataset):
+    trainer = StackwiseTrainer(
+        model=tiny_causal_lm("llama"),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=token_dataset,
+        optimizer_cls_and_kwargs=(torch.optim.Adam, {"betas": (0.8, 0.95), "eps": 1e-6}),
+    )
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer) is torch.optim.Adam
+    assert {(g["betas"], g["eps"]) for g in optimizer.param_groups} == {((0.8, 0.95), 1e-6)}
+
+
+def test_a_ready_optimizer_is_refused_with_the_equivalent_cls_and_kwargs(tmp_path, token_dataset):
+    model = tiny_causal_lm("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ready = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError) as info:
+        StackwiseTrainer(model=model, args=make_args(tmp_path), train_dataset=token_dataset, optimizers=(ready, None))
+    message = str(info.value)
+    assert message.startswith("optimizers: StackwiseTrainer builds its own optimizer")
+    assert "optimizer_cls_and_kwargs=(torch.optim.SGD, {'momentum': 0.9})" in message
+    assert not isinstance(info.value, KeyError)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before touching it
+    # the suggestion works as given
+    trainer = StackwiseTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=token_dataset,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9}),
+    )
+    trainer.train()
+    assert type(trainer.optimizer.optimizer) is torch.optim.SGD
+
+
+def test_a_scheduler_is_refused(tmp_path, token_dataset):
+    model = tiny_causal_lm("llama")
+    ready = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(ready, lambda step: 1.0)
+    with pytest.raises(ValueError, match="cannot use one built beforehand nor a scheduler"):
+        StackwiseTrainer(model=model, args=make_args(tmp_path), optimizers=(ready, scheduler))
+    with pytest.raises(ValueError, match="builds its own learning-rate scheduler from the schedule; drop the sch"):
+        StackwiseTrainer(model=model, args=make_args(tmp_path), optimizers=(None, scheduler))
+
+
+@pytest.mark.parametrize(
+    ("cls_and_kwargs", "match"),
+    [
+        (
+            (torch.optim.SGD, {"lr": 0.5}),
+            r"lr=0\.5 would be ignored: the schedule sets each group's lr from `learning_",
+        ),
+        ((torch.optim.AdamW, {"weight_decay": 0.1}), r"weight_decay=0\.1 would be ignored"),
+        ((torch.optim.SGD, {"params": []}), "builds its own parameter groups"),
+        (torch.optim.SGD, r"expected \(optimizer class, dict of keyword arguments\)"),
+    ],
+)
+def test_bad_cls_and_kwargs_are_refused(tmp_path, cls_and_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StackwiseTrainer(
+            model=tiny_causal_lm("llama"), args=make_args(tmp_path), optimizer_cls_and_kwargs=cls_and_kwargs
+        )
+
+
+def test_cls_and_kwargs_may_repeat_the_schedule_values(tmp_path, token_dataset):
+    trainer = StackwiseTrainer(
+        model=tiny_causal_lm("llama"),
+        args=make_args(tmp_path, max_steps=2, weight_decay=0.01),
+        train_dataset=token_dataset,
+        optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.01}),
+    )
+    trainer.train()
+    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0, 0.01}
