@@ -177,10 +177,20 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("preempted_at") is not None:
         return _preempted(args.recipe, args.overrides, summary)
     if _is_main_process():
-        print(f"hf-stackwise: trained {summary['global_step']} steps; model saved to {summary['output_dir']}")
-        if summary.get("hub_model_id"):
-            print(f"hf-stackwise: pushed the export ({summary['output_dir']}/_export) to {summary['hub_model_id']}")
         _print_phases(summary["trace"], summary["global_step"])
         if summary["eval_loss_first"] is not None:
             print(f"eval loss: first {summary['eval_loss_first']:.4f} -> last {summary['eval_loss_last']:.4f}")
+        if summary.get("hub_model_id"):
+            print(f"hf-stackwise: pushed the export ({summary['output_dir']}/_export) to {summary['hub_model_id']}")
+        print(f"hf-stackwise: trained {summary['global_step']} steps; " + _where_to_load(summary))
     return 0
+
+
+def _where_to_load(summary: dict) -> str:
+    """The last line of `train`: the folder that loads as the trained model."""
+    if summary.get("model_dir"):
+        return f'load the model with {summary["model_class"]}.from_pretrained("{summary["model_dir"]}")'
+    return (
+        f"{summary['output_dir']} holds the trained adapters, not a merged model (training.save_merged: false); "
+        f"merge them with `hf-stackwise export {summary['output_dir']} OUT`"
+    )

@@ -2,7 +2,8 @@
 
 The exported folder holds only the blocks that ran in the phase that produced the weights (inactive
 stacks are dropped and ``config`` updated), plus the tokenizer; ``AutoModelForCausalLM.from_pretrained``
-loads it with no hf_stackwise import.
+loads it with no hf_stackwise import. :func:`merge_into` writes the same model into an adapter run's own folder
+(the end of ``hf-stackwise train``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .growth import allocate
 from .layout import stack_sizes
 from .rack import BASE_LAYERS_KEY, per_layer_config_keys
 from .schedule import Schedule, StackwiseError
-from .trainer import TRAINABLE_WEIGHTS_NAME, load_trainable
+from .weights import TRAINABLE_WEIGHTS_NAME, UNARRANGED, is_unarranged, load_trainable
 
 logger = logging.get_logger(__name__)
 
@@ -75,7 +76,10 @@ def _layout(manifest: dict):
 
 
 def active_blocks(manifest: dict) -> list[int]:
-    """Physical blocks, bottom → top, that ran in the phase that produced the weights."""
+    """Blocks of the saved model, bottom → top, that ran in the phase that produced the weights (a final save of a
+    full-weight run stores exactly those, in that order)."""
+    if manifest.get("weights") == "arranged" and not (manifest["run"].get("adapters") or {}):
+        return list(range(len(manifest["phase"]["blocks"])))
     if "blocks" in manifest["phase"]:
         return list(manifest["phase"]["blocks"])
     boundaries = manifest["run"]["rack"]["boundaries"]  # manifests written before growth existed
@@ -104,13 +108,25 @@ def load_merged(folder: str, manifest: dict):
     """The trained model as a plain transformers model: adapters merged into a full-precision base."""
     plan = manifest["run"].get("adapters") or {}
     if not plan:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto", variant=_variant(folder))
+    peft_model = load_adapted(folder, manifest, dequantize=True)
+    return peft_model.merge_and_unload()
+
+
+def _variant(folder: str) -> str | None:
+    return UNARRANGED if is_unarranged(folder) else None
+
+
+def load_adapted(folder: str, manifest: dict, dequantize: bool):
+    """The run's base (full precision; a 4-bit base re-created and dequantized when ``dequantize``, else loaded
+    unquantized), grown as the run grew it, with every adapter attached and every trained tensor loaded."""
+    plan = manifest["run"]["adapters"]
     base = manifest.get("base_model")
     if not base or (not os.path.exists(base) and base.count("/") != 1):  # neither a local folder nor a Hub id
         raise ExportError(
             f"export: the base model of {folder!r} ({base!r}) is not available to merge the adapters into"
         )
-    quantization = manifest.get("quantization")
+    quantization = manifest.get("quantization") if dequantize else None
     if quantization:  # re-create the same 4-bit base, then dequantize it: merge in full precision
         from transformers import BitsAndBytesConfig
 
@@ -128,7 +144,7 @@ def load_merged(folder: str, manifest: dict):
         allocate(model, layers, layout)
     peft_model = attach_adapters(model, plan, layers)
     load_trainable(peft_model, os.path.join(folder, TRAINABLE_WEIGHTS_NAME))
-    return peft_model.merge_and_unload()
+    return peft_model
 
 
 def write_adapters(folder: str, manifest: dict, target: str) -> None:
@@ -149,9 +165,9 @@ def write_adapters(folder: str, manifest: dict, target: str) -> None:
             f"export --adapters: the run trains {', '.join(own)} with their own weights (`adapter: full`, "
             "`embeddings`/`head: train`), which no adapter holds; export the merged model instead"
         )
-    os.makedirs(target)
-    for name in plan:
-        shutil.copytree(os.path.join(folder, name), os.path.join(target, name))
+    load_adapted(folder, manifest, dequantize=False).save_pretrained(target)  # one subfolder per adapter
+    if os.path.isfile(os.path.join(target, "README.md")):
+        os.remove(os.path.join(target, "README.md"))  # PEFT's card; the export writes its own
     rack = {
         "base_model": manifest.get("base_model"),
         "quantization": manifest.get("quantization"),
@@ -165,6 +181,15 @@ def write_adapters(folder: str, manifest: dict, target: str) -> None:
     }
     with open(os.path.join(target, "stackwise_adapters.json"), "w") as f:
         json.dump(rack, f, indent=2)
+
+
+def merge_into(folder: str) -> None:
+    """Write the merged plain model (as :func:`export` does) into an adapter run's own ``folder``, beside its trained
+    tensors; the folder then loads with ``from_pretrained`` as the trained function."""
+    manifest = read_manifest(folder)
+    model = load_merged(folder, manifest)
+    select_blocks(model, manifest["run"]["rack"]["layers"], active_blocks(manifest))
+    model.save_pretrained(folder)
 
 
 def export(

@@ -18,6 +18,8 @@ import os
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.hub import hf_api
 
+from .export import export
+
 EXPORT_DIR = "_export"
 
 
@@ -41,8 +43,6 @@ def push_export(
     private: bool | None = None,
 ):
     """Save the final model, export it to ``output_dir/_export`` and upload that folder to ``hub_model_id``."""
-    from .export import export
-
     args = trainer.args
     trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
     token = token if token is not None else args.hub_token

@@ -210,44 +210,104 @@ class Rack:
         return self.arranged(list(range(self.boundaries[stacks])))
 
 
+PHYSICAL_CONFIG = "_stackwise_physical_config"  # on the block list's parent while an arrangement is active
+
+
+def _parent(model: nn.Module, layers_path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = layers_path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def _config(model: nn.Module, parent: nn.Module):
+    return getattr(parent, "config", None) or getattr(model, "config", None)
+
+
+def _physical_config(parent: nn.Module, config, num_blocks: int) -> dict:
+    """The config's per-layer lists and layer count for the physical block list (as recorded by the outermost
+    active arrangement, else as they are now)."""
+    recorded = parent.__dict__.get(PHYSICAL_CONFIG)
+    if recorded is not None:
+        return recorded
+    if config is None:
+        return {}
+    values = {key: getattr(config, key) for key in per_layer_config_keys(config, num_blocks)}
+    values["num_hidden_layers"] = config.num_hidden_layers
+    return values
+
+
+def _arrange_config(config, physical: dict, blocks: list[int]) -> list[tuple[object, str, object]]:
+    """Make the config describe ``blocks`` (layer count, per-layer lists); returns what to restore."""
+    restore = []
+    for key, value in physical.items():
+        restore.append((config, key, getattr(config, key)))
+        setattr(config, key, len(blocks) if key == "num_hidden_layers" else [value[b] for b in blocks])
+    return restore
+
+
 @contextlib.contextmanager
 def arranged(model: nn.Module, layers_path: str, blocks: list[int]):
     """Run the physical blocks ``blocks`` in that order inside this context (a grown rack's forward view).
 
-    As :meth:`Rack.active_depth`, the registered block list is untouched. When the order is not a prefix of
-    the physical list, each block's ``layer_idx`` (what KV caches index by) and the config's layer count
-    and per-layer lists follow the positions in ``blocks`` for the duration.
+    As :meth:`Rack.active_depth`, the registered block list is untouched. Each block's ``layer_idx`` (what KV
+    caches index by) and the config's layer count and per-layer lists follow the positions in ``blocks`` for the
+    duration. Contexts nest: ``blocks`` always names physical blocks, and leaving a context restores the enclosing
+    one's view exactly.
     """
-    parent_path, _, attr = layers_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent, attr = _parent(model, layers_path)
     physical = list(parent._modules[attr])
-    if blocks == list(range(len(physical))):
+    nested = attr in parent.__dict__
+    if not nested and blocks == list(range(len(physical))):
         yield
         return
-    # Shadow the attribute in the instance dict: forward sees this list (instance attributes win over
-    # nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
-    parent.__dict__[attr] = nn.ModuleList([physical[b] for b in blocks])
-    restore: list[tuple[object, str, object]] = []
-    if blocks != list(range(len(blocks))):
+    config = _config(model, parent)
+    outer = parent.__dict__.get(attr)
+    physical_config = _physical_config(parent, config, len(physical))
+    restore: list[tuple[object, str, object]] = [
+        (module, "layer_idx", module.layer_idx)
+        for block in physical
+        for module in block.modules()
+        if isinstance(getattr(module, "layer_idx", None), int)
+    ]
+    try:
+        parent.__dict__[PHYSICAL_CONFIG] = physical_config
+        # Shadow the attribute in the instance dict: forward sees this list (instance attributes win over
+        # nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
+        parent.__dict__[attr] = nn.ModuleList([physical[b] for b in blocks])
         for position, b in enumerate(blocks):
             for module in physical[b].modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
-                    restore.append((module, "layer_idx", module.layer_idx))
                     module.layer_idx = position
-        config = getattr(parent, "config", None) or getattr(model, "config", None)
         if config is not None:
-            for key in per_layer_config_keys(config, len(physical)):
-                value = getattr(config, key)
-                restore.append((config, key, value))
-                setattr(config, key, [value[b] for b in blocks])
-            restore.append((config, "num_hidden_layers", config.num_hidden_layers))
-            config.num_hidden_layers = len(blocks)
-    try:
+            restore += _arrange_config(config, physical_config, blocks)
         yield
     finally:
         for owner, key, value in reversed(restore):
             setattr(owner, key, value)
-        del parent.__dict__[attr]
+        if nested:
+            parent.__dict__[attr] = outer
+        else:
+            parent.__dict__.pop(attr, None)
+            parent.__dict__.pop(PHYSICAL_CONFIG, None)
+
+
+@contextlib.contextmanager
+def stored_as(model: nn.Module, layers_path: str, blocks: list[int]):
+    """Context: the *registered* block list and the config are those of a plain model that runs the physical blocks
+    ``blocks`` in that order (what ``state_dict`` and ``save_pretrained`` write); everything is restored on exit."""
+    parent, attr = _parent(model, layers_path)
+    physical = parent._modules[attr]
+    config = model.config
+    restore = _arrange_config(config, _physical_config(parent, config, len(physical)), blocks)
+    base_layers = config.__dict__.pop(BASE_LAYERS_KEY, None)
+    parent._modules[attr] = type(physical)([physical[b] for b in blocks])
+    try:
+        yield
+    finally:
+        parent._modules[attr] = physical
+        for owner, key, value in reversed(restore):
+            setattr(owner, key, value)
+        if base_layers is not None:
+            setattr(config, BASE_LAYERS_KEY, base_layers)
 
 
 def per_layer_config_keys(config, num_blocks: int) -> list[str]:

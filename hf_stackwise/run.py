@@ -451,10 +451,20 @@ def train(recipe: Recipe) -> dict:
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
         evals.append(trainer.evaluate()["eval_loss"])
-    trainer.save_model(prepared.args.output_dir)  # with `push_to_hub`, this pushes the run's export
+    output_dir = prepared.args.output_dir
+    trainer.save_model(output_dir)  # with `push_to_hub`, this pushes the run's export
     trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`
+    model_dir = output_dir  # a full-weight run's output_dir is its plain model
+    if trainer.adapter_plan:
+        model_dir = output_dir if prepared.args.save_merged else None
+        if model_dir is not None and trainer.args.should_save:
+            from .export import merge_into
+
+            merge_into(output_dir)
     return {
-        "output_dir": prepared.args.output_dir,
+        "output_dir": output_dir,
+        "model_dir": model_dir,
+        "model_class": auto_model_class(recipe).__name__,
         "hub_model_id": trainer.hub_model_id,
         "global_step": trainer.state.global_step,
         "eval_loss_first": evals[0] if evals else None,

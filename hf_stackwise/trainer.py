@@ -20,7 +20,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
-import safetensors.torch
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import ProgressCallback, Trainer, TrainingArguments
@@ -29,8 +28,6 @@ from transformers.utils import logging
 
 from .adapters import PEFT_PREFIX, attach_adapters, plan_adapters
 from .checkpoint import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
     RUN_MANIFEST_NAME,
     ResumeError,
     check_output_dir,
@@ -47,10 +44,11 @@ from .metrics import grad_scale, unit_grad_norms
 from .optimizers import check_cls_and_kwargs, check_user_optimizers
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack
+from .saving import SavingMixin
 from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
+from .weights import remove_model_files
 
 logger = logging.get_logger(__name__)
-TRAINABLE_WEIGHTS_NAME = "stackwise_trainable.safetensors"  # every ever-trainable tensor (adapter runs)
 
 
 @dataclass
@@ -99,6 +97,15 @@ class StackwiseArguments(TrainingArguments):
     max_skipped_steps: int = field(
         default=10, metadata={"help": "With `nonfinite: skip`, how many steps the run may skip before it stops."}
     )
+    save_merged: bool = field(
+        default=True,
+        metadata={
+            "help": "Adapter runs: the end of `hf-stackwise train` also writes the merged plain model into output_dir "
+            "(as `hf-stackwise export` does; it loads the base in full precision). False: only the trained "
+            "tensors, merged later by `hf-stackwise export`. Full-weight runs always save the plain model. Read by "
+            "`hf-stackwise train`, not by StackwiseTrainer itself (like `do_train`)."
+        },
+    )
     # Parameters of the data plane
     data_plane: dict | None = field(
         default=None,
@@ -123,7 +130,7 @@ class StackwiseArguments(TrainingArguments):
             self.ddp_find_unused_parameters = True
 
 
-class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
+class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -440,78 +447,6 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         """Rack topology of the model as loaded (before growth, without PEFT's wrapper prefix)."""
         return dict(self._base_topology)
 
-    def _manifest(self) -> dict:
-        step = self.state.global_step
-        state = self.resolved.state_at(max(step - 1, 0), self._base)
-        return {
-            "format_version": FORMAT_VERSION,
-            "schedule_hash": self.schedule.fingerprint(),
-            "run": self.run_identity(),
-            "rack": self.base_topology(),
-            "base_model": getattr(self._base_model(), "name_or_path", None),
-            "quantization": self._quantization(),
-            "global_step": step,
-            "t": self.resolved.t(step),
-            "phase": {
-                "index": state.index,
-                "name": state.name,
-                "trainable_stacks": list(state.trainable_stacks),
-                "blocks": self.producing_blocks(),  # physical blocks, bottom → top, that export keeps
-            },
-            "next_phase": self.resolved.state_at(step, self._base).name,
-        }
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write ``stackwise_state.json`` first, so Hub pushes of the checkpoint carry it."""
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            write_json(os.path.join(folder, MANIFEST_NAME), self._manifest())
-        super()._save_checkpoint(model, trial)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """As the Trainer (PEFT adapter folders for adapter runs), plus every ever-trainable tensor of an adapter
-        run: fully trained stacks are not part of PEFT's adapter files, and resume needs them exactly."""
-        super()._save(output_dir, state_dict)
-        if self.adapter_plan and self.args.should_save:
-            tensors = {
-                name: param.detach().cpu().contiguous()
-                for name, param, owners in self._params
-                if any(u in self._saved_units for u in owners)
-            }
-            path = os.path.join(output_dir or self.args.output_dir, TRAINABLE_WEIGHTS_NAME)
-            safetensors.torch.save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-            os.replace(path + ".tmp", path)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Adapter runs resume from ``stackwise_trainable.safetensors`` (every adapter, every trained stack)."""
-        if not self.adapter_plan:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_trainable(self.model, os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME))
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does; a final save also gets ``stackwise_state.json`` so it can be exported, before
-        ``push_to_hub`` (like the Trainer, a final save pushes when ``args.push_to_hub``)."""
-        super().save_model(output_dir, _internal_call=True)
-        if not _internal_call:
-            self.save_manifest(output_dir)
-            if self.args.push_to_hub:
-                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-
-    def save_manifest(self, output_dir: str | None = None) -> None:
-        """Write ``stackwise_state.json`` beside a saved model (what ``hf-stackwise export`` reads)."""
-        if self.args.should_save and self.resolved is not None:
-            write_json(os.path.join(output_dir or self.args.output_dir, MANIFEST_NAME), self._manifest())
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs):
-        """Upload the run's export (a plain model folder with its model card) instead of the training folder, with
-        the Trainer's repository, token and revision; see :mod:`hf_stackwise.hub`."""
-        from .hub import push_export
-
-        return push_export(
-            self, commit_message, blocking, kwargs.get("token"), kwargs.get("revision"), kwargs.get("private")
-        )
-
     def prepare_output_dir(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """Check the output directory and the checkpoint before any training; returns the checkpoint to resume."""
         args = self.args
@@ -527,6 +462,7 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
                     if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"):
                         logger.warning(f"overwrite_output_dir: removing {name} of the previous run")
                         shutil.rmtree(os.path.join(args.output_dir, name))
+                remove_model_files(args.output_dir, self.adapter_plan)  # and its final model
             os.makedirs(args.output_dir, exist_ok=True)
             write_json(os.path.join(args.output_dir, RUN_MANIFEST_NAME), identity)
         return resume_from_checkpoint
@@ -541,17 +477,3 @@ class StackwiseTrainer(FaultTolerance, DataPlaneMixin, Trainer):
         if self.args.check_invariants and self._phase_state is not None:
             self._check_frozen_untouched()
         return output
-
-
-def load_trainable(model: torch.nn.Module, path: str) -> None:
-    """Copy the tensors of a ``stackwise_trainable.safetensors`` file into ``model`` (names must all exist)."""
-    if not os.path.isfile(path):
-        raise ResumeError(f"training.resume_from_checkpoint: {path} is missing; the checkpoint is incomplete")
-    tensors = safetensors.torch.load_file(path)
-    params = dict(model.named_parameters())
-    missing = [name for name in tensors if name not in params]
-    if missing:
-        raise ResumeError(f"training.resume_from_checkpoint: {path} holds {missing[0]}, which this model lacks")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor)

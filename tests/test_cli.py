@@ -103,6 +103,8 @@ def test_train_runs_the_recipe_and_saves_a_plain_model(tmp_path, tiny_llama_dir,
     first, last = float(words[0]), float(words[3])
     assert last < first  # real text, a real (tiny) model: training helps
     run = tmp_path / "run"
+    last = out.strip().splitlines()[-1]  # the last line names the folder that loads as the trained model
+    assert last == f'hf-stackwise: trained 6 steps; load the model with AutoModelForCausalLM.from_pretrained("{run}")'
     assert {"checkpoint-3", "checkpoint-6", "stackwise_run.json", "model.safetensors"} <= set(os.listdir(run))
     model = AutoModelForCausalLM.from_pretrained(run)
     start = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
