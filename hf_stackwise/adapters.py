@@ -3,7 +3,7 @@ over the stacks that carry ``trunk: lora`` while they do not train.
 
 All adapters are attached when the trainer is built and stay active for the whole run: an adapter that has
 not trained yet has ``B = 0`` and adds nothing, and one that has trained keeps contributing in later phases.
-Phases only flip which adapters' parameters train (the superset rule of ``product.md``, principle 2).
+Phases only flip which adapters' parameters train (the superset rule: all are in the optimizer from the start).
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ def _pop_option(items: list[str], option: str) -> tuple[list[str], str | None]:
 
 
 def _end_distributed() -> None:
-    # A clean exit for torchrun / accelerate launch (facts.md: rare abort on exit otherwise).
+    # A clean exit for torchrun / accelerate launch (without it, processes rarely abort at exit).
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 

@@ -3,7 +3,7 @@
 ``DataPlaneMixin`` is mixed into :class:`~hf_stackwise.trainer.StackwiseTrainer`. It applies the pure
 functions of :mod:`hf_stackwise.masking` to the micro-batches of step k once they are fetched in the main
 process, so DataLoader workers and accelerate's prefetching never need to know the phase
-(``product.md``, principle 4), and it reads a :class:`~hf_stackwise.mixture.MixtureDataset` in order.
+(a collator would see the wrong phase), and it reads a :class:`~hf_stackwise.mixture.MixtureDataset` in order.
 """
 
 from __future__ import annotations

