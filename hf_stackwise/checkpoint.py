@@ -1,10 +1,10 @@
 """Run and checkpoint manifests, complete-checkpoint discovery, and the output-directory guard.
 
-Standard library only. A checkpoint is a normal Trainer checkpoint plus ``stackwise_state.json``
-(schedule hash, rack topology, phase) and, written atomically once every other file of it is on disk,
-``stackwise_complete.json`` (each file's size): a checkpoint killed at any moment of writing, or with a file
-truncated later, is never taken. A run directory carries ``stackwise_run.json`` so a second run never
-writes into a different run's output.
+Standard library only. A checkpoint is a Trainer checkpoint (its weights stored as :mod:`hf_stackwise.weights`
+describes) plus ``stackwise_state.json`` (schedule hash, rack topology, phase) and, written atomically once
+every other file of it is on disk, ``stackwise_complete.json`` (each file's size): a checkpoint killed at any
+moment of writing, or with a file truncated later, is never taken. A run directory carries
+``stackwise_run.json`` so a second run never writes into a different run's output.
 """
 
 from __future__ import annotations
