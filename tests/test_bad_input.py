@@ -68,7 +68,10 @@ def recipe_path(tmp_path, tiny_llama_dir, pydoc_files):
         (["--training.optim", "lomo"], ["training.optim: 'lomo'", "cannot drive"]),
         (["--training.optim", "not_an_optimizer"], ["training.optim: not_an_optimizer is not a valid"]),
         (["--training.lr_scheduler_kwargs", "{num_cycles: 2}"], ["training.lr_scheduler_kwargs", "`lr_schedule`"]),
-        (["--training.lr_scheduler_type", "cosine"], ["training.lr_scheduler_type", "`lr_schedule` (and `lr_schedule_kwargs`) on each phase"]),
+        (
+            ["--training.lr_scheduler_type", "cosine"],
+            ["training.lr_scheduler_type", "`lr_schedule` (and `lr_schedule_kwargs`) on each phase"],
+        ),
         (["--training.report_to", "no_such_tracker"], ["training.report_to: 'no_such_tracker'"]),
     ],
 )
