@@ -32,6 +32,7 @@ bench: assets
 	$(PYTHON) benchmarks/overhead.py
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/growth.py
+	$(PYTHON) benchmarks/sft.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts

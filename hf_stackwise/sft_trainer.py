@@ -62,7 +62,11 @@ class StackwiseSFTTrainer(StackwiseTrainer, trl.SFTTrainer):
         """TRL casts a quantized base's trainable tensors to bf16 (the QLoRA paper's choice); keep the
         recipe's compute dtype instead, as the plain stackwise trainer does."""
         config = getattr(self._base_model().config, "quantization_config", None)
-        dtype = getattr(config, "bnb_4bit_compute_dtype", None) if config is not None else None
+        dtype = (
+            config.get("bnb_4bit_compute_dtype")
+            if isinstance(config, dict)
+            else getattr(config, "bnb_4bit_compute_dtype", None)
+        )
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         if dtype is None or dtype == torch.bfloat16:
