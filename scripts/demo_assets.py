@@ -153,7 +153,6 @@ def chat_pairs() -> list[tuple[str, str]]:
     """(question, answer) pairs from `pydoc_data.topics` and the docstrings of CHAT_MODULES' functions."""
     import importlib
     import inspect
-
     from pydoc_data.topics import topics
 
     pairs = []
