@@ -26,7 +26,7 @@ class StackwiseSFTConfig(StackwiseArguments, trl.SFTConfig):
 
     learning_rate: float = 5e-5
     logging_steps: float = 500
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # TrainingArguments: None, i.e. off (TRL: True)
     bf16: bool | None = False
 
 
