@@ -290,10 +290,10 @@ def test_mixture_of_chat_datasets(tmp_path, tiny_llama_dir, chat_files):
         run.prepare(validate_recipe(bad))
 
 
-@pytest.mark.parametrize("name", ["sft_unfreeze", "llama_pro_sft"])
+@pytest.mark.parametrize("name", ["sft_unfreeze", pytest.param("llama_pro_sft", marks=pytest.mark.slow)])
 def test_shipped_sft_recipes_run_briefly(tmp_path, tiny_30_block_dir, chat_files, name, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # the recipes name their data relative to the project root (made by `make assets`)
-    extra = ("--data.chat_template", chat_files[2], "--data.max_seq_length", "160")
+    extra = ("--data.chat_template", chat_files[2], "--data.max_seq_length", "160", "--data.max_eval_samples", "4")
     argv = brief_run_args(f"recipes/smollm2-135m/{name}.yaml", tiny_30_block_dir, tmp_path, *extra)
     assert main(argv) == 0
     assert "trained 4 steps" in capsys.readouterr().out
