@@ -411,7 +411,8 @@ def train(recipe: Recipe) -> dict:
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
-        evals.append(trainer.evaluate()["eval_loss"])
+        final = trainer.evaluate()  # no eval_loss when every eval batch was dropped (dataloader_drop_last)
+        evals += [final["eval_loss"]] if "eval_loss" in final else []
     trainer.save_model(prepared.args.output_dir)  # with `push_to_hub`, this pushes the run's export
     trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`
     return {
