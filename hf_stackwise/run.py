@@ -310,14 +310,14 @@ def prepare(recipe: Recipe) -> Prepared:
     length = plane.chunk_length(recipe.schedule)  # shorter phases split these rows in the training step
     sft = plane.task == "sft"
     if sft:  # conversations, validated here; TRL tokenizes them when the trainer is built
-        sft_train, sft_eval = build_sft_datasets(
-            recipe.data, tokenizer, recipe.model["name_or_path"], length, args.seed
-        )
         if recipe.data.get("packing") and not (args.max_steps and args.max_steps > 0):
             raise RecipeError(
                 "training.max_steps: packed rows are only counted once TRL has tokenized them, so epochs give no "
                 "step count for the phase boundaries; set `training.max_steps`"
             )
+        sft_train, sft_eval = build_sft_datasets(
+            recipe.data, tokenizer, recipe.model["name_or_path"], length, args.seed
+        )
     if recipe.data.get("datasets"):
         if not (args.max_steps and args.max_steps > 0):
             raise RecipeError(
