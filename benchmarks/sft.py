@@ -1,8 +1,7 @@
 """Chat SFT of SmolLM2-135M-Instruct: gradual unfreezing against full fine-tuning and LoRA at the same step
 budget, measured by the loss on held-out answers.
 
-Run it (CPU only, offline, after `make assets`; the defaults are meant for ~10 minutes on 2 free cores, an
-estimate scaled from a smaller run on a busy machine)::
+Run it (CPU only, offline, after `make assets`; ~10-12 minutes with the defaults on 2 cores)::
 
     python benchmarks/sft.py                      # or: make bench
     python benchmarks/sft.py --steps 3 --eval-samples 4   # a quick smoke run
