@@ -33,6 +33,7 @@ bench: assets
 	$(PYTHON) benchmarks/memory.py
 	$(PYTHON) benchmarks/growth.py
 	$(PYTHON) benchmarks/transition.py
+	$(PYTHON) benchmarks/sft.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts

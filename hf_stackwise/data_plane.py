@@ -17,6 +17,7 @@ from .masking import IGNORE_INDEX, Vocabulary, mask_for_diffusion, mask_for_mlm,
 from .metrics import is_causal_lm
 from .mixture import MixtureDataset
 from .schedule import RecipeError
+from .sft import truncate_for_phase
 
 
 class DataPlaneMixin:
@@ -56,6 +57,8 @@ class DataPlaneMixin:
         state = self.data_state(step)
         if state is None:
             return inputs
+        if state.task == "sft":  # conversations: a shorter phase truncates them
+            return truncate_for_phase(inputs, state.max_seq_length, self.data_plane.chunk_length(self.schedule))
         inputs = split_rows(inputs, state.max_seq_length)
         plane, seed = self.data_plane, self.args.seed
         if state.task == "mlm":

@@ -11,6 +11,7 @@ all see the same samples.
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 
 import numpy as np
@@ -54,6 +55,13 @@ class MixtureDataset(torch.utils.data.Dataset):
                 raise ValueError(f"mixture weights {weights} give no source a positive share")
             self._cumulative.append(np.cumsum([weights.get(n, 0.0) / total for n in self.names]))
         self._permutations: dict[str, tuple[int, np.ndarray]] = {}
+
+    def with_sources(self, sources: dict[str, object]) -> MixtureDataset:
+        """The same stream (phases, positions, seed) over other rows of the same sources (e.g. tokenized)."""
+        other = copy.copy(self)
+        other.sources = dict(sources)
+        other._permutations = {}
+        return other
 
     def __len__(self) -> int:
         return self.total_steps * self.samples_per_step

@@ -12,7 +12,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-TASKS = ("clm", "mlm", "diffusion")  # causal LM; masked LM (80/10/10); masked diffusion (rate drawn per sequence)
+TASKS = ("clm", "mlm", "diffusion", "sft")  # causal LM; masked LM (80/10/10); masked diffusion; chat / instruction SFT
 MASKED_TASKS = ("mlm", "diffusion")
 MASK_SCHEDULES = ("linear", "cosine")  # how a `mask_rate: [start, end]` ramp moves across its phase
 

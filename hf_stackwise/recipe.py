@@ -17,6 +17,7 @@ import yaml
 from .checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from .curriculum import check_data_plane
 from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora
+from .sft_recipe import SFT_KEYS, check_sft_recipe
 
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -50,6 +51,7 @@ DATA_KEYS = (
     "eval_mask_rate",
     "diffusion_min_rate",
     "diffusion_weighting",
+    *SFT_KEYS,  # data.task: sft (hf_stackwise.sft)
 )
 # TrainingArguments fields the recipe sets elsewhere, with where they belong instead.
 TRAINING_OWNED_ELSEWHERE = {
@@ -299,6 +301,7 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     if problems:
         raise RecipeError(problems)
     check_data_plane(data, schedule, problems)
+    check_sft_recipe(data, schedule, problems)
     if schedule is not None and model.get("quantization") and not schedule.uses_lora():
         problems.append(
             "model.quantization: a 4-bit base trains through LoRA; give a phase `trunk: lora` or `adapter: lora`, "

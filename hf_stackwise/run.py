@@ -44,6 +44,7 @@ from .quantization import (
 from .rack import find_layers_path, resolve_boundaries
 from .recipe import FROM_PRETRAINED_KEYS, Recipe
 from .schedule import MASKED_TASKS, RecipeError
+from .sft import build_sft_datasets, check_causal, sft_classes, sft_config_fields
 from .trainer import StackwiseArguments, StackwiseTrainer
 
 TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
@@ -112,9 +113,14 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     ]
     if wrong:
         raise RecipeError(wrong)
+    arguments_class, extra = StackwiseArguments, {}
+    if recipe.data.get("task") == "sft":  # StackwiseArguments combined with trl.SFTConfig (hf_stackwise.sft)
+        arguments_class = sft_classes()[0]
+        extra = sft_config_fields(recipe.data, DataPlane.from_data(recipe.data).chunk_length(recipe.schedule))
     try:
-        args = StackwiseArguments(
+        args = arguments_class(
             **training,
+            **extra,
             schedule=recipe.raw["schedule"],
             blocks_per_stack=recipe.rack.get("blocks_per_stack"),
             stack_boundaries=recipe.rack.get("boundaries"),
@@ -218,6 +224,8 @@ def meta_model(config, recipe: Recipe | None = None):
     """The model built on the meta device: every module and parameter shape, no memory, no weights (the config
     is copied: growth checks edit the skeleton's)."""
     model_class = auto_model_class(recipe) if recipe is not None else AutoModelForCausalLM
+    if recipe is not None and recipe.data.get("task") == "sft":
+        check_causal(config)
     try:
         with torch.device("meta"):
             return model_class.from_config(copy.deepcopy(config))
@@ -353,18 +361,34 @@ def prepare(recipe: Recipe) -> Prepared:
             f"{recipe.model['name_or_path']!r} has none; use a tokenizer with a mask token (BERT's [MASK])"
         )
     length = plane.chunk_length(recipe.schedule)  # shorter phases split these rows in the training step
+    sft = plane.task == "sft"
+    if sft:  # conversations, validated here; TRL tokenizes them when the trainer is built
+        if recipe.data.get("packing") and not (args.max_steps and args.max_steps > 0):
+            raise RecipeError(
+                "training.max_steps: packed rows are only counted once TRL has tokenized them, so epochs give no "
+                "step count for the phase boundaries; set `training.max_steps`"
+            )
+        sft_train, sft_eval = build_sft_datasets(
+            recipe.data, tokenizer, recipe.model["name_or_path"], length, args.seed
+        )
     if recipe.data.get("datasets"):
         if not (args.max_steps and args.max_steps > 0):
             raise RecipeError(
                 "training.max_steps: a mixture (`data.datasets`) is a stream of max_steps × batch samples; set "
                 "`training.max_steps`"
             )
-        sources, eval_dataset = build_sources(recipe.data, tokenizer, length, args.seed)
+        if sft:
+            sources, eval_dataset = sft_train, sft_eval
+        else:
+            sources, eval_dataset = build_sources(recipe.data, tokenizer, length, args.seed)
         total_steps = args.max_steps
         recipe.schedule.resolve(total_steps)  # every phase gets at least one step
         train_dataset = build_mixture(recipe, args, sources, total_steps)
     else:
-        train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, length, args.seed)
+        if sft:
+            train_dataset, eval_dataset = sft_train, sft_eval
+        else:
+            train_dataset, eval_dataset = build_datasets(recipe.data, tokenizer, length, args.seed)
         num_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
         total_steps = planned_total_steps(args, num_examples)
         recipe.schedule.resolve(total_steps)  # every phase gets at least one step
@@ -403,14 +427,17 @@ def load_model(prepared: Prepared):
 
 def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     model = model if model is not None else load_model(prepared)
+    trainer_class, collator = StackwiseTrainer, default_data_collator
+    if prepared.recipe.data.get("task") == "sft":  # TRL's SFTTrainer tokenizes, labels, packs and collates
+        trainer_class, collator = sft_classes()[1], None
     try:
-        return StackwiseTrainer(
+        return trainer_class(
             model=model,
             args=prepared.args,
             train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset,
             processing_class=prepared.tokenizer,
-            data_collator=default_data_collator,
+            data_collator=collator,
         )
     except StackwiseError:
         raise
@@ -450,7 +477,8 @@ def train(recipe: Recipe) -> dict:
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     last = trainer.state.log_history[-1] if trainer.state.log_history else {}
     if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
-        evals.append(trainer.evaluate()["eval_loss"])
+        final = trainer.evaluate()  # no eval_loss when every eval batch was dropped (dataloader_drop_last)
+        evals += [final["eval_loss"]] if "eval_loss" in final else []
     output_dir = prepared.args.output_dir
     trainer.save_model(output_dir)  # with `push_to_hub`, this pushes the run's export
     trainer.save_state()  # trainer_state.json (the log history) at the run's root, for `hf-stackwise plot`

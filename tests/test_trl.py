@@ -1,26 +1,15 @@
-"""TRL's `SFTTrainer` with a stackwise schedule: one class that inherits from both trainers (StackwiseTrainer first)
-and one config that inherits from both argument classes. Skipped when trl is not installed."""
+"""TRL's `SFTTrainer` with a stackwise schedule from Python: the package's `StackwiseSFTTrainer` inherits from both
+trainers (StackwiseTrainer first), `StackwiseSFTConfig` from both argument classes. Skipped without trl."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 from conftest import pydoc_paragraphs, tiny_causal_lm
 
-trl = pytest.importorskip("trl")
+pytest.importorskip("trl")
 
-from hf_stackwise import StackwiseArguments, StackwiseTrainer  # noqa: E402
-
-
-@dataclasses.dataclass
-class StackwiseSFTConfig(StackwiseArguments, trl.SFTConfig):
-    pass
-
-
-class StackwiseSFTTrainer(StackwiseTrainer, trl.SFTTrainer):
-    pass
+from hf_stackwise.sft_trainer import StackwiseSFTConfig, StackwiseSFTTrainer  # noqa: E402
 
 
 def test_sft_trainer_runs_the_schedule(tmp_path, tokenizer):
