@@ -125,7 +125,7 @@ def smollm2_dir(tmp_path_factory):
         pytest.skip("run `make assets` first")
     folder = tmp_path_factory.mktemp("smol-tiny")
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    tiny_config("llama", vocab=len(tokenizer)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab=len(tokenizer))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder), tokenizer
 
@@ -309,7 +309,9 @@ def test_shipped_sft_recipes_run_briefly(tmp_path, tiny_30_block_dir, chat_files
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tiny-bert")
-    tiny_config("bert").save_pretrained(folder)
+    from transformers import AutoModelForMaskedLM
+
+    AutoModelForMaskedLM.from_config(tiny_config("bert")).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
