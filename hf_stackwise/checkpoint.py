@@ -64,6 +64,12 @@ def run_identity(
     }
 
 
+def run_task(manifest: dict) -> str:
+    """The task a run (or checkpoint) manifest trained (its data plane's), ``clm`` when it records none."""
+    run = manifest.get("run", manifest)
+    return ((run.get("defaults") or {}).get("data") or {}).get("task") or "clm"
+
+
 def complete_checkpoints(output_dir: str) -> list[str]:
     """Checkpoint folders that finished writing (both manifests present), oldest step first."""
     if not os.path.isdir(output_dir):

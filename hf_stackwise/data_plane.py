@@ -53,7 +53,7 @@ class DataPlaneMixin:
         """A pure function of (batch, phase of ``step``, seed): rows split to the phase's length, then corrupted
         for ``mlm`` / ``diffusion`` with generators seeded by (seed, step, row)."""
         state = self.data_state(step)
-        if state is None:
+        if state is None or state.task == "classification":  # whole labelled rows, padded per batch: untouched
             return inputs
         inputs = split_rows(inputs, state.max_seq_length)
         plane, seed = self.data_plane, self.args.seed
@@ -139,16 +139,20 @@ class DataPlaneMixin:
     def evaluation_loop(
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
-        """Adds ``<prefix>_masked_accuracy`` for masked tasks, ``<prefix>_perplexity`` for the causal LM."""
+        """Adds ``<prefix>_masked_accuracy`` for masked tasks, ``<prefix>_perplexity`` for the causal LM (a
+        classification run reports accuracy / F1 / precision / recall through ``compute_metrics``)."""
         self._masked_counts = torch.zeros(2, dtype=torch.long)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self._vocab is not None:
             counts = self.accelerator.reduce(self._masked_counts.to(self.args.device), reduction="sum")
             output.metrics[f"{metric_key_prefix}_masked_accuracy"] = float(counts[0]) / max(int(counts[1]), 1)
-        elif output.metrics.get(f"{metric_key_prefix}_loss") is not None:
+        elif output.metrics.get(f"{metric_key_prefix}_loss") is not None and not self._classifies():
             loss = output.metrics[f"{metric_key_prefix}_loss"]
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
         return output
+
+    def _classifies(self) -> bool:
+        return self.data_plane is not None and self.data_plane.task == "classification"
 
     def _get_train_sampler(self, train_dataset=None):
         """A mixture is already in its seeded order: sample i must land in step i // samples_per_step."""

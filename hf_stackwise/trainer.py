@@ -44,7 +44,7 @@ from .data_plane import DataPlaneMixin
 from .growth import allocate, check_growth, initialize
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack, parameter_fingerprint
-from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
+from .schedule import RecipeError, ResolvedSchedule, Schedule, phase_defaults, stack_unit
 
 logger = logging.get_logger(__name__)
 TRAINABLE_WEIGHTS_NAME = "stackwise_trainable.safetensors"  # every ever-trainable tensor (adapter runs)
@@ -117,7 +117,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
             )
         if kwargs.get("optimizers", (None, None))[1] is not None:
             raise ValueError("StackwiseTrainer builds its own per-phase LR scheduler; do not pass one in `optimizers`")
-        schedule = Schedule.from_list(args.schedule)
+        schedule = Schedule.from_list(args.schedule, phase_defaults(task_of(args, model)))
         if hasattr(model, "peft_config") and schedule.uses_lora():
             raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
         base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
@@ -159,6 +159,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         self._fingerprints: dict[str, tuple[float, float]] = {}
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
+        self._weights_step: int | None = None  # set when the best checkpoint's weights are loaded at the end
         self._init_data_plane()
 
     # ---- the rack's parameters -------------------------------------------------------------
@@ -325,12 +326,26 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
     def producing_blocks(self) -> list[int]:
         """Physical blocks, bottom → top, of the phase that produced the current weights (what eval and export
         run); before the first step, the rack as loaded."""
-        step = self.state.global_step - 1
+        step = self.weights_step() - 1
         if self.resolved is None or step < 0:
             if self.resolved is None or self.schedule.phases[0].grow is not None:
                 return list(range(self.layout.num_base_blocks))
             step = 0
         return self.layout.blocks(self.resolved.state_at(step, self._base).order)
+
+    def weights_step(self) -> int:
+        """The step whose weights the model holds: the global step, or the best checkpoint's once
+        ``load_best_model_at_end`` (early stopping) has loaded it."""
+        return self.state.global_step if self._weights_step is None else self._weights_step
+
+    def _load_best_model(self) -> None:
+        """As the Trainer (adapter runs: from ``stackwise_trainable.safetensors``); from then on the model runs,
+        saves and exports as the phase of the best checkpoint."""
+        if self.adapter_plan:
+            load_trainable(self.model, os.path.join(self.state.best_model_checkpoint, TRAINABLE_WEIGHTS_NAME))
+        else:
+            super()._load_best_model()
+        self._weights_step = self.state.best_global_step
 
     def arranged(self):
         """Context in which the model runs as the phase that produced its weights: e.g. ``generate()`` on a
@@ -413,9 +428,11 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         return dict(self._base_topology)
 
     def _manifest(self) -> dict:
-        step = self.state.global_step
+        step = self.weights_step()
         state = self.resolved.state_at(max(step - 1, 0), self._base)
+        stopped = {} if step == self.state.global_step else {"stopped_at_step": self.state.global_step}
         return {
+            **stopped,
             "format_version": FORMAT_VERSION,
             "schedule_hash": self.schedule.fingerprint(),
             "run": self.run_identity(),
@@ -507,6 +524,7 @@ class StackwiseTrainer(DataPlaneMixin, Trainer):
         """Run the whole schedule; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint."""
         checkpoint = self.prepare_output_dir(resume_from_checkpoint)
         self._phase_state = None
+        self._weights_step = None
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
@@ -527,3 +545,11 @@ def load_trainable(model: torch.nn.Module, path: str) -> None:
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
+
+
+def task_of(args: StackwiseArguments, model) -> str | None:
+    """The run's task: the data plane's, else ``classification`` for a sequence-classification model."""
+    task = (args.data_plane or {}).get("task")
+    if task is None and type(model).__name__.endswith("ForSequenceClassification"):
+        return "classification"
+    return task
