@@ -17,8 +17,7 @@ from transformers import DataCollatorWithPadding, TrainerCallback
 
 from .data import _load
 from .errors import RecipeError
-
-CONFUSION_NAME = "confusion.json"  # beside the logs: every eval's confusion matrix (rows: true, columns: predicted)
+from .labels import CONFUSION_NAME
 
 
 def needs_model_class(config) -> None:

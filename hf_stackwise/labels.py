@@ -8,6 +8,7 @@ from __future__ import annotations
 TASK = "classification"
 METRICS = ("loss", "accuracy", "f1", "precision", "recall")  # what each eval reports (eval_ prefixed)
 KEYS = ("label_column", "text_pair_column")  # data keys only a classification run reads
+CONFUSION_NAME = "confusion.json"  # beside the logs: every eval's confusion matrix (rows: true, columns: predicted)
 
 
 def check_recipe(data: dict, schedule, problems: list[str]) -> None:

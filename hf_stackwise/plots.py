@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
+from .labels import CONFUSION_NAME
 from .layout import stack_sizes
 from .schedule import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
@@ -123,6 +124,29 @@ def plot_loss(log_history: list[dict], path: str) -> str:
     return path
 
 
+def plot_confusion(record: dict, path: str) -> str:
+    """The latest eval's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    evaluation = record["evals"][-1]
+    matrix, labels = evaluation["matrix"], record["labels"]
+    plt = _pyplot()
+    side = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=DPI)
+    ax.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"confusion at step {evaluation['step']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def log_history(run_dir: str) -> list[dict]:
     """The run's log history: the final trainer_state.json, else the last complete checkpoint's."""
     candidates = [os.path.join(run_dir, TRAINER_STATE_NAME)]
@@ -134,7 +158,8 @@ def log_history(run_dir: str) -> list[dict]:
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder)."""
+    """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder), and
+    ``confusion.png`` for a classification run that has evaluated."""
     manifest = os.path.join(run_dir, RUN_MANIFEST_NAME)
     if not os.path.isfile(manifest):
         hint = " (for a recipe, `hf-stackwise plan RECIPE --plot OUT.png` draws the timeline)"
@@ -162,4 +187,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     base_lr = run.get("defaults", {}).get("learning_rate", 1.0)
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
     timeline = plot_timeline(schedule, stack_sizes(bounds), os.path.join(out_dir, "schedule.png"), base_lr)
-    return [timeline, loss]
+    written = [timeline, loss]
+    confusion = os.path.join(run_dir, CONFUSION_NAME)
+    if os.path.isfile(confusion) and read_json(confusion).get("evals"):
+        written.append(plot_confusion(read_json(confusion), os.path.join(out_dir, "confusion.png")))
+    return written

@@ -202,6 +202,11 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     assert torch.allclose(logits, trained, atol=1e-5) and logits.argmax(-1) == trained.argmax(-1)
     assert "AutoModelForSequenceClassification" in (tmp_path / "export" / "README.md").read_text()
 
+    from hf_stackwise.plots import plot_run
+
+    written = plot_run(str(tmp_path / "run"), str(tmp_path / "plots"))
+    assert written[-1].endswith("confusion.png") and (tmp_path / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_early_stopping_ends_a_three_phase_run_at_the_best_checkpoint(
     tmp_path, tiny_bert_cls_dir, labelled, tokenizer
