@@ -205,7 +205,9 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     from hf_stackwise.plots import plot_run
 
     written = plot_run(str(tmp_path / "run"), str(tmp_path / "plots"))
-    assert written[-1].endswith("confusion.png") and (tmp_path / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        written[-1].endswith("confusion.png") and (tmp_path / "plots" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    )
 
 
 def test_early_stopping_ends_a_three_phase_run_at_the_best_checkpoint(
@@ -314,7 +316,13 @@ def bad_cases(tmp_path, model_dir, labelled) -> list[tuple[dict, str]]:
     saves["callbacks"] = {"early_stopping": {"patience": 2, "metric": "accuracy"}}
     phase_length = copy.deepcopy(base)
     phase_length["schedule"][0]["max_seq_length"] = 16
+    lora = copy.deepcopy(base)
+    lora["schedule"][0]["adapter"] = "lora"
     return [
+        (
+            lora,
+            "schedule[0]: LoRA (`adapter: lora` / `trunk: lora`) is not supported with `data.task: classification`",
+        ),
         (with_train("mixed.jsonl"), "data.label_column: the labels of data.train mix integer and string values"),
         (with_train("single.jsonl"), "data.label_column: data.train has 1 class (['x']); classification needs"),
         (with_train("nolabel.jsonl"), "data.label_column: 'label' is not a column of data.train"),
