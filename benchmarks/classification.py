@@ -40,6 +40,8 @@ RECIPE = "recipes/minilm/classify_ulmfit.yaml"
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed, first-seed + 1, ...")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="only print the table of these --out files")
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run (default 24)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -133,11 +135,19 @@ def main(argv=None) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    with open(RECIPE) as f:
-        raw = yaml.safe_load(f)
     arms = opts.arms.split(",")
-    results = [run_one(raw, arm, seed, opts) for seed in range(opts.seeds) for arm in arms]
-    print(f"\n{opts.steps} steps x {opts.batch_size} texts x {opts.seq_len} tokens, {opts.seeds} seeds, MiniLM-L6")
+    if opts.combine:  # several processes, e.g. one per seed
+        results = []
+        for path in opts.combine:
+            with open(path) as fh:
+                results += json.load(fh)["results"]
+        seeds = sorted({r["seed"] for r in results})
+    else:
+        with open(RECIPE) as f:
+            raw = yaml.safe_load(f)
+        seeds = list(range(opts.first_seed, opts.first_seed + opts.seeds))
+        results = [run_one(raw, arm, seed, opts) for seed in seeds for arm in arms]
+    print(f"\n{opts.steps} steps x {opts.batch_size} texts x {opts.seq_len} tokens, seeds {seeds}, MiniLM-L6")
     print(f"{'arm':>7} {'accuracy':>17} {'macro-F1':>17} {'wall s/run':>10} {'CPU s/run':>9}")
     for arm in arms:
         rows = [r for r in results if r["arm"] == arm]
@@ -147,7 +157,7 @@ def main(argv=None) -> None:
             f"{arm:>7} {spread([r['accuracy'] for r in rows]):>17} {spread([r['f1'] for r in rows]):>17} "
             f"{seconds:>10.0f} {cpu:>9.0f}"
         )
-    if opts.out:
+    if opts.out and not opts.combine:
         with open(opts.out, "w") as fh:
             json.dump({"options": vars(opts), "results": results}, fh, indent=1)
 

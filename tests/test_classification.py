@@ -166,6 +166,7 @@ def test_the_classifier_is_the_head_unit(family, names):
 # ---- runs ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     tmp_path, tiny_llama_dir, labelled, tokenizer
 ):
@@ -178,6 +179,7 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     trainer = run.build_trainer(prepared)
     trainer.train()
     trainer.save_model(prepared.args.output_dir)
+    trainer.save_state()  # trainer_state.json at the run's root, as `hf-stackwise train` leaves it
     history = trainer.state.log_history
     evals = [h for h in history if "eval_accuracy" in h]
     assert [h["step"] for h in evals] == [3, 6]
@@ -210,6 +212,7 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     )
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_a_three_phase_run_at_the_best_checkpoint(
     tmp_path, tiny_bert_cls_dir, labelled, tokenizer
 ):
