@@ -365,3 +365,23 @@ def test_bad_input_is_one_paragraph_before_any_weight_and_writes_nothing(
         listing.append(str(path / "recipe.yaml"))
         assert sorted(str(p) for p in tmp_path.rglob("*")) == sorted(listing), expected
         assert not os.path.exists(raw["training"]["output_dir"])
+
+
+def test_early_stopping_sets_the_trainer_arguments_it_needs():
+    from hf_stackwise.callbacks import build_callbacks, training_arguments
+
+    training = {"eval_strategy": "steps", "eval_steps": 5}
+    assert training_arguments({"early_stopping": {"patience": 2, "metric": "eval_accuracy"}}, training) == {
+        "load_best_model_at_end": True,
+        "metric_for_best_model": "accuracy",
+        "greater_is_better": True,
+        "save_strategy": "steps",
+        "save_steps": 5,
+    }
+    perplexity = training_arguments(
+        {"early_stopping": {"patience": 1, "metric": "perplexity"}}, {"eval_strategy": "epoch"}
+    )
+    assert perplexity["greater_is_better"] is False and perplexity["save_strategy"] == "epoch"
+    assert training_arguments({}, training) == {} and build_callbacks({}) == []
+    (callback,) = build_callbacks({"early_stopping": {"patience": 3, "threshold": 0.01}})
+    assert (callback.early_stopping_patience, callback.early_stopping_threshold) == (3, 0.01)
