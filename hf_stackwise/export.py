@@ -1,9 +1,9 @@
 """Export a run or checkpoint as a plain Hugging Face model folder.
 
 The exported folder holds only the blocks that ran in the phase that produced the weights (inactive
-stacks are dropped and ``config`` updated), plus the tokenizer; ``AutoModelForCausalLM.from_pretrained``
-loads it with no hf_stackwise import. :func:`merge_into` writes the same model into an adapter run's own folder
-(the end of ``hf-stackwise train``).
+stacks are dropped and ``config`` updated), plus the tokenizer; ``AutoModelForCausalLM.from_pretrained`` (for a
+classification run ``AutoModelForSequenceClassification``, with the run's ``id2label``) loads it with no hf_stackwise
+import. :func:`merge_into` writes the same model into an adapter run's own folder (the end of ``hf-stackwise train``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ import os
 import shutil
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging
 
 from .adapters import attach_adapters
 from .card import write_card
-from .checkpoint import FORMAT_VERSION, MANIFEST_NAME, RUN_MANIFEST_NAME, last_complete_checkpoint, read_json
+from .checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RUN_MANIFEST_NAME,
+    last_complete_checkpoint,
+    read_json,
+    run_task,
+)
 from .growth import allocate
 from .layout import stack_sizes
 from .rack import BASE_LAYERS_KEY, per_layer_config_keys
@@ -104,11 +111,17 @@ def select_blocks(model, layers_path: str, blocks: list[int]) -> None:
     config.num_hidden_layers = len(blocks)
 
 
+def model_class(manifest: dict):
+    """The auto class of the run's task (the manifest keeps the data plane): sequence classification or causal LM."""
+    return AutoModelForSequenceClassification if run_task(manifest) == "classification" else AutoModelForCausalLM
+
+
 def load_merged(folder: str, manifest: dict):
     """The trained model as a plain transformers model: adapters merged into a full-precision base."""
     plan = manifest["run"].get("adapters") or {}
+    auto_class = model_class(manifest)
     if not plan:
-        return AutoModelForCausalLM.from_pretrained(folder, dtype="auto", variant=_variant(folder))
+        return auto_class.from_pretrained(folder, dtype="auto", variant=_variant(folder))
     peft_model = load_adapted(folder, manifest, dequantize=True)
     return peft_model.merge_and_unload()
 
@@ -121,6 +134,7 @@ def load_adapted(folder: str, manifest: dict, dequantize: bool):
     """The run's base (full precision; a 4-bit base re-created and dequantized when ``dequantize``, else loaded
     unquantized), grown as the run grew it, with every adapter attached and every trained tensor loaded."""
     plan = manifest["run"]["adapters"]
+    auto_class = model_class(manifest)
     base = manifest.get("base_model")
     if not base or (not os.path.exists(base) and base.count("/") != 1):  # neither a local folder nor a Hub id
         raise ExportError(
@@ -133,11 +147,11 @@ def load_adapted(folder: str, manifest: dict, dequantize: bool):
         from .quantization import disable_cpu_repack
 
         config = BitsAndBytesConfig.from_dict(quantization)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=config)
+        model = auto_class.from_pretrained(base, dtype=torch.float32, quantization_config=config)
         disable_cpu_repack(model)
         model = model.dequantize()
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = auto_class.from_pretrained(base, dtype=torch.float32)
     layers = manifest["run"]["rack"]["layers"]
     layout = _layout(manifest)
     if layout.grows:

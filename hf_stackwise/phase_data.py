@@ -12,9 +12,20 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-TASKS = ("clm", "mlm", "diffusion", "sft")  # causal LM; masked LM (80/10/10); masked diffusion; chat / instruction SFT
+# causal LM; masked LM (80/10/10); masked diffusion (rate drawn per sequence); chat / instruction SFT; sequence
+# classification
+TASKS = ("clm", "mlm", "diffusion", "sft", "classification")
 MASKED_TASKS = ("mlm", "diffusion")
 MASK_SCHEDULES = ("linear", "cosine")  # how a `mask_rate: [start, end]` ramp moves across its phase
+
+
+# What a task changes in every phase that does not say otherwise: a classifier head is new, so it trains
+PHASE_DEFAULTS = {"classification": {"head": "train"}}
+
+
+def phase_defaults(task: str | None) -> dict:
+    """Phase fields the run's task sets for phases that do not give them (``head: train`` for classification)."""
+    return dict(PHASE_DEFAULTS.get(task or "clm", {}))
 
 
 def _is_rate(value) -> bool:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from .checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
+from .labels import CONFUSION_NAME
 from .layout import stack_sizes
 from .schedule import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
@@ -160,6 +161,29 @@ def plot_loss(log_history: list[dict], path: str) -> str:
     return path
 
 
+def plot_confusion(record: dict, path: str) -> str:
+    """The latest eval's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    evaluation = record["evals"][-1]
+    matrix, labels = evaluation["matrix"], record["labels"]
+    plt = _pyplot()
+    side = max(4.0, 0.6 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(side, side), dpi=DPI)
+    ax.imshow(matrix, cmap="Blues")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"confusion at step {evaluation['step']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _trainer_state(run_dir: str) -> dict | None:
     """The final ``trainer_state.json`` of a run, else its last complete checkpoint's; None before either exists."""
     candidates = [os.path.join(run_dir, TRAINER_STATE_NAME)]
@@ -184,7 +208,8 @@ def run_total_steps(run_dir: str) -> int | None:
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
-    """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder)."""
+    """Write ``schedule.png`` and ``loss.png`` for a run folder (into ``out_dir``, default the run folder), and
+    ``confusion.png`` for a classification run that has evaluated."""
     manifest = os.path.join(run_dir, RUN_MANIFEST_NAME)
     if not os.path.isfile(manifest):
         hint = " (for a recipe, `hf-stackwise plan RECIPE --plot OUT.png` draws the timeline)"
@@ -214,4 +239,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
     schedule_png = os.path.join(out_dir, "schedule.png")
     timeline = plot_timeline(schedule, stack_sizes(bounds), schedule_png, base_lr, total_steps)
-    return [timeline, loss]
+    written = [timeline, loss]
+    confusion = os.path.join(run_dir, CONFUSION_NAME)
+    if os.path.isfile(confusion) and read_json(confusion).get("evals"):
+        written.append(plot_confusion(read_json(confusion), os.path.join(out_dir, "confusion.png")))
+    return written

@@ -1,4 +1,4 @@
-"""The YAML recipe: sections ``model``, ``rack``, ``data``, ``schedule``, ``training``.
+"""The YAML recipe: sections ``model``, ``rack``, ``adapters``, ``data``, ``schedule``, ``training``, ``callbacks``.
 
 ``load_recipe`` reads a file, applies command-line overrides (``--training.max_steps 10``) and
 validates the whole recipe statically (keys, types, schedule), raising one :class:`RecipeError` that
@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
+from . import labels
+from .callbacks import check_callbacks
 from .checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from .curriculum import check_data_plane
-from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora
+from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora, phase_defaults
 from .sft_recipe import SFT_KEYS, check_sft_recipe
 
-SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training")
+SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training", "callbacks")
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
 MODEL_KEYS = ("name_or_path", "dtype", "quantization", "from_scratch", "config")
@@ -52,6 +54,7 @@ DATA_KEYS = (
     "diffusion_min_rate",
     "diffusion_weighting",
     *SFT_KEYS,  # data.task: sft (hf_stackwise.sft)
+    *labels.KEYS,
 )
 # TrainingArguments fields the recipe sets elsewhere, with where they belong instead.
 TRAINING_OWNED_ELSEWHERE = {
@@ -79,6 +82,7 @@ class Recipe:
     training: dict
     raw: dict
     path: str | None = None
+    callbacks: dict = field(default_factory=dict)
 
     @property
     def resume_from_checkpoint(self):
@@ -295,13 +299,16 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     schedule = None
     if "schedule" in raw:
         try:
-            schedule = Schedule.from_list(raw["schedule"])
+            task = data.get("task") if isinstance(data, dict) else None
+            schedule = Schedule.from_list(raw["schedule"], phase_defaults(task if task in TASKS else None))
         except RecipeError as err:
             problems.extend(err.problems)
     if problems:
         raise RecipeError(problems)
     check_data_plane(data, schedule, problems)
     check_sft_recipe(data, schedule, problems)
+    labels.check_recipe(data, schedule, problems)
+    callbacks = check_callbacks(raw.get("callbacks"), data, schedule, training, problems)
     if schedule is not None and model.get("quantization") and not schedule.uses_lora():
         problems.append(
             "model.quantization: a 4-bit base trains through LoRA; give a phase `trunk: lora` or `adapter: lora`, "
@@ -312,7 +319,15 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     if problems:
         raise RecipeError(problems)
     return Recipe(
-        model=model, rack=rack, adapters=adapters, data=data, schedule=schedule, training=training, raw=raw, path=path
+        model=model,
+        rack=rack,
+        adapters=adapters,
+        data=data,
+        schedule=schedule,
+        training=training,
+        raw=raw,
+        path=path,
+        callbacks=callbacks,
     )
 
 

@@ -20,12 +20,15 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     TrainerCallback,
     default_data_collator,
     set_seed,
 )
 
+from . import classification
 from .adapters import plan_adapters, resolve_targets
+from .callbacks import build_callbacks, training_arguments
 from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
 from .data import build_datasets, build_sources
@@ -97,6 +100,7 @@ def _type_name(hint) -> str:
 def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
     training = launch_settings({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
+    training.update(training_arguments(recipe.callbacks, training))
     known = {f.name for f in fields(StackwiseArguments) if f.init}
     unknown = [k for k in training if k not in known]
     if unknown:
@@ -187,8 +191,15 @@ def task_key(recipe: Recipe) -> str:
 
 
 def auto_model_class(recipe: Recipe):
-    """``AutoModelForMaskedLM`` when any phase trains ``mlm`` / ``diffusion``, else ``AutoModelForCausalLM``."""
+    """``AutoModelForMaskedLM`` when any phase trains ``mlm`` / ``diffusion``, ``AutoModelForSequenceClassification``
+    for ``classification``, else ``AutoModelForCausalLM``."""
+    if classifies(recipe):
+        return AutoModelForSequenceClassification
     return AutoModelForMaskedLM if DataPlane.from_data(recipe.data).masked(recipe.schedule) else AutoModelForCausalLM
+
+
+def classifies(recipe: Recipe) -> bool:
+    return recipe.data.get("task") == "classification"
 
 
 def check_lengths(recipe: Recipe, plane: DataPlane, config) -> None:
@@ -226,6 +237,8 @@ def meta_model(config, recipe: Recipe | None = None):
     model_class = auto_model_class(recipe) if recipe is not None else AutoModelForCausalLM
     if recipe is not None and recipe.data.get("task") == "sft":
         check_causal(config)
+    if model_class is AutoModelForSequenceClassification:
+        classification.needs_model_class(config)
     try:
         with torch.device("meta"):
             return model_class.from_config(copy.deepcopy(config))
@@ -371,7 +384,13 @@ def prepare(recipe: Recipe) -> Prepared:
         sft_train, sft_eval = build_sft_datasets(
             recipe.data, tokenizer, recipe.model["name_or_path"], length, args.seed
         )
-    if recipe.data.get("datasets"):
+    if classifies(recipe):  # labelled rows; the label set goes into the config before any weight loads
+        train_dataset, eval_dataset = classification.build_datasets(
+            recipe.data, tokenizer, plane.max_seq_length, args.seed, config
+        )
+        total_steps = planned_total_steps(args, len(train_dataset))
+        recipe.schedule.resolve(total_steps)
+    elif recipe.data.get("datasets"):
         if not (args.max_steps and args.max_steps > 0):
             raise RecipeError(
                 "training.max_steps: a mixture (`data.datasets`) is a stream of max_steps × batch samples; set "
@@ -418,7 +437,7 @@ def load_model(prepared: Prepared):
     if recipe.model.get("from_scratch"):  # the architecture's own initialisation, seeded by training.seed
         set_seed(prepared.args.seed)
         return model_class.from_config(prepared.config, **({} if dtype == "auto" else {"dtype": dtype}))
-    if recipe.model.get("config"):
+    if recipe.model.get("config") or classifies(recipe):  # overrides, or the label set
         kwargs["config"] = prepared.config
     model = model_class.from_pretrained(recipe.model["name_or_path"], dtype=dtype, **kwargs)
     disable_cpu_repack(model)
@@ -427,9 +446,13 @@ def load_model(prepared: Prepared):
 
 def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     model = model if model is not None else load_model(prepared)
-    trainer_class, collator = StackwiseTrainer, default_data_collator
+    task = {"data_collator": default_data_collator, "callbacks": build_callbacks(prepared.recipe.callbacks)}
+    trainer_class = StackwiseTrainer
     if prepared.recipe.data.get("task") == "sft":  # TRL's SFTTrainer tokenizes, labels, packs and collates
-        trainer_class, collator = sft_classes()[1], None
+        trainer_class, task["data_collator"] = sft_classes()[1], None
+    if classifies(prepared.recipe):  # padding collator, metrics, the confusion log
+        extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer)
+        task = {**task, **extra, "callbacks": task["callbacks"] + extra["callbacks"]}
     try:
         return trainer_class(
             model=model,
@@ -437,7 +460,7 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
             train_dataset=prepared.train_dataset,
             eval_dataset=prepared.eval_dataset,
             processing_class=prepared.tokenizer,
-            data_collator=collator,
+            **task,
         )
     except StackwiseError:
         raise

@@ -34,9 +34,11 @@ class SavingMixin:
     _saving_checkpoint = False
 
     def _manifest(self, checkpoint: bool = False) -> dict:
-        step = self.state.global_step
+        step = self.weights_step()  # the best checkpoint's step once early stopping has loaded it
         state = self.resolved.state_at(max(step - 1, 0), self._base)
+        stopped = {} if step == self.state.global_step else {"stopped_at_step": self.state.global_step}
         return {
+            **stopped,
             "format_version": FORMAT_VERSION,
             "schedule_hash": self.schedule.fingerprint(),
             "run": self.run_identity(),
@@ -119,8 +121,10 @@ class SavingMixin:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        """``load_best_model_at_end``: read the best checkpoint the way resume does."""
+        """``load_best_model_at_end``: read the best checkpoint the way resume does; from then on the model runs,
+        saves and exports as the phase of the best checkpoint."""
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+        self._weights_step = self.state.best_global_step
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does (see :meth:`_save`); a final save also gets ``stackwise_state.json`` so it can be

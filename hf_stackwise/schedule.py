@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
 from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
-from .phase_data import MASK_SCHEDULES, MASKED_TASKS, TASKS, parse_data_fields  # noqa: F401  (re-exported)
+from .phase_data import (  # noqa: F401  (re-exported)
+    MASK_SCHEDULES,
+    MASKED_TASKS,
+    TASKS,
+    parse_data_fields,
+    phase_defaults,
+)
 
 TRAIN_KEYWORDS = ("top", "all", "none", GROW_KEYWORD)
 LIST_KEYWORDS = ("top", GROW_KEYWORD)  # allowed inside a list of stack indices: `train: [top]`, `[2, new]`
@@ -135,7 +141,7 @@ class Phase:
     stacks: int | None = None  # active depth: the first `stacks` stacks run; None = all
     train: str | tuple[int | str, ...] = "all"  # stack indices (and `top`) or one of TRAIN_KEYWORDS
     embeddings: str | None = None  # train | freeze; None = train only with `train: all`
-    head: str | None = None  # train | freeze; None = train only with `train: all`
+    head: str | None = None  # train | freeze; None = train only with `train: all` (classification: train)
     learning_rate: float | None = None  # None = training.learning_rate
     warmup: float = 0.0  # fraction of this phase
     lr_schedule: str = "constant"  # within the phase, after warm-up (see hf_stackwise.lr_schedules)
@@ -348,14 +354,19 @@ class Schedule:
     phases: tuple[Phase, ...]
 
     @classmethod
-    def from_list(cls, raw) -> Schedule:
-        """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems."""
+    def from_list(cls, raw, defaults: dict | None = None) -> Schedule:
+        """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems.
+
+        ``defaults``: phase fields a phase gets when it does not give them (the task's, see ``phase_defaults``);
+        they become part of the parsed phases, so ``to_list`` and the fingerprint carry them."""
         problems: list[str] = []
         if not isinstance(raw, list) or not raw:
             raise RecipeError("schedule: expected a non-empty list of phases, each with at least `until`")
         phases = []
         previous = 0.0
         for index, item in enumerate(raw):
+            if defaults and isinstance(item, dict):
+                item = {**defaults, **{k: v for k, v in item.items() if v is not None}}
             phase = _parse_phase(item, index, previous, problems)
             if phase is not None:
                 phases.append(phase)

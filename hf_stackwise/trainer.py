@@ -45,7 +45,7 @@ from .optimizers import check_cls_and_kwargs, check_user_optimizers
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack
 from .saving import SavingMixin
-from .schedule import RecipeError, ResolvedSchedule, Schedule, stack_unit
+from .schedule import RecipeError, ResolvedSchedule, Schedule, phase_defaults, stack_unit
 from .weights import remove_model_files
 
 logger = logging.get_logger(__name__)
@@ -142,7 +142,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
                 "optimizers do not support here yet; use DDP (`accelerate launch` / `torchrun`) instead"
             )
         check_user_optimizers(kwargs.get("optimizers"), kwargs.get("optimizer_cls_and_kwargs"), args)
-        schedule = Schedule.from_list(args.schedule)
+        schedule = Schedule.from_list(args.schedule, phase_defaults(task_of(args, model)))
         if hasattr(model, "peft_config") and schedule.uses_lora():
             raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
         base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
@@ -184,6 +184,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         self._fingerprints: dict[str, tuple | None] = {}
         self._trainable_count = 0
         self._resume_manifest: dict | None = None
+        self._weights_step: int | None = None  # set when the best checkpoint's weights are loaded at the end
         self._init_data_plane()
         self._init_faults()
 
@@ -356,12 +357,17 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
     def producing_blocks(self) -> list[int]:
         """Physical blocks, bottom → top, of the phase that produced the current weights (what eval and export
         run); before the first step, the rack as loaded."""
-        step = self.state.global_step - 1
+        step = self.weights_step() - 1
         if self.resolved is None or step < 0:
             if self.resolved is None or self.schedule.phases[0].grow is not None:
                 return list(range(self.layout.num_base_blocks))
             step = 0
         return self.layout.blocks(self.resolved.state_at(step, self._base).order)
+
+    def weights_step(self) -> int:
+        """The step whose weights the model holds: the global step, or the best checkpoint's once
+        ``load_best_model_at_end`` (early stopping) has loaded it."""
+        return self.state.global_step if self._weights_step is None else self._weights_step
 
     def arranged(self):
         """Context in which the model runs as the phase that produced its weights: e.g. ``generate()`` on a
@@ -471,9 +477,18 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         """Run the whole schedule; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint."""
         checkpoint = self.prepare_output_dir(resume_from_checkpoint)
         self._phase_state = None
+        self._weights_step = None
         output = super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
         if self.args.check_invariants and self._phase_state is not None:
             self._check_frozen_untouched()
         return output
+
+
+def task_of(args: StackwiseArguments, model) -> str | None:
+    """The run's task: the data plane's, else ``classification`` for a sequence-classification model."""
+    task = (args.data_plane or {}).get("task")
+    if task is None and type(model).__name__.endswith("ForSequenceClassification"):
+        return "classification"
+    return task

@@ -12,6 +12,8 @@
   `pydoc_data.topics` entry, answered by the first paragraphs of its text, plus a question per public
   function of a few standard-library modules, answered by the first paragraph of its docstring; every
   seventh conversation has two question/answer turns. Every tenth conversation is held out for eval.
+- A labelled classification set: first paragraphs of the docstrings of six standard-library packages, each
+  labelled by its top-level package, as JSON lines `{"text", "label"}` with a fixed held-out fifth.
 
 Usage: python scripts/demo_assets.py [CACHE_DIR]   (default: .cache)
 """
@@ -204,6 +206,83 @@ def chat_sft(cache_dir: str = ".cache") -> tuple[str, str]:
     return train, evaluation
 
 
+CLASSIFY_PACKAGES = ("asyncio", "email", "http", "logging", "unittest", "xml")  # the six labels
+CLASSIFY_PER_CLASS = 110  # at most this many texts per package (the smallest has about that many)
+
+
+def _package_modules(package: str) -> list:
+    """The package and its importable submodules (tests and ``__main__`` skipped), by name."""
+    import importlib
+    import pkgutil
+
+    root = importlib.import_module(package)
+    modules = [root]
+    for info in sorted(pkgutil.walk_packages(root.__path__, package + "."), key=lambda i: i.name):
+        if "test" in info.name.split(".")[1:] or info.name.endswith("__main__"):
+            continue
+        try:
+            modules.append(importlib.import_module(info.name))
+        except Exception:  # optional dependencies of a submodule (e.g. a GUI toolkit) are not needed here
+            continue
+    return modules
+
+
+def _first_paragraphs(module) -> list[str]:
+    """First docstring paragraph of a module, its own public classes and functions, and their public methods."""
+    import inspect
+
+    objects = [module]
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
+            continue
+        objects.append(value)
+        if inspect.isclass(value):
+            objects += [f for n, f in sorted(vars(value).items()) if not n.startswith("_") and inspect.isfunction(f)]
+    texts = []
+    for obj in objects:
+        doc = inspect.getdoc(obj)
+        line = " ".join((doc or "").split("\n\n")[0].split())
+        if len(line) >= 30:
+            texts.append(line)
+    return texts
+
+
+def classification_set(cache_dir: str = ".cache") -> tuple[str, str]:
+    """Train/eval JSON lines ``{"text", "label"}``: docstring paragraphs labelled by their top-level package.
+
+    Deterministic for a Python version: texts in module order, duplicates (also across packages) dropped, at most
+    CLASSIFY_PER_CLASS per package; a text is held out for eval when the SHA-1 of its text ends in 0-2 (hex),
+    a fixed fifth-ish split that does not move when other texts change."""
+    import hashlib
+    import json
+
+    folder = os.path.join(cache_dir, "data")
+    train, evaluation = (
+        os.path.join(folder, "stdlib_classify_train.jsonl"),
+        os.path.join(folder, "stdlib_classify_eval.jsonl"),
+    )
+    if os.path.isfile(train) and os.path.isfile(evaluation):
+        return train, evaluation
+    os.makedirs(folder, exist_ok=True)
+    found: dict[str, list[str]] = {}
+    for package in CLASSIFY_PACKAGES:
+        found[package] = list(dict.fromkeys(t for m in _package_modules(package) for t in _first_paragraphs(m)))
+    counts: dict[str, int] = {}
+    for texts in found.values():
+        for text in texts:
+            counts[text] = counts.get(text, 0) + 1
+    rows = {"train": [], "eval": []}
+    for package, texts in found.items():
+        for text in [t for t in texts if counts[t] == 1][:CLASSIFY_PER_CLASS]:
+            held_out = hashlib.sha1(text.encode()).hexdigest()[-1] in "012"
+            rows["eval" if held_out else "train"].append({"text": text, "label": package})
+    for path, key in ((train, "train"), (evaluation, "eval")):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows[key])
+        os.replace(path + ".tmp", path)
+    return train, evaluation
+
+
 if __name__ == "__main__":
     cache = sys.argv[1] if len(sys.argv) > 1 else ".cache"
     print(smollm2_folder(cache))
@@ -211,3 +290,4 @@ if __name__ == "__main__":
     print(minilm_folder(cache))
     print(stdlib_docstrings(cache))
     print(*chat_sft(cache))
+    print(*classification_set(cache))

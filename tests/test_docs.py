@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+from hf_stackwise.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
 from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
 from hf_stackwise.schedule import PHASE_KEYS
 
@@ -27,6 +28,7 @@ def test_section_tables_match_the_code():
     assert section_keys("adapters") == set(ADAPTERS_KEYS)
     assert section_keys("data") == set(DATA_KEYS)
     assert section_keys("schedule") == set(PHASE_KEYS)
+    assert section_keys("callbacks") == set(CALLBACK_KEYS) | set(EARLY_STOPPING_KEYS)
 
 
 def test_training_extras_match_the_arguments_dataclass():
@@ -76,7 +78,7 @@ def test_every_link_between_pages_resolves():
 def test_one_page_per_user_story():
     index = (ROOT / "docs" / "index.md").read_text()
     rows = [line for line in index.split("## User stories")[1].splitlines() if line.startswith("| ") and "](" in line]
-    assert len(rows) >= 7  # the six user stories of the product, and chat SFT
+    assert len(rows) >= 8  # the six user stories of the product, chat SFT and sequence classification
     for row in rows:
         page = re.search(r"\]\(([^)]+\.md)\)", row).group(1)
         assert f"docs/{page}" in PENDING or (ROOT / "docs" / page).is_file(), page
