@@ -249,9 +249,11 @@ def test_early_stopping_ends_a_three_phase_run_at_the_best_checkpoint(
 
     from safetensors.torch import load_file
 
-    saved = load_file(run_dir / "model.safetensors")
-    at_best = load_file(run_dir / f"checkpoint-{best}" / "model.safetensors")
-    assert saved.keys() == at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
+    saved = load_file(run_dir / "model.safetensors")  # the 2 blocks phase `shallow` runs, as a plain model
+    # the checkpoint keeps every block (it does not load as the 2-block model): the saved tensors are its first two
+    at_best = load_file(run_dir / f"checkpoint-{best}" / "model.unarranged.safetensors")
+    assert not (run_dir / f"checkpoint-{best}" / "model.safetensors").exists()
+    assert saved.keys() < at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
 
     from hf_stackwise.export import export
 
@@ -347,11 +349,10 @@ def test_bad_input_is_one_paragraph_before_any_weight_and_writes_nothing(
     cases = bad_cases(tmp_path, tiny_bert_cls_dir, labelled)
     codegen = tmp_path / "codegen"  # a model type with a causal LM but no sequence-classification class
     tiny = tiny_config("llama")
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    AutoConfig.for_model("codegen", n_layer=4, n_embd=64, n_head=4, vocab_size=tiny.vocab_size).save_pretrained(
-        codegen
-    )
+    config = AutoConfig.for_model("codegen", n_layer=4, n_embd=64, n_head=4, vocab_size=tiny.vocab_size)
+    AutoModelForCausalLM.from_config(config).save_pretrained(codegen)  # a complete folder: weights and config
     raw = cls_recipe(tmp_path, str(codegen), labelled)
     cases.append((raw, "data.task: `classification` needs a sequence-classification architecture"))
     for index, (raw, expected) in enumerate(cases):

@@ -176,8 +176,8 @@ def test_plot_of_a_run_draws_what_plan_drew(tmp_path, tiny_llama_dir, monkeypatc
     text = ModelCard.load(tmp_path / "out" / "README.md").text
     assert [line for line in text.splitlines() if line.startswith(("| prepend", "| settle"))] == [
         "| prepend | 0–1 | 0.00–0.50 | 0–4 | stacks 0 | grow identity at bottom, full (trunk frozen) | "
-        "3.0e-04 constant, warm-up 0.05 |",
-        "| settle | 2–3 | 0.50–1.00 | 0–4 | stacks 0, 1 | full (trunk frozen) | 1.0e-04 cosine, layer decay 0.5 |",
+        "2.0e-05 constant, warm-up 0.1 |",
+        "| settle | 2–3 | 0.50–1.00 | 0–4 | stacks 0, 1 | full (trunk frozen) | 1.0e-05 cosine |",
     ]
     assert "the schedule grows it to 5 stacks over 5 blocks" in text
 
