@@ -47,7 +47,7 @@ from .quantization import (
 from .rack import find_layers_path, resolve_boundaries
 from .recipe import FROM_PRETRAINED_KEYS, Recipe
 from .schedule import MASKED_TASKS, RecipeError
-from .sft import build_sft_datasets, check_causal, sft_classes, sft_config_fields
+from .sft import build_sft_datasets, check_causal, sft_config_fields
 from .trainer import StackwiseArguments, StackwiseTrainer
 
 TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
@@ -95,6 +95,19 @@ def _matches(value, hint) -> bool:
 
 def _type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def sft_classes():
+    """``(StackwiseSFTConfig, StackwiseSFTTrainer)`` from :mod:`hf_stackwise.sft_trainer` (which imports trl)."""
+    try:
+        from .sft_trainer import StackwiseSFTConfig, StackwiseSFTTrainer
+    except ImportError as err:
+        if "trl" not in str(err):
+            raise
+        raise RecipeError(
+            "data.task: `sft` runs through TRL's SFTTrainer, and trl is not installed; pip install 'hf-stackwise[trl]'"
+        ) from None
+    return StackwiseSFTConfig, StackwiseSFTTrainer
 
 
 def build_arguments(recipe: Recipe) -> StackwiseArguments:

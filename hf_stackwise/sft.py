@@ -274,19 +274,6 @@ def truncate_for_phase(batch: dict, length: int, stored: int) -> dict:
     return _truncate(batch, length) if length < stored else batch
 
 
-def sft_classes():
-    """``(StackwiseSFTConfig, StackwiseSFTTrainer)`` from :mod:`hf_stackwise.sft_trainer` (which imports trl)."""
-    try:
-        from .sft_trainer import StackwiseSFTConfig, StackwiseSFTTrainer
-    except ImportError as err:
-        if "trl" not in str(err):
-            raise
-        raise RecipeError(
-            "data.task: `sft` runs through TRL's SFTTrainer, and trl is not installed; pip install 'hf-stackwise[trl]'"
-        ) from None
-    return StackwiseSFTConfig, StackwiseSFTTrainer
-
-
 def sft_config_fields(data: dict, max_length: int) -> dict:
     """The ``SFTConfig`` fields the recipe's ``data:`` section sets."""
     return {
