@@ -144,6 +144,27 @@ def token_dataset(tokenizer):
     return Dataset.from_dict({"input_ids": chunks, "labels": chunks})
 
 
+def tiny_arguments(output_dir, **overrides):
+    """``StackwiseArguments`` for a short CPU run of a tiny model: 4 steps, batch 4, one block per stack, seeded, no
+    saves or reports; ``overrides`` (``schedule`` among them) replace or add to these."""
+    from hf_stackwise.trainer import StackwiseArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        blocks_per_stack=1,
+    )
+    kwargs.update(overrides)
+    return StackwiseArguments(**kwargs)
+
+
 CLEAN_LOAD = (
     "import sys, torch, json; from transformers import AutoModelForCausalLM;"
     "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); ids = torch.tensor(json.loads(sys.argv[2]));"

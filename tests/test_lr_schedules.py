@@ -158,10 +158,10 @@ def test_step_counts_longer_than_the_phase_are_refused_when_resolved():
 
 def test_trainer_optimizer_follows_the_phase_schedule(tmp_path, token_dataset):
     """The optimizer's per-group rates at each step are the schedule's (transformers' shapes)."""
-    from conftest import tiny_causal_lm
+    from conftest import tiny_arguments, tiny_causal_lm
     from transformers import TrainerCallback
 
-    from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+    from hf_stackwise.trainer import StackwiseTrainer
 
     schedule = [
         {"name": "top", "until": 0.5, "train": ["top"], "learning_rate": 1e-3},
@@ -181,15 +181,12 @@ def test_trainer_optimizer_follows_the_phase_schedule(tmp_path, token_dataset):
         def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
             seen.append(max(g["lr"] for g in optimizer.param_groups))
 
-    args = StackwiseArguments(
-        output_dir=str(tmp_path / "out"),
+    args = tiny_arguments(
+        tmp_path / "out",
+        schedule=schedule,
         max_steps=12,
         per_device_train_batch_size=2,
         learning_rate=1e-3,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        schedule=schedule,
         blocks_per_stack=2,
     )
     trainer = StackwiseTrainer(model=tiny_causal_lm(), args=args, train_dataset=token_dataset)

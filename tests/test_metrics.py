@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_config
+from conftest import tiny_arguments, tiny_causal_lm, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from hf_stackwise.metrics import grad_scale, is_causal_lm
-from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+from hf_stackwise.trainer import StackwiseTrainer
 
 SCHEDULE = [
     {"name": "top", "until": 0.5, "train": ["top"]},
@@ -22,23 +22,8 @@ SCHEDULE = [
 
 
 def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        schedule=SCHEDULE,
-        blocks_per_stack=1,
-    )
-    kwargs.update(overrides)
-    return StackwiseArguments(**kwargs)
+    defaults = {"schedule": SCHEDULE, "per_device_eval_batch_size": 8, "logging_steps": 1}
+    return tiny_arguments(tmp_path / "out", **{**defaults, **overrides})
 
 
 def train_logs(trainer):

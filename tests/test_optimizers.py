@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from conftest import tiny_arguments, tiny_causal_lm
 from transformers import TrainerCallback
 
-from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+from hf_stackwise.trainer import StackwiseTrainer
 
 SCHEDULE = [
     {"name": "top", "until": 0.5, "train": ["top"]},
@@ -17,21 +17,7 @@ SCHEDULE = [
 
 
 def make_args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        schedule=SCHEDULE,
-        blocks_per_stack=1,
-    )
-    kwargs.update(overrides)
-    return StackwiseArguments(**kwargs)
+    return tiny_arguments(tmp_path / "out", **{"schedule": SCHEDULE, **overrides})
 
 
 class StepRecorder(TrainerCallback):
