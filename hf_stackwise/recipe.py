@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -22,6 +23,24 @@ from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora, phase
 from .sft_recipe import SFT_KEYS, check_sft_recipe
 
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training", "callbacks")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: ``1e-5`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text):
+    """Parse recipe YAML (a string or an open file) with :class:`RecipeLoader`."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
 MODEL_KEYS = ("name_or_path", "dtype", "quantization", "from_scratch", "config")
@@ -106,7 +125,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
             i += 2
         else:
             raise RecipeError(f"override --{key}: missing its value")
-        pairs.append((key, yaml.safe_load(text)))
+        pairs.append((key, load_yaml(text)))
     return pairs
 
 
@@ -342,7 +361,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe: {path!r} is not a file; give the path of a YAML recipe")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f)
+            raw = load_yaml(f)
         except yaml.YAMLError as err:
             raise RecipeError(f"recipe: {path!r} is not valid YAML: {' '.join(str(err).split())}") from None
     if isinstance(raw, dict) and "format_version" in raw:

@@ -102,6 +102,19 @@ def test_overrides_are_typed_and_dotted():
         parse_overrides(["training.max_steps", "3"])
 
 
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    """`1e-5` is a float (YAML 1.2, as TrainingArguments users write it), not the string YAML 1.1 makes of it."""
+    text = yaml.safe_dump(base_recipe()).replace("until: 0.5", "until: 0.5\n  learning_rate: 1e-5")
+    assert "learning_rate: 1e-5" in text
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    recipe = load_recipe(str(path), ["--training.learning_rate", "3E-4", "--schedule.1.learning_rate=2e-6"])
+    assert recipe.schedule.phases[0].learning_rate == 1e-5
+    assert recipe.schedule.phases[1].learning_rate == 2e-6
+    assert recipe.training["learning_rate"] == 3e-4
+    assert parse_overrides(["--a.b", "1e5x", "--a.c", "7"]) == [("a.b", "1e5x"), ("a.c", 7)]
+
+
 def write(tmp_path, raw) -> str:
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
