@@ -373,6 +373,8 @@ def check_recipe(recipe: Recipe) -> Checked:
     rack, skip_modules, plan = rack_from_config(recipe, config)
     plane = DataPlane.from_data(recipe.data)
     check_lengths(recipe, plane, config)
+    if args.max_steps and args.max_steps > 0:  # every phase gets a step: known before any data or weight loads
+        recipe.schedule.resolve(args.max_steps)
     return Checked(args, config, rack, skip_modules, plan, plane)
 
 

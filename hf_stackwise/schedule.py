@@ -441,15 +441,16 @@ class Schedule:
         problems = []
         for index, phase in enumerate(self.phases):
             end = total_steps if phase.until == 1.0 else round(phase.until * total_steps)
-            if end <= start:
+            path = self.key_path(index, "until")
+            if end <= start and not any(p.startswith(f"{path}:") for p in problems):  # once per generator
                 problems.append(
-                    f"{self.key_path(index, 'until')}: phase {phase.name!r} gets no optimizer step at {total_steps} "
+                    f"{path}: phase {phase.name!r} gets no optimizer step at {total_steps} "
                     f"total steps (ends at step {end}); raise `training.max_steps` or widen the phase"
                 )
             bounds.append((start, end))
             start = max(start, end)
         if problems:
-            raise RecipeError(list(dict.fromkeys(problems)))
+            raise RecipeError(problems)
         resolved = ResolvedSchedule(self, total_steps, tuple(bounds))
         resolved.check_lr_shapes()
         return resolved
