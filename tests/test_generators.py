@@ -345,3 +345,22 @@ def test_sample_with_release_idle_resumes_bitwise(tmp_path, token_dataset, sampl
     for name, state in theirs.items():
         for key, value in state.items():
             assert torch.equal(mine[name][key], value), (name, key)
+
+
+@pytest.mark.parametrize("name, count", [("badam", 10), ("lisa", 20)])
+def test_shipped_recipes_expand_and_hold_one_phase_of_state(tiny_30_block_dir, name, count):
+    """The BAdam and LISA recipes: their generators expand as their headers say, and with `release_idle` every
+    phase holds AdamW state (two tensors per value) for what it trains only."""
+    path = os.path.join(ROOT, "recipes", "smollm2-135m", f"{name}.yaml")
+    plan = make_plan(load_recipe(path, ["--model.name_or_path", tiny_30_block_dir]))
+    assert [p.name for p in plan.phases] == [f"{name}-{i}" for i in range(1, count + 1)]
+    if name == "badam":
+        assert [p.trainable_stacks for p in plan.phases] == [(4 - i % 5,) for i in range(10)]
+    else:
+        assert all(len(p.trainable_stacks) == 2 and {"embeddings", "head"} <= set(p.units) for p in plan.phases)
+        assert len({p.trainable_stacks for p in plan.phases}) > 10  # fresh draws
+    assert [(p.start, p.end) for p in plan.phases] == [
+        (i * 500 // count, (i + 1) * 500 // count) for i in range(count)
+    ]
+    for phase in plan.phases:
+        assert phase.memory["optimizer"] == 2 * phase.memory["gradients"] > 0
