@@ -239,7 +239,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         chosen, where = self.optimizer_cls_and_kwargs, "optimizer_cls_and_kwargs"  # the user's class and kwargs
         if chosen is None:
             chosen = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            where = f"training.optim: {self.args.optim}"
+            where = f"training.optim: {getattr(self.args.optim, 'value', self.args.optim)}"
         optimizer_cls, optimizer_kwargs = check_cls_and_kwargs(chosen, where)
         check_release_idle(self.schedule, optimizer_cls, optimizer_kwargs, where)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)

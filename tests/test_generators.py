@@ -364,3 +364,10 @@ def test_shipped_recipes_expand_and_hold_one_phase_of_state(tiny_30_block_dir, n
     ]
     for phase in plan.phases:
         assert phase.memory["optimizer"] == 2 * phase.memory["gradients"] > 0
+
+
+def test_python_api_refuses_release_idle_with_a_stateless_optimizer(tmp_path, token_dataset):
+    trainer = make_trainer(tmp_path / "run", token_dataset, SAMPLE, optim="sgd")
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.optimizer_state: `release_idle` .* training.optim: sgd"):
+        trainer.train()
+    assert trainer.state.global_step == 0
