@@ -53,15 +53,6 @@ def generator_of(entry) -> str | None:
     return found[0] if found else None
 
 
-def needs_rack(entry) -> bool:
-    """Whether the entry's pool is ``all`` (its phases are known once the rack's size is)."""
-    kind = generator_of(entry)
-    if kind is None:
-        return False
-    spec = entry[kind] if isinstance(entry[kind], dict) else {}
-    return spec.get(POOL_KEY[kind], "all") == "all"
-
-
 def expand(raw: list, racks: dict[int, tuple[int, int]] | None, problems: list[str]) -> tuple[list, list[Origin]]:
     """The schedule list with every generator replaced by its phases, and each phase's origin.
 
