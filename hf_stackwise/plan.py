@@ -288,6 +288,10 @@ def _optimizer_states(optim: str) -> tuple[int, int | None]:
     return 2, per_element
 
 
+def _releases(schedule) -> bool:
+    return any(p.optimizer_state in ("reset", "release_idle") for p in schedule.phases)
+
+
 def _mode(phase: Phase, num_stacks: int, new: tuple[int, ...] = ()) -> str:
     parts = [f"stacks {phase.adapter}" if phase.trainable_stacks(num_stacks, new) else "no stack"]
     if phase.grow is not None:
@@ -384,8 +388,8 @@ def make_plan(recipe: Recipe) -> Plan:
         phase = recipe.schedule.phases[index]
         state = resolved.state_at(start, base)
         trainable = tensors_of(state.trainable_units)
-        if getattr(phase, "optimizer_state", "keep") == "reset":  # a fresh optimizer state from this phase on
-            trained_so_far = set()
+        if phase.optimizer_state in ("reset", "release_idle"):  # reset: all freed; release_idle: the idle units'
+            trained_so_far = set()  # (either way only this phase's units hold state from its first step on)
         trained_so_far |= set(state.trainable_units)
         optimized = tensors_of(trained_so_far)
         data = _phase_data(phase, recipe)
@@ -428,7 +432,9 @@ def make_plan(recipe: Recipe) -> Plan:
     notes = [
         f"optimizer state: {states} tensor(s) per trained value ({getattr(args.optim, 'value', args.optim)}), for "
         "the units trained so far "
-        "(state appears on a parameter's first update and stays)",
+        "(state appears on a parameter's first update and stays"
+        + ("; `reset` / `release_idle` phases keep only the units they train" if _releases(recipe.schedule) else "")
+        + ")",
         "activations: tensors saved for backward of one micro-batch "
         f"({batch} x sequence length; {dims.attention} attention"
         + (", gradient checkpointing" if checkpointing else "")

@@ -292,6 +292,7 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
     sizes = stack_sizes(boundaries)
+    recipe.schedule = recipe.schedule.for_rack(sizes)  # schedule generators over `all` need the rack's size
     recipe.schedule.validate_rack(sizes)
     layout = recipe.schedule.layout(sizes)
     skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)
@@ -372,6 +373,8 @@ def check_recipe(recipe: Recipe) -> Checked:
     rack, skip_modules, plan = rack_from_config(recipe, config)
     plane = DataPlane.from_data(recipe.data)
     check_lengths(recipe, plane, config)
+    if args.max_steps and args.max_steps > 0:  # every phase gets a step: known before any data or weight loads
+        recipe.schedule.resolve(args.max_steps)
     return Checked(args, config, rack, skip_modules, plan, plane)
 
 

@@ -2,7 +2,7 @@
 
 Trains a tiny Llama through transitions that freeze and unfreeze stacks, records the phase trace from
 the parameters' own `requires_grad` flags, and saves each rank's final weights and trace.
-usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual|grow]
+usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual|grow|sample]
 """
 
 from __future__ import annotations
@@ -41,6 +41,16 @@ GROW = [  # growth variant: prepend a copy, insert an identity stack, add a rand
     {"name": "all", "until": 1.0, "grow": {"op": "random", "stacks": 1}, "train": "all", "optimizer_state": "reset"},
 ]
 
+SAMPLE = [  # generator variant: a LISA-style `sample` after a top-only warm-up, idle stacks' state released
+    {"name": "warm", "until": 0.25, "train": ["top"]},
+    {
+        "name": "lisa",
+        "until": 1.0,
+        "sample": {"pool": "all", "k": 2, "every": 0.25, "seed": 0},
+        "optimizer_state": "release_idle",
+    },
+]
+
 
 class Trace(TrainerCallback):
     def __init__(self, model):
@@ -69,12 +79,13 @@ def main(output_dir: str, batch: int, variant: str = "full") -> None:
         report_to="none",
         use_cpu=True,
         seed=0,
-        schedule={"dual": DUAL, "grow": GROW}.get(variant, SCHEDULE),
+        schedule={"dual": DUAL, "grow": GROW, "sample": SAMPLE}.get(variant, SCHEDULE),
         adapters={"r": 4, "alpha": 8, "trunk_r": 2} if variant == "dual" else None,
         # SGD for the adapter variant: Adam divides near-zero LoRA-A gradients (B starts at 0) by their own
         # magnitude, turning float-reordering noise between 1 and 2 processes into visible weight differences; the
         # same happens to every parameter after growth's `optimizer_state: reset` (Adam's first step is g / |g|)
-        optim="sgd" if variant in ("dual", "grow") else "adamw_torch",
+        optim="sgd" if variant in ("dual", "grow", "sample") else "adamw_torch",
+        optim_args="momentum=0.9" if variant == "sample" else None,  # `release_idle` needs per-parameter state
         blocks_per_stack=1,
         logging_steps=1,
         dataloader_drop_last=True,

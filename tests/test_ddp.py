@@ -110,6 +110,20 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path):
     assert not torch.equal(rank0["model.layers.2.mlp.up_proj.weight"], fresh["model.layers.2.mlp.up_proj.weight"])
 
 
+def test_two_ranks_expand_a_sample_generator_alike_and_match_one_process(tmp_path):
+    """`sample` draws the same stacks on every rank (the expansion is pure), and `release_idle` keeps them in sync."""
+    two, one = run_worker_pair(tmp_path, "sample")
+    rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    traces = [
+        json.loads(p.read_text())["trace"] for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")
+    ]
+    golden = [[0, [3]], [1, [3]], [2, [0, 1]], [3, [0, 1]], [4, [2, 3]], [5, [2, 3]], [6, [1, 3]], [7, [1, 3]]]
+    assert all(t == golden for t in traces)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)
+
+
 def test_two_ranks_through_growth_stay_identical_and_match_one_process(tmp_path):
     """Stacks grown mid-run (copy below, identity inserted, random on top) were registered with DDP from the start."""
     two, one = run_worker_pair(tmp_path, "grow")

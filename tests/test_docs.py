@@ -6,6 +6,7 @@ import pathlib
 import re
 
 from hf_stackwise.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
+from hf_stackwise.generators import GENERATORS
 from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
 from hf_stackwise.schedule import PHASE_KEYS
 
@@ -27,7 +28,8 @@ def test_section_tables_match_the_code():
     assert section_keys("rack") == set(RACK_KEYS)
     assert section_keys("adapters") == set(ADAPTERS_KEYS)
     assert section_keys("data") == set(DATA_KEYS)
-    assert section_keys("schedule") == set(PHASE_KEYS)
+    generator_settings = {key for settings in GENERATORS.values() for key in settings}
+    assert section_keys("schedule") == set(PHASE_KEYS) | set(GENERATORS) | generator_settings
     assert section_keys("callbacks") == set(CALLBACK_KEYS) | set(EARLY_STOPPING_KEYS)
 
 
