@@ -8,7 +8,13 @@ import json
 
 import pytest
 import torch
+import yaml
+from ddp_memory_worker import SCHEDULE
 from test_ddp import torchrun
+
+from hf_stackwise.plan import make_plan
+from hf_stackwise.plan_memory import per_rank
+from hf_stackwise.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +38,9 @@ def test_buckets_hold_the_phase_parameters_only(runs):
     phase, superset = runs
     (_, rows), (_, before) = load(phase, "phase"), load(superset, "superset")
     assert [r["world_size"] for r in rows] == [2, 2]
-    for per_rank, old in zip(rows, before):
+    for rank_rows, old in zip(rows, before):
         # a DDP run whose trainable set is fixed to the phase's has exactly the phase's trainable bytes in buckets
-        assert [b for _, b, _ in per_rank["buckets"]] == [t for _, _, t in per_rank["buckets"]]
+        assert [b for _, b, _ in rank_rows["buckets"]] == [t for _, _, t in rank_rows["buckets"]]
         # the superset DDP held every stack, embeddings and head in its buckets at every step
         superset_bytes = {b for _, b, _ in old["buckets"]}
         assert len(superset_bytes) == 1 and superset_bytes.pop() > 2.5 * max(t for _, _, t in old["buckets"])
@@ -61,3 +67,22 @@ def test_mid_phase_resume_is_bitwise(runs):
     for rank in (0, 1):
         for name in full[rank]:
             assert torch.equal(full[rank][name], resumed[rank][name]), name
+
+
+def test_plan_predicts_the_measured_buckets_per_rank(runs, tmp_path, tiny_llama_dir, pydoc_files):
+    """`plan --world-size 2` of the worker's schedule on the same tiny Llama: DDP's bucket bytes per phase are the
+    ones the real run measured (and its gradients the same again, in `.grad`)."""
+    recipe = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 1},
+        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
+        "schedule": SCHEDULE,
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 8, "per_device_train_batch_size": 2},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    rows = per_rank(make_plan(load_recipe(str(path))), 2)
+    _, measured = load(runs[0], "phase")
+    by_phase = [measured[0]["buckets"][2 * i][1] for i in range(4)]  # two steps per phase
+    assert [r["ddp"]["buckets"] for r in rows] == by_phase
+    assert [r["ddp"]["gradients"] for r in rows] == by_phase
