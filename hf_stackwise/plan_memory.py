@@ -51,7 +51,7 @@ def per_rank(plan: Plan, world: int) -> list[dict]:
         for s in range(plan.num_stacks)
     ]
     block = max((size / count for count, size in blocks if count), default=0.0)
-    gathered = sum(b for _, b in root.values()) + 2 * block
+    gathered_weights = sum(b for _, b in root.values()) + 2 * block
     out = []
     for phase in plan.phases:
         m = phase.memory
@@ -68,10 +68,8 @@ def per_rank(plan: Plan, world: int) -> list[dict]:
         block_grads = max((_per_block(plan, u) for u in phase.units if u not in ROOT_UNITS), default=0.0)
         fsdp = {
             "weights": sharded_weights,
-            "gathered": gathered,
-            "gradients": sum(_shard(t, rows_of.get(n), world) for n, t in trainable.items())
-            + root_grads
-            + block_grads,
+            "gathered": gathered_weights + root_grads + block_grads,
+            "gradients": sum(_shard(t, rows_of.get(n), world) for n, t in trainable.items()),
             "optimizer": m["optimizer"] * _shard_fraction(plan, world),
             "activations": m["activations"],
         }
@@ -116,7 +114,8 @@ def format_per_rank(plan: Plan, world: int) -> str:
     lines += [
         "",
         f"memory per rank on {world} ranks in MiB, FSDP2: weights, gradients and optimizer state sharded 1/{world}; "
-        "gathered: the root's parameters and two blocks while they compute",
+        "gathered: the root's parameters and two blocks while they compute, and their gradients before the "
+        "reduce-scatter",
         f"{'phase':<14} {'weights':>10} {'gathered':>10} {'gradients':>10} {'optimizer':>10} {'activations':>12} "
         f"{'total':>10}",
     ]

@@ -86,3 +86,23 @@ def test_plan_predicts_the_measured_buckets_per_rank(runs, tmp_path, tiny_llama_
     by_phase = [measured[0]["buckets"][2 * i][1] for i in range(4)]  # two steps per phase
     assert [r["ddp"]["buckets"] for r in rows] == by_phase
     assert [r["ddp"]["gradients"] for r in rows] == by_phase
+
+
+def test_plan_predicts_the_measured_fsdp2_shards_per_rank(tmp_path, tiny_llama_dir, pydoc_files):
+    """A raw FSDP2 run (fully_shard per block, then the root) of the same tiny Llama on 2 ranks: rank 0's parameter
+    shards plus buffers, and its gradient shards after training stack 1 and the head, are what `plan` predicts."""
+    out = tmp_path / "shards.json"
+    torchrun("plan_shard_worker.py", str(out))
+    measured = json.loads(out.read_text())
+    recipe = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 1},
+        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
+        "schedule": [{"name": "s1", "until": 1.0, "train": [1], "head": "train"}],
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    (row,) = per_rank(make_plan(load_recipe(str(path))), 2)
+    assert row["fsdp2"]["weights"] == measured["weights"]
+    assert row["fsdp2"]["gradients"] == measured["gradients"]
