@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 import yaml
 
@@ -52,3 +54,26 @@ def test_sharded_parts_shrink_with_the_world_and_ddp_replicates(recipe_path):
 def test_world_size_must_be_a_count(recipe_path, capsys):
     assert main(["plan", recipe_path, "--world-size", "0"]) == 2
     assert "plan --world-size: '0'" in capsys.readouterr().err
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCALING = (ROOT / "docs" / "scaling.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", ["smollm2-135m/block_coordinate.yaml", "llama3-8b/block_coordinate.yaml"])
+def test_the_scaling_page_shows_what_plan_prints(recipe, monkeypatch):
+    """docs/scaling.md's per-rank tables are `plan --world-size 8` of the real SmolLM2-135M folder and of
+    Llama-3-8B's config (built without weights)."""
+    monkeypatch.chdir(ROOT)  # the recipes' relative paths (.cache/...) resolve against the repository
+    rows = {r["phase"]: r for r in per_rank(make_plan(load_recipe(f"recipes/{recipe}")), 8)}
+    table = SCALING.split(f"recipes/{recipe} --world-size 8")[1].split("\n\n", 2)[1]
+    columns = ("weights", "gathered", "gradients", "buckets", "optimizer", "activations", "total")
+    checked = 0
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        phase, engine = cells[0].split()[0], {"DDP": "ddp", "FSDP2": "fsdp2"}[cells[1]]
+        for column, text in zip(columns, cells[2:]):
+            if text:
+                assert text == f"{rows[phase][engine][column] / 2**20:,.1f}", (phase, engine, column)
+                checked += 1
+    assert checked == 24
