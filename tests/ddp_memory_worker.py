@@ -1,5 +1,5 @@
 """Run by tests/test_ddp_memory.py under `torchrun --nproc_per_node 2`: a block-coordinate schedule (one stack
-trains at a time) on a tiny Llama, recording after every step the DDP reducer's gradient-bucket bytes and the
+trains at a time, two micro-batches per step) on a tiny Llama, recording after every step the DDP reducer's gradient-bucket bytes and the
 bytes of the parameters that train; saves each rank's final weights.
 usage: python ddp_memory_worker.py OUTPUT_DIR [phase|superset] [CHECKPOINT_TO_RESUME]
 `superset` turns the per-phase re-registration off: DDP keeps the buckets of every parameter it wrapped (the
@@ -51,6 +51,7 @@ def main(output_dir: str, mode: str, resume: str | None = None) -> None:
         output_dir=output_dir,
         max_steps=8,
         per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,  # a transition's first micro-batch runs under DDP's no_sync
         learning_rate=1e-3,
         save_strategy="steps",
         save_steps=3,  # step 3 is inside phase s1: a resume starts mid-phase
