@@ -22,7 +22,8 @@ Three kinds of run, all in this invocation:
 Per phase and run: the reducer's bucket MiB (DDP's own logging data), the process's resident MiB after the
 phase's steps (rank 0; in phase 0 of the ``phase`` run it still includes the superset buckets DDP allocated when it
 wrapped the model, freed at the first step but kept by the allocator), and the fastest step (``on_step_begin`` to
-``on_step_end``, the phase's first step excluded: other work on the machine only adds time). Ratios are against the
+``on_step_end``, the phase's first step excluded: other work on the machine only adds time), in wall time and in
+the rank's CPU time (less sensitive to other work; gloo's all-reduce runs on the CPU too). Ratios are against the
 fixed baseline of the same invocation. A report, not a test: exit status 0.
 """
 
@@ -106,13 +107,14 @@ def worker(out: str, mode: str, layers: int, steps: int, batch: int, seq_len: in
 
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.start
+            seconds, cpu = time.perf_counter() - self.start, time.process_time() - self.cpu
             index = only if only is not None else (state.global_step - 1) // steps
-            row = rows.setdefault(index, {"steps": []})
+            row = rows.setdefault(index, {"steps": [], "cpu": []})
             row["steps"].append(seconds)
+            row["cpu"].append(cpu)
             row["bucket_mib"] = bucket_bytes(trainer.model_wrapped) / 2**20
             row["trainable_mib"] = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) / 2**20
             row["rss_mib"] = resident_mib()
@@ -150,9 +152,9 @@ def launch(out: str, mode: str, opts, only: int | None = None) -> dict:
     return data
 
 
-def fastest_step(row: dict) -> float:
+def fastest_step(row: dict, key: str = "steps") -> float:
     """The phase's fastest step after its first: other work on a shared machine only ever adds time to a step."""
-    return min(row["steps"][1:] or row["steps"])
+    return min(row[key][1:] or row[key])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,14 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"  {'phase':>5}  {'trains MiB':>10}  {'buckets MiB: fixed':>18}  {'superset':>8}  {'phase':>6}  "
-        f"{'RSS MiB: fixed':>14}  {'superset':>8}  {'phase':>6}  {'step x fixed: superset':>22}  {'phase':>6}"
+        f"{'RSS MiB: fixed':>14}  {'superset':>8}  {'phase':>6}  {'step x fixed: superset':>22}  {'phase':>6}  "
+        f"{'CPU x fixed: superset':>21}  {'phase':>6}"
     )
     for s in range(stacks):
         f, o, n = fixed[s], superset["rows"][s], phase["rows"][s]
+        cpu_o, cpu_n = fastest_step(o, "cpu") / fastest_step(f, "cpu"), fastest_step(n, "cpu") / fastest_step(f, "cpu")
         print(
             f"  {s:>5}  {f['trainable_mib']:>10.1f}  {f['bucket_mib']:>18.1f}  {o['bucket_mib']:>8.1f}  "
             f"{n['bucket_mib']:>6.1f}  {f['rss_mib']:>14.0f}  {o['rss_mib']:>8.0f}  {n['rss_mib']:>6.0f}  "
-            f"{fastest_step(o) / fastest_step(f):>22.2f}  {fastest_step(n) / fastest_step(f):>6.2f}"
+            f"{fastest_step(o) / fastest_step(f):>22.2f}  {fastest_step(n) / fastest_step(f):>6.2f}  "
+            f"{cpu_o:>21.2f}  {cpu_n:>6.2f}"
         )
     return 0
 
