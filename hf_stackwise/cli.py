@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from .schedule import StackwiseError
+from .schedule import RecipeError, StackwiseError
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     cmd.add_argument("recipe", help="path of the YAML recipe")
     cmd.add_argument("--plot", metavar="PNG", help="also draw the schedule's timeline into this PNG file")
+    cmd.add_argument(
+        "--world-size",
+        metavar="N",
+        help="also print the memory per rank on N ranks (all nodes together) under DDP and under FSDP2",
+    )
     cmd.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs")
     help_text = (
         "write a run (its final model, else its last complete checkpoint) or a checkpoint as a plain model folder"
@@ -74,6 +79,14 @@ def _print_phases(trace, total_steps: int) -> None:
             f"  {name:<16} steps {start:>6}-{end - 1:<6} t {start / total_steps:.2f}-{end / total_steps:.2f}  "
             f"train stacks {list(stacks)}"
         )
+
+
+def _world_size(value: str | None) -> int:
+    if value is None:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        raise RecipeError(f"plan --world-size: {value!r}; give the number of ranks, e.g. --world-size 8")
+    return int(value)
 
 
 def _pop_option(items: list[str], option: str) -> tuple[list[str], str | None]:
@@ -141,12 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":  # `--plot` may also come after the overrides
             args.overrides, plot = _pop_option(args.overrides, "--plot")
             args.plot = plot or args.plot
+            args.overrides, world = _pop_option(args.overrides, "--world-size")
+            args.world_size = _world_size(world or args.world_size)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "plan":
             from .plan import format_plan, make_plan
 
             plan = make_plan(recipe)
             print(format_plan(plan))
+            if args.world_size > 1:
+                from .plan_memory import format_per_rank
+
+                print(format_per_rank(plan, args.world_size))
             if args.plot:
                 from .plots import plot_timeline
 

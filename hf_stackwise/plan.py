@@ -163,6 +163,8 @@ class Plan:
     notes: list[str]
     schedule: object = None
     base_lr: float = 0.0
+    unit_tensors: dict = field(default_factory=dict)  # unit -> {tensor name: (numel, bytes)}, for plan_memory
+    tensor_rows: dict = field(default_factory=dict)  # tensor name -> dim 0 (FSDP2 shards rows)
 
     @property
     def num_stacks(self) -> int:
@@ -460,6 +462,8 @@ def make_plan(recipe: Recipe) -> Plan:
         notes=notes,
         schedule=recipe.schedule,
         base_lr=args.learning_rate,
+        unit_tensors=units,
+        tensor_rows={n: p.shape[0] for n, p in skeleton.named_parameters() if p.dim()},
     )
 
 

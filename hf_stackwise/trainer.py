@@ -9,7 +9,8 @@ How it stays correct:
    ``requires_grad=True`` when the optimizer is built and DDP wraps the model. Phases then flip
    ``requires_grad`` and drop the gradients of frozen parameters; optimizers skip parameters whose
    ``.grad is None``. Parameter groups are per unit (embeddings, stack_i, head) so each phase sets its
-   own learning rates through one ``LambdaLR``.
+   own learning rates through one ``LambdaLR``. Under DDP each transition re-registers the reducer with the
+   phase's trainable parameters (``ddp.py``), so gradient buckets hold what trains, not the superset.
 3. After every transition the invariant is checked: trainable ⊆ optimized, and parameters frozen in
    the previous phase are unchanged.
 """
@@ -38,6 +39,7 @@ from .checkpoint import (
 )
 from .checksum import tensor_checksums
 from .data_plane import DataPlaneMixin
+from .ddp import ddp_wrapper, register_trainable
 from .faults import NONFINITE_POLICIES, FaultTolerance
 from .growth import allocate, check_growth, initialize
 from .metrics import grad_scale, unit_grad_norms
@@ -307,6 +309,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
             else:
                 param.grad = None
                 self._frozen.append((name, param))
+        if ddp_wrapper(self.model_wrapped) is not None:  # DDP's gradient buckets: this phase's parameters only
+            register_trainable(self.model_wrapped)
         weight_decay = phase.weight_decay if phase.weight_decay is not None else self.args.weight_decay
         for group in self.optimizer.param_groups:
             group["weight_decay"] = weight_decay if group["stackwise_decay"] else 0.0
