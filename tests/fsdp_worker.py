@@ -63,7 +63,9 @@ class Record(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         layers = [n for n, _, _ in self.trainer._params]
-        trainable = sorted({int(n.split(".")[2]) for n, p, _ in self.trainer._params if p.requires_grad and ".layers." in n})
+        trainable = sorted(
+            {int(n.split(".")[2]) for n, p, _ in self.trainer._params if p.requires_grad and ".layers." in n}
+        )
         self.trace.append([state.global_step - 1, trainable])
         self.steps.append({n: full(p) for n, (_, p, _) in zip(layers, self.trainer._params)})
 
@@ -134,6 +136,8 @@ def main(root: str, mode: str) -> None:
     else:
         run(f"{root}/single_sgd", 4, False, "sgd")
         run(f"{root}/single_adamw", 4, False, "adamw_torch", save_strategy="steps", save_steps=3)
+    with open(f"{root}/{mode}.done", "w") as f:  # every result is written (an abort at exit loses nothing)
+        f.write(os.environ.get("RANK", "0"))
     if dist.is_initialized():
         dist.destroy_process_group()
 
