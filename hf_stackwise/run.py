@@ -127,8 +127,8 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     wrong = [
         f"training.{k}: {v!r} is not of type {_type_name(hints[k])}"
         for k, v in training.items()
-        if k in hints and not _matches(v, hints[k])
-    ]
+        if k in hints and not _matches(v, hints[k]) and not (k == "fsdp" and isinstance(v, bool))
+    ]  # transformers annotates `fsdp` as a string but asks for `fsdp: true`
     if wrong:
         raise RecipeError(wrong)
     arguments_class, extra = StackwiseArguments, {}

@@ -166,6 +166,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)
+        if args.fsdp and not self.is_fsdp_enabled:
+            logger.warning("training.fsdp: accelerate runs DDP here (no accelerator: `use_cpu`), not sharded")
         self.schedule = schedule
         self._base = base_rack.sizes  # the schedule's view of the model as loaded: blocks per base stack
         self._base_topology = base_rack.topology()

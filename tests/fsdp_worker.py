@@ -105,6 +105,8 @@ def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | No
     record = Record(trainer)
     trainer.add_callback(record)
     trainer.train(resume_from_checkpoint=resume)
+    if args.save_strategy == "steps":  # as `hf-stackwise train` ends: the final model (FSDP2: gathered on rank 0)
+        trainer.save_model()
     rank = int(os.environ.get("RANK", "0"))
     optimized = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     if rank == 0:
@@ -126,7 +128,12 @@ def main(root: str, mode: str) -> None:
         run(f"{root}/adamw", 2, True, "adamw_torch", save_strategy="steps", save_steps=3)
         resumed = f"{root}/resumed"
         if int(os.environ["RANK"]) == 0:  # resume a copy of the run from its mid-phase checkpoint
-            shutil.copytree(f"{root}/adamw", resumed, ignore=shutil.ignore_patterns("checkpoint-6", "weights.pt"))
+            keep = ("checkpoint-3", "stackwise_run.json")
+            shutil.copytree(
+                f"{root}/adamw",
+                resumed,
+                ignore=lambda d, names: [] if d != f"{root}/adamw" else [n for n in names if n not in keep],
+            )
         dist.barrier()
         run(resumed, 2, True, "adamw_torch", resume=f"{resumed}/checkpoint-3", save_strategy="steps", save_steps=3)
         run(f"{root}/sgd", 2, True, "sgd")

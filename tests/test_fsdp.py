@@ -134,6 +134,21 @@ def test_fsdp2_checkpoint_exports_like_one_process(runs, tmp_path):
     assert max_diff(a, b) <= 1e-4  # 2 ranks vs 1 (AdamW), measured 7.5e-6
 
 
+@pytest.mark.slow
+def test_fsdp2_final_model_exports_like_one_process(runs, tmp_path):
+    """The end of an FSDP2 run saves the plain model gathered on rank 0: the run folder loads and exports as a
+    one-process run's does, and holds the trained weights exactly."""
+    final = load_file(runs / "adamw" / "model.safetensors")
+    trained = weights(runs, "adamw")["final"]
+    assert final.keys() == trained.keys()
+    assert all(torch.equal(final[n], trained[n]) for n in final)
+    export(str(runs / "adamw"), str(tmp_path / "a"), name="m")
+    export(str(runs / "single_adamw"), str(tmp_path / "b"), name="m")
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in "ab")
+    assert a.keys() == b.keys() and max_diff(a, b) <= 1e-4
+
+
 # ---- refusals: each names the key and the reason, from the recipe and the rack only ------------------------------
 
 CHANGING = Schedule.from_list(
