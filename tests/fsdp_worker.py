@@ -101,7 +101,10 @@ def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | No
         # Adam turns that last-bit difference of the clip factor into 1e-6 weight differences (measured: 1.5e-6)
         **{"save_strategy": "no", "max_grad_norm": 0.0 if optim == "adamw_torch" else 1.0, **extra},
     )
-    trainer = (ForcedFSDP if sharded else StackwiseTrainer)(model=model, args=args, train_dataset=dataset())
+    evals = dataset().select(range(8)) if args.eval_strategy != "no" else None
+    trainer = (ForcedFSDP if sharded else StackwiseTrainer)(
+        model=model, args=args, train_dataset=dataset(), eval_dataset=evals
+    )
     record = Record(trainer)
     trainer.add_callback(record)
     trainer.train(resume_from_checkpoint=resume)
@@ -136,6 +139,8 @@ def main(root: str, mode: str) -> None:
             )
         dist.barrier()
         run(resumed, 2, True, "adamw_torch", resume=f"{resumed}/checkpoint-3", save_strategy="steps", save_steps=3)
+        # evaluations before the first step and inside phases: forwards that leave unsharded parameters behind
+        run(f"{root}/evals", 2, True, "adamw_torch", eval_strategy="steps", eval_steps=3, eval_on_start=True)
         run(f"{root}/sgd", 2, True, "sgd")
         run(f"{root}/bf16", 2, True, "adamw_torch", bf16=True, max_grad_norm=1.0)
     elif mode == "ddp":

@@ -5,7 +5,6 @@ refusals of sharded setups that would be silently wrong, each naming the key and
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -87,6 +86,16 @@ def test_fsdp2_sgd_matches_one_process_and_adamw_matches_ddp(runs):
     assert max_diff(adamw, ddp) <= 1e-6  # measured 0.0: bitwise equal to DDP
     start = weights(runs, "single_sgd")["steps"][0]
     assert not torch.equal(adamw["model.layers.2.mlp.up_proj.weight"], start["model.layers.2.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp2_evaluations_between_steps_change_nothing(runs):
+    """`eval_on_start` and evaluations every 3 steps leave the root and head unsharded after their forward (one
+    right before the transition at step 6, which reshards before flipping `requires_grad`): the run is bitwise the
+    one without evaluations."""
+    evals, plain = weights(runs, "evals")["final"], weights(runs, "adamw")["final"]
+    assert info(runs, "evals")["trace"] == GOLDEN
+    assert all(torch.equal(evals[n], plain[n]) for n in plain)
 
 
 @pytest.mark.slow
@@ -208,27 +217,39 @@ def test_fsdp2_bf16_needs_the_verified_torch_version():
         check_torch_version("2.12.1")
 
 
-def test_cli_refuses_sharding_before_any_weight_loads(tmp_path, tiny_llama_dir, pydoc_files, capsys):
-    import yaml
+BAD = {  # training section → what the one-paragraph refusal names
+    "deepspeed": ({"deepspeed": "ds.json"}, "training.deepspeed: the schedule changes which parameters train"),
+    "fsdp1": ({"fsdp": True, "fsdp_config": {"version": 1}}, "training.fsdp: the schedule changes which"),
+    "key": ({"fsdp": True, "fsdp_config": {"verison": 2}}, "training.fsdp_config.verison: not an FSDP setting"),
+    "sharded": (
+        {"fsdp": True, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}},
+        "training.fsdp_config.state_dict_type: SHARDED_STATE_DICT saves no model file",
+    ),
+    "fp16": ({"fsdp": True, "fp16": True}, "training.fp16 with training.fsdp (FSDP2)"),
+}
 
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_refuses_sharding_before_any_weight_loads(
+    tmp_path, tiny_llama_dir, pydoc_files, capsys, monkeypatch, case
+):
+    from conftest import tiny_recipe, write_recipe
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from hf_stackwise import run
     from hf_stackwise.cli import main
 
-    recipe = {
-        "model": {"name_or_path": tiny_llama_dir},
-        "rack": {"blocks_per_stack": 1},
-        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
-        "schedule": [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}],
-        "training": {"max_steps": 2, "output_dir": str(tmp_path / "out"), "report_to": "none", "use_cpu": True},
-    }
-    for training, expected in (
-        ({"deepspeed": "ds.json"}, "training.deepspeed: the schedule changes which parameters train"),
-        ({"fsdp": True, "fsdp_config": {"verison": 2}}, "training.fsdp_config.verison: not an FSDP setting"),
-    ):
-        bad = copy.deepcopy(recipe)
-        bad["training"].update(training)
-        path = tmp_path / "recipe.yaml"
-        path.write_text(yaml.safe_dump(bad))
-        assert main(["validate", str(path)]) == 2
-        err = capsys.readouterr().err
-        assert expected in err, err
-    assert not (tmp_path / "out").exists()
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the recipe was refused")
+
+    monkeypatch.setattr(run, "load_model", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
+    schedule = [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule)
+    training, expected = BAD[case]
+    raw["training"].update(training)
+    assert main(["train", write_recipe(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-stackwise: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not os.path.exists(raw["training"]["output_dir"])
