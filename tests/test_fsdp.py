@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from hf_stackwise.errors import RecipeError
 from hf_stackwise.export import export
 from hf_stackwise.schedule import Schedule
-from hf_stackwise.sharding import check_sharding, check_torch_version
+from hf_stackwise.sharding import arranged_state_dict, check_sharding, check_torch_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONNECTION_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Address already in use")
@@ -253,3 +253,15 @@ def test_cli_refuses_sharding_before_any_weight_loads(
     err = capsys.readouterr().err
     assert err.startswith("hf-stackwise: error: ") and err.count("\n") == 1 and expected in err, err
     assert not os.path.exists(raw["training"]["output_dir"])
+
+
+def test_a_gathered_state_dict_is_saved_as_the_producing_phase_runs():
+    """The final save of an FSDP2 run whose last phase runs blocks [3, 0] renames them 0, 1 and drops the rest."""
+    full = {"model.embed_tokens.weight": 0, **{f"model.layers.{b}.w": b for b in range(4)}, "lm_head.weight": 9}
+    arranged = arranged_state_dict(full, "model.layers", [3, 0])
+    assert arranged == {
+        "model.embed_tokens.weight": 0,
+        "model.layers.0.w": 3,
+        "model.layers.1.w": 0,
+        "lm_head.weight": 9,
+    }
