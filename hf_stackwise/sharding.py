@@ -98,7 +98,11 @@ def requested_engine(training: Mapping, env: Mapping[str, str] | None = None) ->
                 "training.fsdp_config: give the FSDP settings as a mapping in the recipe, e.g. "
                 "{version: 2, state_dict_type: FULL_STATE_DICT}"
             )
-        config = {(k[5:] if k.startswith("fsdp_") else k): v for k, v in config.items()}
+        config = {(str(k)[5:] if str(k).startswith("fsdp_") else str(k)): v for k, v in config.items()}
+        if config.get("version", 2) not in (1, 2, "1", "2"):
+            raise RecipeError(
+                f"training.fsdp_config.version: {config['version']!r}; use 2 (FSDP2; 1 is FSDP1, deprecated)"
+            )
         engine = "fsdp2" if int(config.get("version", 2)) == 2 else "fsdp1"
         return engine, "training.fsdp", config
     if _flag(env, "ACCELERATE_USE_FSDP"):

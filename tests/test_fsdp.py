@@ -191,6 +191,7 @@ def test_deepspeed_and_fsdp1_are_refused_with_the_measured_reason():
 def test_fsdp2_settings_that_do_not_work_are_refused():
     message = refusal({"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_foward": True}})
     assert message.startswith("training.fsdp_config.reshard_after_foward: not an FSDP setting")
+    assert refusal({"fsdp": True, "fsdp_config": {"version": "two"}}).startswith("training.fsdp_config.version: 'two'")
     message = refusal({"fsdp": True, "fsdp_config": {"state_dict_type": "SHARDED_STATE_DICT"}})
     assert message.startswith("training.fsdp_config.state_dict_type: SHARDED_STATE_DICT")
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # accelerate's FSDP2 default is sharded
