@@ -2,7 +2,7 @@
 
 Trains a tiny Llama through transitions that freeze and unfreeze stacks (the schedule of ddp_worker.py) and saves,
 per case, the final weights, the weights after every step, the phase trace and what the optimizer holds.
-usage: python fsdp_worker.py OUTPUT_DIR fsdp|ddp|single
+usage: python fsdp_worker.py OUTPUT_DIR fsdp|single  (fsdp: 2 ranks, FSDP2 cases then the DDP reference)
 
 On CPU, accelerate runs DDP even when FSDP is asked for (`use_cpu=True` keeps the MULTI_CPU distributed type):
 `ForcedFSDP` sets the FSDP distributed type and plugin on accelerate's shared state after the Trainer built its
@@ -119,6 +119,7 @@ def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | No
             "trace": record.trace,
             "world_size": args.world_size,
             "fsdp": trainer.is_fsdp_enabled,
+            "wrapped": type(trainer.model_wrapped).__name__,
             "optimized": len(optimized),
             "optimized_dtensors": sum(isinstance(p, DTensor) for p in optimized),
             "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in optimized),
@@ -143,7 +144,11 @@ def main(root: str, mode: str) -> None:
         run(f"{root}/evals", 2, True, "adamw_torch", eval_strategy="steps", eval_steps=3, eval_on_start=True)
         run(f"{root}/sgd", 2, True, "sgd")
         run(f"{root}/bf16", 2, True, "adamw_torch", bf16=True, max_grad_norm=1.0)
-    elif mode == "ddp":
+        # the DDP reference in the same process group: accelerate's shared state is reset to plain MULTI_CPU
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by the FSDP runs' Accelerator
         run(f"{root}/ddp", 2, False, "adamw_torch")
     else:
         run(f"{root}/single_sgd", 4, False, "sgd")
