@@ -121,6 +121,8 @@ class FaultTolerance:
     def _guard_nonfinite(self, losses: torch.Tensor) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=losses.device)
+        if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients give a partial norm (one all-reduce)
+            norm = norm.full_tensor()
         flags = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(norm.to(losses.device))]).float()
         bad_loss, bad_grad = (bool(f) for f in _any_rank(flags).tolist())
         if not (bad_loss or bad_grad):

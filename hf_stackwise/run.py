@@ -48,6 +48,7 @@ from .rack import find_layers_path, resolve_boundaries
 from .recipe import FROM_PRETRAINED_KEYS, Recipe
 from .schedule import MASKED_TASKS, RecipeError
 from .sft import build_sft_datasets, check_causal, sft_config_fields
+from .sharding import check_sharding
 from .trainer import StackwiseArguments, StackwiseTrainer
 
 TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
@@ -126,8 +127,8 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     wrong = [
         f"training.{k}: {v!r} is not of type {_type_name(hints[k])}"
         for k, v in training.items()
-        if k in hints and not _matches(v, hints[k])
-    ]
+        if k in hints and not _matches(v, hints[k]) and not (k == "fsdp" and isinstance(v, bool))
+    ]  # transformers annotates `fsdp` as a string but asks for `fsdp: true`
     if wrong:
         raise RecipeError(wrong)
     arguments_class, extra = StackwiseArguments, {}
@@ -320,36 +321,6 @@ def planned_total_steps(args: StackwiseArguments, num_examples: int | None) -> i
     return math.ceil(args.num_train_epochs * per_epoch)
 
 
-SHARDED_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-
-
-def sharding_problem(schedule) -> str:
-    """Why this schedule does not run sharded (the end of the refusal message)."""
-    changes = [p.name for p in schedule.phases[1:]] if len(schedule.phases) > 1 else []
-    if changes or schedule.grows():
-        return (
-            f"phase {changes[0]!r} changes which parameters train (or the rack grows), and FSDP / DeepSpeed fix the "
-            "trainable set and the optimizer's shards when they wrap the model, so later phases would train the "
-            "wrong parameters; launch with DDP instead (recipes/accelerate/multi_gpu_ddp.yaml)"
-        )
-    return (
-        "even a one-phase schedule is refused: hf_stackwise's per-unit optimizer groups and invariant checks are "
-        "verified under DDP only (on CPU the Trainer runs DDP even when FSDP is asked for), and an unverified "
-        "sharded run could be silently wrong; launch with DDP (recipes/accelerate/multi_gpu_ddp.yaml)"
-    )
-
-
-def refuse_sharding(recipe: Recipe) -> None:
-    """FSDP / DeepSpeed are refused: see :func:`sharding_problem`."""
-    asked = [name for key, name in SHARDED_ENV.items() if os.environ.get(key, "").lower() in ("1", "true")]
-    asked += [key for key in ("fsdp", "deepspeed") if recipe.training.get(key)]
-    if asked:
-        raise RecipeError(
-            f"training: {' / '.join(asked)} requested (by the recipe or the accelerate config), but "
-            + sharding_problem(recipe.schedule)
-        )
-
-
 class Checked(typing.NamedTuple):
     """What the config-only checks resolve: the arguments, the model's config and the rack."""
 
@@ -365,12 +336,15 @@ def check_recipe(recipe: Recipe) -> Checked:
     """Every check that needs the recipe and the model's config only (no tokenizer, data or weights).
 
     ``plan``, ``validate`` and ``train`` all start here, so they accept and refuse the same recipes."""
-    refuse_sharding(recipe)
-    args = build_arguments(recipe)
     config = load_config(recipe)
     if recipe.model.get("quantization"):
         require_bitsandbytes()
     rack, skip_modules, plan = rack_from_config(recipe, config)
+    # FSDP2 / FSDP1 / DeepSpeed (recipe or accelerate config): refused, with the reason, where they would be wrong
+    check_sharding(
+        recipe.training, recipe.schedule, stack_sizes(rack["boundaries"]), bool(recipe.model.get("quantization"))
+    )
+    args = build_arguments(recipe)
     plane = DataPlane.from_data(recipe.data)
     check_lengths(recipe, plane, config)
     if args.max_steps and args.max_steps > 0:  # every phase gets a step: known before any data or weight loads

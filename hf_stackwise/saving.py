@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .checkpoint import FORMAT_VERSION, MANIFEST_NAME, write_json
 from .hub import push_export
 from .rack import stored_as
+from .sharding import arranged_state_dict, only_saved_state_trainable
 from .weights import (
     TRAINABLE_WEIGHTS_NAME,
     hide_weights,
@@ -97,8 +98,11 @@ class SavingMixin:
             if checkpoint and self.args.should_save and not self._stores_function():
                 hide_weights(output_dir)
             return
-        with stored_as(self._base_model(), self.rack.layers_path, self.producing_blocks()):
-            super()._save(output_dir, None)
+        blocks = self.producing_blocks()
+        if state_dict is not None:  # FSDP2: the Trainer gathered the full state dict (physical blocks) on rank 0
+            state_dict = arranged_state_dict(state_dict, self.rack.layers_path, blocks)
+        with stored_as(self._base_model(), self.rack.layers_path, blocks):
+            super()._save(output_dir, state_dict)
 
     def _trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Every ever-trainable tensor of an adapter run: fully trained stacks are not part of PEFT's adapters, and
@@ -115,10 +119,14 @@ class SavingMixin:
         model = self.model if model is None else model
         if self.adapter_plan:
             load_trainable(model, os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME))
-        elif is_unarranged(resume_from_checkpoint):
+        elif is_unarranged(resume_from_checkpoint) and not self.is_fsdp_enabled:  # FSDP: its full state dict file
             load_unarranged(model, resume_from_checkpoint)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        with only_saved_state_trainable(self, checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: read the best checkpoint the way resume does; from then on the model runs,

@@ -48,6 +48,16 @@ from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, q
 from .rack import Rack
 from .saving import SavingMixin
 from .schedule import RecipeError, ResolvedSchedule, Schedule, phase_defaults, stack_unit
+from .sharding import (
+    check_sharding,
+    is_fsdp2,
+    local,
+    mixed_precision,
+    quantized,
+    refresh_mixed_precision,
+    reshard,
+    sharding_settings,
+)
 from .weights import remove_model_files
 
 logger = logging.get_logger(__name__)
@@ -138,11 +148,6 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
         if not isinstance(args, StackwiseArguments):
             raise TypeError("StackwiseTrainer needs `args` to be a StackwiseArguments")
-        if args.fsdp or args.deepspeed:
-            raise RecipeError(
-                "training.fsdp / training.deepspeed: phase transitions change the trainable set, which sharded "
-                "optimizers do not support here yet; use DDP (`accelerate launch` / `torchrun`) instead"
-            )
         check_user_optimizers(kwargs.get("optimizers"), kwargs.get("optimizer_cls_and_kwargs"), args)
         schedule = Schedule.from_list(args.schedule, phase_defaults(task_of(args, model)))
         if hasattr(model, "peft_config") and schedule.uses_lora():
@@ -150,6 +155,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
         schedule = schedule.for_rack(base_rack.sizes)  # schedule generators over `all` need the rack's size
         schedule.validate_rack(base_rack.sizes)
+        check_sharding(sharding_settings(args), schedule, base_rack.sizes, quantized=quantized(model))
         self.layout = schedule.layout(base_rack.sizes)
         if self.layout.grows:  # every block the run will add exists from now on (the superset rule)
             check_growth(model, base_rack.layers_path, self.layout)
@@ -163,6 +169,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)
+        if args.fsdp and not self.is_fsdp_enabled:
+            logger.warning("training.fsdp: accelerate runs DDP here (no accelerator: `use_cpu`), not sharded")
         self.schedule = schedule
         self._base = base_rack.sizes  # the schedule's view of the model as loaded: blocks per base stack
         self._base_topology = base_rack.topology()
@@ -220,6 +228,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
+        reshard(opt_model)  # FSDP2: a forward before this left unsharded parameters; the optimizer needs the shards
         ever = self._ever
         decay_names = set(self.get_decay_parameter_names(opt_model))
         groups: dict[tuple[tuple[str, ...], bool], list] = {}
@@ -287,6 +296,11 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         state = self.resolved.state_at(step, self._base)
         if self._phase_state is not None and state.index == self._phase_state.index:
             return
+        fsdp2 = is_fsdp2(self.accelerator)
+        if fsdp2:  # transitions act on the sharded parameters (accelerate swapped them in at prepare)
+            reshard(self.model)
+            if self._phase_state is None:
+                self._params = self._collect_parameters()
         verified = self._check_frozen_untouched() if self.args.check_invariants else {}
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
@@ -314,10 +328,12 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         weight_decay = phase.weight_decay if phase.weight_decay is not None else self.args.weight_decay
         for group in self.optimizer.param_groups:
             group["weight_decay"] = weight_decay if group["stackwise_decay"] else 0.0
+        if fsdp2 and mixed_precision(self.accelerator):
+            refresh_mixed_precision(self.model)
         self._check_trainable_optimized()
         if self.args.check_invariants:  # still frozen: the checksum just verified; newly frozen: a new one
             new = [(n, p) for n, p in self._frozen if n not in verified]
-            fresh = dict(zip((n for n, _ in new), tensor_checksums(p for _, p in new)))
+            fresh = dict(zip((n for n, _ in new), tensor_checksums(local(p) for _, p in new)))
             self._fingerprints = {n: verified[n] if n in verified else fresh[n] for n, _ in self._frozen}
         self._phase_state = state
         self._show_phase_in_progress_bar(state.name)
@@ -352,7 +368,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
     def _check_frozen_untouched(self) -> dict[str, tuple | None]:
         """Compare every parameter frozen in the applied phase with its checksum; returns the checksums."""
         names = [name for name, _ in self._frozen]
-        current = dict(zip(names, tensor_checksums(p for _, p in self._frozen)))
+        current = dict(zip(names, tensor_checksums(local(p) for _, p in self._frozen)))
         changed = [n for n in names if current[n] != self._fingerprints[n]]
         if changed:
             phase = self._phase_state.name if self._phase_state else "?"

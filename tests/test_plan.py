@@ -270,7 +270,7 @@ def test_smollm2_ever_train_is_at_most_its_parameters():
 BAD = {  # override → what the refusal names; each is refused before any weight loads
     "seq": (["--data.max_seq_length", "100000"], "data.max_seq_length: 100000 exceeds the model's 256 positions"),
     "phase-seq": (["--schedule.1.max_seq_length", "4096"], "schedule[1].max_seq_length: 4096 exceeds"),
-    "fsdp": (["--training.fsdp", "full_shard"], "fsdp requested"),
+    "deepspeed": (["--training.deepspeed", "ds.json"], "training.deepspeed: the schedule changes which parameters"),
     "stack": (["--schedule.0.train", "[9]"], "schedule[0].train: stack [9] does not exist"),
     "optim": (["--training.optim", "galore_adamw"], None),  # refused alike once the optimizer check refuses it
 }

@@ -228,22 +228,27 @@ def test_recipes_are_found():
 
 @pytest.mark.parametrize("env, value", [("ACCELERATE_USE_FSDP", "true"), ("ACCELERATE_USE_DEEPSPEED", "true")])
 def test_sharded_launches_are_refused_before_weights(tmp_path, good, monkeypatch, env, value):
+    """An accelerate config asking for DeepSpeed or FSDP1 (accelerate's default FSDP version) is refused with the
+    reason; FSDP2 is what runs (tests/test_fsdp.py)."""
     monkeypatch.setenv(env, value)
     message = prepare_error(tmp_path, good, monkeypatch)
-    assert f"phase {good['schedule'][1]['name']!r} changes which parameters train" in message
-    assert "multi_gpu_ddp.yaml" in message
+    assert "the schedule changes which parameters train" in message and "1.4e-2 off" in message
+    assert "multi_gpu_ddp.yaml" in message and "fsdp2.yaml" in message
     single = copy.deepcopy(good)
     single["schedule"] = [{"name": "all", "until": 1.0, "train": "all"}]
     message = prepare_error(tmp_path, single, monkeypatch)
-    assert "even a one-phase schedule is refused" in message and "multi_gpu_ddp.yaml" in message
+    assert "the trainable set never changes here" in message and "not verified" in message
 
 
 def test_accelerate_configs_are_valid_launch_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
-    assert [c.name for c in configs] == ["multi_gpu_ddp.yaml", "single_gpu_bf16.yaml"]
+    assert [c.name for c in configs] == ["fsdp2.yaml", "multi_gpu_ddp.yaml", "single_gpu_bf16.yaml"]
     for path in configs:
         assert path.read_text().startswith("# "), "each config says how to launch with it"
         config = load_config_from_file(str(path))
-        assert config.distributed_type in ("NO", "MULTI_GPU") and config.mixed_precision == "bf16"
+        assert config.distributed_type in ("NO", "MULTI_GPU", "FSDP") and config.mixed_precision == "bf16"
+        if config.distributed_type == "FSDP":  # what hf_stackwise accepts: FSDP2 with full state dicts
+            assert config.fsdp_config["fsdp_version"] == 2
+            assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
