@@ -52,8 +52,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 # Written by others while this lands (growth recipes by the lead, the data page by the data engineer): remove an
 # entry once its file exists, and the tests below check it too.
-PENDING: set[str] = {"recipes/accelerate/fsdp2.yaml"}  # paths the docs may name before they exist (the FSDP2
-# config lands with the FSDP2 work of the same issue)
+PENDING: set[str] = set()  # paths the docs may name before they exist
 
 
 def test_every_recipe_named_in_the_docs_exists_and_is_valid():
