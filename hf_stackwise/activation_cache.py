@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cache_policy import FINGERPRINT_BYTES, CacheData, CacheModel, CacheSettings, PhaseCache, decide
+from .cache_policy import FINGERPRINT_BYTES, CacheData, CacheModel, CacheSettings, PhaseCache, data_of, decide
 from .checksum import tensor_checksums
 from .errors import RecipeError
 from .schedule import EMBEDDINGS, HEAD
@@ -315,6 +315,23 @@ def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: 
         )
 
 
+def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_dataset, total_steps: int) -> None:
+    """Before any weight loads: the stores the run will need fit in RAM, or the cache folder takes the rest."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is False:
+        return
+    dtype = recipe.model.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
+    model = CacheModel.from_config(config, (), 0, itemsize)
+    resolved = recipe.schedule.resolve(total_steps)
+    layout = recipe.schedule.layout(base)
+    data = data_of(recipe, args, dataset_rows(train_dataset))
+    decisions = decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data)
+    check_storage(decisions, settings, settings.folder(args.output_dir))
+
+
 class ActivationCacheMixin:
     """Trainer hooks (see :class:`~hf_stackwise.trainer.StackwiseTrainer`): decisions, stores, replay, logs."""
 
@@ -332,8 +349,16 @@ class ActivationCacheMixin:
         if ROW_KEY not in self._signature_columns:
             self._signature_columns.append(ROW_KEY)
 
-    def get_train_dataloader(self):
+    def _cache_rows_wanted(self) -> bool:
+        """Whether the training rows carry their ids: some phase runs cached (or the run length is not known yet)."""
         if self.cache_settings.activations is False or self.train_dataset is None:
+            return False
+        if self.data_plane is not None and self.data_plane.task == "sft":
+            return False  # TRL's collators build the batches
+        return self.resolved is None or any(d.on for d in self._cache_decide())
+
+    def get_train_dataloader(self):
+        if not self._cache_rows_wanted():
             return super().get_train_dataloader()
         original = self.train_dataset
         self.train_dataset = with_row_ids(original)

@@ -175,6 +175,8 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
     """Why a phase's frozen prefix cannot be replayed exactly, or None."""
     if phase_task in MASKED_TASKS:
         return f"data.task {phase_task} draws a new mask every step, so no row's inputs repeat and nothing would hit"
+    if phase_task == "sft":
+        return "data.task sft: TRL builds the batches, which carry no row ids for the cache"
     if EMBEDDINGS in units:
         return "the embeddings train, so the prefix is not frozen"
     if model.tied and HEAD in units:
@@ -248,6 +250,8 @@ def step_cost_ratio(order, cut_stacks, units, layout, model: CacheModel) -> floa
     The prefix costs one forward; above the cut a training block costs forward + input gradient + weight gradient
     (3), a frozen one forward + input gradient (2); the head likewise. With K equal stacks, only the top one and the
     head (H stack-units) training: ``(K + 2 + 3H) / (3 + 3H)``."""
+    if not model.block_params:
+        return 1.0
     blocks = [sum(model.block_params[b] for b in layout.stack_blocks(s)) for s in order]
     prefix = sum(blocks[:cut_stacks])
     above = sum(
@@ -301,3 +305,27 @@ def _replace(d: PhaseCache, **changes) -> PhaseCache:
     from dataclasses import replace
 
     return replace(d, **changes)
+
+
+def data_of(recipe, args, rows: int | None) -> CacheData:
+    """The decision's data view of a recipe (``rows``: training rows, if known)."""
+    from .curriculum import DataPlane
+
+    plane = DataPlane.from_data(recipe.data)
+    phases = recipe.schedule.phases
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    seqs = tuple(plane.phase_length(p) for p in phases)
+    tasks = tuple(plane.phase_task(p) for p in phases)
+    return CacheData(rows, batch, seqs, plane.chunk_length(recipe.schedule), tasks)
+
+
+def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
+    """``activations: true`` where a phase cannot be exact: one RecipeError naming each ``schedule[i]``, before any
+    weight loads."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is not True:
+        return
+    layout = recipe.schedule.layout(base)
+    bounds = tuple((0, 1) for _ in recipe.schedule.phases)
+    model = CacheModel.from_config(config, (), 0, 4)
+    decide(recipe.schedule, bounds, layout, base, settings, model, data_of(recipe, args, None))

@@ -272,6 +272,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
     def _resolve(self, total_steps: int) -> None:
         if self.resolved is None or self.resolved.total_steps != total_steps:
             self.resolved = self.schedule.resolve(total_steps)
+            self.cache_decisions = None  # the activation cache's decisions depend on the phase lengths
         saved = (self._resume_manifest or {}).get("run", {}).get("total_steps")
         if saved is not None and saved != total_steps:
             raise ResumeError(
