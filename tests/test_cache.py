@@ -19,9 +19,11 @@ def rows(token_dataset, n=16):
     return token_dataset.select(range(n))
 
 
-def run(tmp_path, dataset, schedule=TOP, cache=None, name="run", callbacks=(), resume=None, **overrides):
+def run(tmp_path, dataset, schedule=TOP, cache=None, name="run", callbacks=(), resume=None, dtype=None, **overrides):
     """Train a tiny Llama; returns (trainer, losses)."""
     model = tiny_causal_lm("llama", layers=4)
+    if dtype is not None:
+        model = model.to(dtype)
     kwargs = dict(max_steps=12, logging_steps=1, schedule=schedule, activation_cache=cache)
     kwargs.update(overrides)
     args = tiny_arguments(tmp_path / name, **kwargs)
@@ -310,3 +312,44 @@ def test_resume_with_the_cache_rebuilds_or_reloads_and_stays_bitwise_equal(tmp_p
         logs = [h for h in resumed.state.log_history if "loss" in h]  # steps 1-6 come from the checkpoint
         assert logs[6]["step"] == 7 and logs[6]["cache/hit_rate"] == first_hit_rate, name
         assert [h["loss"] for h in logs] == [h["loss"] for h in full.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_with_the_cache_equals_without(tmp_path):
+    import json
+
+    from test_ddp import torchrun
+
+    out = {}
+    for cache in ("off", "on"):
+        folder = tmp_path / cache
+        folder.mkdir()
+        torchrun("cache_ddp_worker.py", str(folder), cache)
+        out[cache] = [
+            (torch.load(folder / f"rank{r}.pt"), json.loads((folder / f"rank{r}.json").read_text())) for r in (0, 1)
+        ]
+    for rank in (0, 1):
+        (off, off_log), (on, on_log) = out["off"][rank], out["on"][rank]
+        assert on_log["world"] == 2 and on_log["losses"] == off_log["losses"]
+        for key, value in off["model"].items():
+            assert torch.equal(value, on["model"][key]), (rank, key)
+        for index, state in off["optimizer"].items():
+            assert all(
+                torch.equal(torch.as_tensor(v), torch.as_tensor(on["optimizer"][index][k])) for k, v in state.items()
+            )
+        # each rank keeps its own store: a row it has not met yet (dealt to the other rank before) is a miss
+        assert on_log["cache"]["rows"] == 12 * 2 and 0 < on_log["cache"]["hits"] < 12 * 2
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
+def test_bf16_with_the_cache_equals_without(tmp_path, token_dataset, mode):
+    """Tolerance: none. The stored hidden state keeps the dtype it has at the cut (bfloat16 with bf16 weights,
+    float32 on the residual stream under autocast) and a hit returns those exact bits."""
+    data = rows(token_dataset)
+    extra = {"dtype": torch.bfloat16} if mode == "bf16-weights" else {"bf16": True}
+    off = run(tmp_path, data, cache={"activations": False}, name="off", **extra)
+    on = run(tmp_path, data, name="on", **extra)
+    assert_same_training(off, on)
+    (store,) = on[0]._stores.values()
+    assert store.dtype == (torch.bfloat16 if mode == "bf16-weights" else torch.float32)
+    assert on[0].cache_stats()["hit_rate"] == pytest.approx(2 / 3)
