@@ -353,3 +353,26 @@ def test_bf16_with_the_cache_equals_without(tmp_path, token_dataset, mode):
     (store,) = on[0]._stores.values()
     assert store.dtype == (torch.bfloat16 if mode == "bf16-weights" else torch.float32)
     assert on[0].cache_stats()["hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_plan_shows_the_cache_per_phase(tmp_path, tiny_llama_dir, pydoc_files):
+    from conftest import tiny_recipe, write_recipe
+
+    from hf_stackwise.plan import format_plan, make_plan
+    from hf_stackwise.recipe import load_recipe
+
+    schedule = [{**TOP[0], "until": 0.5}, {"name": "all", "until": 1.0, "train": "all"}]
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule)
+    raw["cache"] = {"activations": True}
+    plan = make_plan(load_recipe(write_recipe(tmp_path, raw)))
+    top, everything = (p.cache for p in plan.phases)
+    assert top.on and top.cut == 3 and top.slots > 0 and top.ratio > 1
+    assert top.bytes == top.slots * (32 * 64 * 4 + 16)
+    assert not everything.on and "stack 0 trains" in everything.reason
+    text = format_plan(plan)
+    assert "activation cache per phase" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith(("top ", "all "))][-2:] == [
+        ["top", "on"],
+        ["all", "off"],
+    ]
+    assert "after block 2 (3 stacks)" in text
