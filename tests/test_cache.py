@@ -376,3 +376,30 @@ def test_plan_shows_the_cache_per_phase(tmp_path, tiny_llama_dir, pydoc_files):
         ["all", "off"],
     ]
     assert "after block 2 (3 stacks)" in text
+
+
+@pytest.mark.slow
+def test_split_rows_and_mixtures_key_on_the_underlying_row(tmp_path, token_dataset):
+    """A shorter phase splits each 32-token row into two 16-token pieces (a slot each); a mixture stream names its
+    rows by source and row, so a row met again at another stream position hits."""
+    from hf_stackwise.mixture import MixtureDataset
+
+    schedule = [{**TOP[0], "name": "long", "until": 0.5}, {**TOP[0], "name": "short", "max_seq_length": 16}]
+    data = rows(token_dataset)
+    plane = {"max_seq_length": 32}
+    off = run(tmp_path, data, schedule, {"activations": False}, name="off", data_plane=plane)
+    on = run(tmp_path, data, schedule, {"activations": True}, name="on", data_plane=plane)
+    assert_same_training(off, on)
+    long, short = on[0].cache_decisions
+    assert (long.slots, short.slots) == (16, 32) and long.key() != short.key()
+    # long: steps 0-5 = 1.5 epochs (the last 2 steps hit); short: a new store, its first rows all miss
+    assert step_hit_rates(on[0])[:8] == [0.0] * 4 + [1.0] * 2 + [0.0] * 2
+
+    sources = {"a": token_dataset.select(range(8)), "b": token_dataset.select(range(8, 16))}
+    mixture = MixtureDataset(sources, [(12, {"a": 1.0, "b": 1.0})], samples_per_step=4, total_steps=12, seed=0)
+    plane = {"max_seq_length": 32, "datasets": ["a", "b"]}
+    off = run(tmp_path, mixture, TOP, {"activations": False}, name="mix-off", data_plane=plane)
+    on = run(tmp_path, mixture, TOP, {"activations": True}, name="mix-on", data_plane=plane)
+    assert_same_training(off, on)
+    seen = [(mixture.source_of(i), mixture.row_of(mixture.source_of(i), i)) for i in range(len(mixture))]
+    assert on[0].cache_stats()["hits"] == len(seen) - len(set(seen)) > 0  # every repeat of a row is a hit
