@@ -30,13 +30,21 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 from torch import nn
 
-from .cache_policy import FINGERPRINT_BYTES, CacheData, CacheModel, CacheSettings, PhaseCache, data_of, decide
+from .cache_policy import (
+    FINGERPRINT_BYTES,
+    CacheData,
+    CacheModel,
+    CacheSettings,
+    PhaseCache,
+    adapters_of,
+    data_of,
+    decide,
+)
 from .checksum import tensor_checksums
 from .errors import RecipeError
 from .schedule import EMBEDDINGS, HEAD
@@ -299,16 +307,16 @@ def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: 
     spill = max(0, sum(sizes.values()) - settings.max_memory)
     if not spill:
         return
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as err:
+    existing = os.path.abspath(folder)  # nothing is created here: the nearest existing folder must be writable
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not os.path.isdir(existing) else "is not writable"
         raise RecipeError(
-            f"cache.dir: {folder!r} cannot be written ({err.strerror or err}); the cache needs "
-            f"{spill / 2**30:.2f} GiB on disk beyond cache.max_memory; give a writable folder or raise max_memory"
-        ) from None
-    free = shutil.disk_usage(folder).free
+            f"cache.dir: {folder!r} cannot be written ({existing} {what}); the cache needs {spill / 2**30:.2f} GiB "
+            "on disk beyond cache.max_memory; give a writable folder or raise max_memory"
+        )
+    free = shutil.disk_usage(existing).free
     if free < spill:
         raise RecipeError(
             f"cache.dir: {folder!r} has {free / 2**30:.2f} GiB free but the cache needs {spill / 2**30:.2f} GiB on "
@@ -330,7 +338,9 @@ def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_data
     resolved = recipe.schedule.resolve(total_steps)
     layout = recipe.schedule.layout(base)
     data = data_of(recipe, args, dataset_rows(train_dataset))
-    decisions = decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data)
+    decisions = decide(
+        recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout)
+    )
     check_storage(decisions, settings, settings.folder(args.output_dir))
 
 
@@ -406,6 +416,7 @@ class ActivationCacheMixin:
                 self.cache_settings,
                 self.cache_model(),
                 self.cache_data(),
+                self.adapter_plan,
             )
             check_storage(self.cache_decisions, self.cache_settings, self._cache_folder())
         return self.cache_decisions

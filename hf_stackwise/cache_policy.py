@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import RecipeError
-from .schedule import EMBEDDINGS, HEAD, lora_unit, stack_unit, trunk_unit
+from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, lora_unit, stack_unit, trunk_unit
 
 CACHE_KEYS = ("activations", "max_memory", "dir")
 ACTIVATIONS = ("auto", True, False)
@@ -159,15 +159,27 @@ class PhaseCache:
         return (self.prefix, self.seq_length)
 
 
-def frozen_prefix(phase, units: frozenset[str], order: tuple[int, ...], ever: frozenset[str]) -> tuple[int, str]:
-    """(stacks below the cut, why the prefix stops there) for one phase."""
+def frozen_prefix(units: frozenset[str], order: tuple[int, ...], layout, adapters: dict) -> tuple[int, str]:
+    """(stacks below the cut, why the prefix stops there) for one phase. ``adapters``: the run's adapter plan (name →
+    settings with ``blocks`` and ``dropout``); an adapter that does not train in the phase is frozen like its block,
+    unless its dropout makes the block's output differ between visits."""
+    trunk = adapters.get(TRUNK_ADAPTER, {})
     for position, stack in enumerate(order):
         if stack_unit(stack) in units:
             return position, f"stack {position} trains"
-        if trunk_unit(stack) in units or trunk_unit(stack) in ever:
+        if trunk_unit(stack) in units:
             return position, f"stack {position} carries trunk LoRA, so the prefix is not frozen"
-        if lora_unit(stack) in units or lora_unit(stack) in ever:
-            return position, f"stack {position} carries a LoRA adapter, so the prefix is not frozen"
+        if lora_unit(stack) in units:
+            return position, f"stack {position} trains a LoRA adapter, so the prefix is not frozen"
+        blocks = set(layout.stack_blocks(stack))
+        for name, settings in adapters.items():
+            covered = blocks & set(settings.get("blocks", ())) if name in (TRUNK_ADAPTER, f"stack_{stack}") else ()
+            if covered and settings.get("dropout", 0.0):
+                what = "trunk LoRA" if settings is trunk else "a LoRA adapter"
+                return position, (
+                    f"stack {position} carries {what} with dropout {settings['dropout']}, so its output differs "
+                    "between visits"
+                )
     return len(order), "every stack is frozen"
 
 
@@ -194,15 +206,16 @@ def decide(
     settings: CacheSettings,
     model: CacheModel,
     data: CacheData,
+    adapters: dict | None = None,
 ) -> list[PhaseCache]:
-    """One decision per phase; ``activations: true`` raises a RecipeError for every phase it cannot serve exactly."""
+    """One decision per phase; ``activations: true`` raises a RecipeError for every phase it cannot serve exactly.
+    ``adapters``: the run's LoRA adapter plan (:func:`hf_stackwise.adapters.plan_adapters`), if any."""
     units_per_phase = schedule.phase_units(base)
-    ever = frozenset().union(*units_per_phase)
     problems: list[str] = []
     decisions: list[PhaseCache] = []
     for i, phase in enumerate(schedule.phases):
         units, order = units_per_phase[i], layout.orders[i]
-        cut_stacks, stop = frozen_prefix(phase, units, order, ever)
+        cut_stacks, stop = frozen_prefix(units, order, layout, adapters or {})
         blocked = blocker(data.tasks[i], units, model) if cut_stacks or "LoRA" in stop else None
         if settings.activations is False:
             decisions.append(PhaseCache(i, False, reason="cache.activations: false"))
@@ -330,7 +343,23 @@ def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
     layout = recipe.schedule.layout(base)
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
     model = CacheModel.from_config(config, (), 0, 4)
-    decide(recipe.schedule, bounds, layout, base, settings, model, data_of(recipe, args, None))
+    decide(
+        recipe.schedule,
+        bounds,
+        layout,
+        base,
+        settings,
+        model,
+        data_of(recipe, args, None),
+        adapters_of(recipe, layout),
+    )
+
+
+def adapters_of(recipe, layout) -> dict:
+    """The recipe's LoRA adapter plan (empty without LoRA)."""
+    from .adapters import plan_adapters
+
+    return plan_adapters(recipe.schedule, recipe.adapters, layout) if recipe.schedule.uses_lora() else {}
 
 
 def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params: int, dtype_bytes: int):
@@ -342,7 +371,7 @@ def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
     model = CacheModel.from_config(config, block_params, head_params, dtype_bytes)
     data = data_of(recipe, args, _count_rows(recipe, args, config))
-    return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data)
+    return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
 
 
 def _count_rows(recipe, args, config) -> int | None:

@@ -403,3 +403,70 @@ def test_split_rows_and_mixtures_key_on_the_underlying_row(tmp_path, token_datas
     assert_same_training(off, on)
     seen = [(mixture.source_of(i), mixture.row_of(mixture.source_of(i), i)) for i in range(len(mixture))]
     assert on[0].cache_stats()["hits"] == len(seen) - len(set(seen)) > 0  # every repeat of a row is a hit
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--cache.max_memory", "lots"], ["cache.max_memory: 'lots' is not a size"]),
+        (
+            ["--cache.activations", "true", "--schedule.1.trunk", "lora", "--schedule.1.train", "[3]"],
+            ["schedule[1]: stack 0 carries trunk LoRA, so the prefix is not frozen"],
+        ),
+        (
+            ["--cache.activations", "true", "--cache.max_memory", "0", "--cache.dir", "FILE/cache"],
+            ["cache.dir:", "cannot be written", "is not a folder"],
+        ),
+    ],
+    ids=["max-memory", "trunk-lora", "dir"],
+)
+def test_the_cli_refuses_before_any_weight_loads(
+    tmp_path, tiny_llama_dir, pydoc_files, capsys, monkeypatch, extra, expected
+):
+    from conftest import tiny_recipe, write_recipe
+    from transformers import AutoModelForCausalLM
+
+    from hf_stackwise import run as run_module
+    from hf_stackwise.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the recipe was refused")
+
+    monkeypatch.setattr(run_module, "load_model", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    (tmp_path / "FILE").write_text("")
+    schedule = [{**TOP[0], "until": 0.5}, {**TOP[0], "name": "second"}]
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule))
+    extra = [str(tmp_path / "FILE" / "cache") if e == "FILE/cache" else e for e in extra]
+    assert main(["train", path, *extra]) == 2
+    err = capsys.readouterr().err  # the data is tokenized (progress bars) before the storage check
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hf-stackwise: error: ") and "Traceback" not in err
+    assert all(text in last for text in expected), last
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_frozen_adapter_is_part_of_the_prefix_unless_it_drops_out():
+    from hf_stackwise.adapters import plan_adapters
+    from hf_stackwise.cache_policy import CacheData, CacheModel, CacheSettings, decide
+    from hf_stackwise.errors import StackwiseError
+    from hf_stackwise.schedule import Schedule
+
+    schedule = Schedule.from_list([{**TOP[0], "until": 0.5}, {**TOP[0], "name": "trunk", "trunk": "lora"}])
+    base = (1, 1, 1, 1)
+    layout = schedule.layout(base)
+
+    def decisions(cache, dropout):
+        adapters = plan_adapters(schedule, {"dropout": dropout}, layout)
+        model = CacheModel((100,) * 4, 50, 64, 4)
+        data = CacheData(16, 4, (32, 32), 32, ("clm", "clm"))
+        settings = CacheSettings(activations=cache)
+        return decide(schedule, schedule.resolve(24).bounds, layout, base, settings, model, data, adapters)
+
+    first, second = decisions("auto", 0.0)
+    assert first.on and first.cut == 3  # the trunk adapter exists but does not train yet: frozen with its block
+    assert not second.on and second.reason == "stack 0 carries trunk LoRA, so the prefix is not frozen"
+    first, _ = decisions("auto", 0.1)
+    assert not first.on and "carries trunk LoRA with dropout 0.1" in first.reason
+    with pytest.raises(StackwiseError, match=r"^schedule\[1\]: stack 0 carries trunk LoRA"):
+        decisions(True, 0.0)
