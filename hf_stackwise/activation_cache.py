@@ -288,8 +288,14 @@ def dataset_rows(dataset) -> int | None:
 
 
 def longest_row(dataset) -> int | None:
-    """Tokens in the longest ``input_ids`` row of a (non-mixture) dataset, or None."""
+    """Tokens in the longest ``input_ids`` row of a (non-mixture) dataset, or None (a ``datasets.Dataset``: read from
+    its Arrow table without decoding the rows)."""
     try:
+        import datasets
+        import pyarrow.compute as pc
+
+        if isinstance(dataset, datasets.Dataset):
+            return pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
         column = dataset["input_ids"]
         return max((len(r) for r in column), default=None)
     except (KeyError, TypeError, IndexError, ValueError):
