@@ -195,9 +195,9 @@ class Rack:
                 units[unit].append((name, param))
         return {u: params for u, params in units.items() if params or u in (EMBEDDINGS, HEAD) or "." not in u}
 
-    def arranged(self, blocks: list[int]):
+    def arranged(self, blocks: list[int], replace: dict[int, nn.Module] | None = None):
         """Context: the forward runs the physical blocks ``blocks`` in that order (see :func:`arranged`)."""
-        return arranged(self.model, self.layers_path, blocks)
+        return arranged(self.model, self.layers_path, blocks, replace)
 
     def active_depth(self, stacks: int):
         """Context: run only the first ``stacks`` stacks; the head reads after the last of them.
@@ -245,18 +245,21 @@ def _arrange_config(config, physical: dict, blocks: list[int]) -> list[tuple[obj
 
 
 @contextlib.contextmanager
-def arranged(model: nn.Module, layers_path: str, blocks: list[int]):
+def arranged(model: nn.Module, layers_path: str, blocks: list[int], replace: dict[int, nn.Module] | None = None):
     """Run the physical blocks ``blocks`` in that order inside this context (a grown rack's forward view).
 
     As :meth:`Rack.active_depth`, the registered block list is untouched. Each block's ``layer_idx`` (what KV
     caches index by) and the config's layer count and per-layer lists follow the positions in ``blocks`` for the
     duration. Contexts nest: ``blocks`` always names physical blocks, and leaving a context restores the enclosing
-    one's view exactly.
+    one's view exactly. ``replace`` maps positions to modules that run there instead of the block (the activation
+    cache's replay modules, which wrap the block at that position); ``layer_idx`` and the config still follow
+    ``blocks``.
     """
     parent, attr = _parent(model, layers_path)
     physical = list(parent._modules[attr])
     nested = attr in parent.__dict__
-    if not nested and blocks == list(range(len(physical))):
+    replace = replace or {}
+    if not nested and not replace and blocks == list(range(len(physical))):
         yield
         return
     config = _config(model, parent)
@@ -272,7 +275,7 @@ def arranged(model: nn.Module, layers_path: str, blocks: list[int]):
         parent.__dict__[PHYSICAL_CONFIG] = physical_config
         # Shadow the attribute in the instance dict: forward sees this list (instance attributes win over
         # nn.Module.__getattr__), while _modules, state_dict and named_parameters keep every block.
-        parent.__dict__[attr] = nn.ModuleList([physical[b] for b in blocks])
+        parent.__dict__[attr] = nn.ModuleList([replace.get(i, physical[b]) for i, b in enumerate(blocks)])
         for position, b in enumerate(blocks):
             for module in physical[b].modules():
                 if isinstance(getattr(module, "layer_idx", None), int):

@@ -1,4 +1,5 @@
-"""The YAML recipe: sections ``model``, ``rack``, ``adapters``, ``data``, ``schedule``, ``training``, ``callbacks``.
+"""The YAML recipe: sections ``model``, ``rack``, ``adapters``, ``data``, ``schedule``, ``training``, ``callbacks``,
+``cache``.
 
 ``load_recipe`` reads a file, applies command-line overrides (``--training.max_steps 10``) and
 validates the whole recipe statically (keys, types, schedule), raising one :class:`RecipeError` that
@@ -16,13 +17,14 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import labels
+from .cache_policy import CacheSettings
 from .callbacks import check_callbacks
 from .checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from .curriculum import check_data_plane
 from .schedule import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora, phase_defaults
 from .sft_recipe import SFT_KEYS, check_sft_recipe
 
-SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training", "callbacks")
+SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training", "callbacks", "cache")
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -86,6 +88,7 @@ TRAINING_OWNED_ELSEWHERE = {
     "warmup_ratio": "`warmup` on each phase (a fraction of the phase)",
     "warmup_steps": "`warmup` on each phase (a fraction of the phase)",
     "data_plane": "the top-level `data:` section and the phases' data fields",
+    "activation_cache": "the top-level `cache:` section",
 }
 
 
@@ -102,6 +105,7 @@ class Recipe:
     raw: dict
     path: str | None = None
     callbacks: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # the activation cache (hf_stackwise.cache_policy.CacheSettings)
 
     @property
     def resume_from_checkpoint(self):
@@ -328,6 +332,10 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     check_sft_recipe(data, schedule, problems)
     labels.check_recipe(data, schedule, problems)
     callbacks = check_callbacks(raw.get("callbacks"), data, schedule, training, problems)
+    try:
+        CacheSettings.from_dict(raw.get("cache"))
+    except RecipeError as err:
+        problems.extend(err.problems)
     if schedule is not None and model.get("quantization") and not schedule.uses_lora():
         problems.append(
             "model.quantization: a 4-bit base trains through LoRA; give a phase `trunk: lora` or `adapter: lora`, "
@@ -347,6 +355,7 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
         raw=raw,
         path=path,
         callbacks=callbacks,
+        cache=raw.get("cache") or {},
     )
 
 

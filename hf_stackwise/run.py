@@ -27,7 +27,9 @@ from transformers import (
 )
 
 from . import classification
+from .activation_cache import check_recipe_storage
 from .adapters import plan_adapters, resolve_targets
+from .cache_policy import check_recipe_cache
 from .callbacks import build_callbacks, training_arguments
 from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
@@ -145,6 +147,7 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
             rack_layers=recipe.rack.get("layers"),
             adapters=recipe.adapters or None,
             data_plane=DataPlane.from_data(recipe.data).to_dict(),
+            activation_cache=getattr(recipe, "cache", None) or None,
         )
     except RecipeError:
         raise
@@ -349,6 +352,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     check_lengths(recipe, plane, config)
     if args.max_steps and args.max_steps > 0:  # every phase gets a step: known before any data or weight loads
         recipe.schedule.resolve(args.max_steps)
+    check_recipe_cache(recipe, args, config, stack_sizes(rack["boundaries"]))
     return Checked(args, config, rack, skip_modules, plan, plane)
 
 
@@ -401,6 +405,7 @@ def prepare(recipe: Recipe) -> Prepared:
         num_examples = len(train_dataset) if hasattr(train_dataset, "__len__") else None
         total_steps = planned_total_steps(args, num_examples)
         recipe.schedule.resolve(total_steps)  # every phase gets at least one step
+    check_recipe_storage(recipe, args, config, stack_sizes(rack["boundaries"]), train_dataset, total_steps)
     defaults = {"learning_rate": args.learning_rate, "weight_decay": args.weight_decay, "data": args.data_plane}
     if recipe.model.get("quantization"):
         defaults["quantization"] = quantization_identity(settings=recipe.model["quantization"])

@@ -27,6 +27,7 @@ from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .activation_cache import ActivationCacheMixin
 from .adapters import PEFT_PREFIX, attach_adapters, plan_adapters
 from .checkpoint import (
     RUN_MANIFEST_NAME,
@@ -127,6 +128,11 @@ class StackwiseArguments(TrainingArguments):
         },
     )
 
+    activation_cache: dict | None = field(
+        default=None,
+        metadata={"help": "The recipe's `cache:` section: activations (auto|true|false), max_memory, dir."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if self.schedule is None:
@@ -142,7 +148,7 @@ class StackwiseArguments(TrainingArguments):
             self.ddp_find_unused_parameters = True
 
 
-class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
+class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -197,6 +203,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         self._resume_manifest: dict | None = None
         self._weights_step: int | None = None  # set when the best checkpoint's weights are loaded at the end
         self._init_data_plane()
+        self._init_activation_cache()
         self._init_faults()
 
     # ---- the rack's parameters -------------------------------------------------------------
@@ -278,6 +285,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
     def _resolve(self, total_steps: int) -> None:
         if self.resolved is None or self.resolved.total_steps != total_steps:
             self.resolved = self.schedule.resolve(total_steps)
+            self.cache_decisions = None  # the activation cache's decisions depend on the phase lengths
         saved = (self._resume_manifest or {}).get("run", {}).get("total_steps")
         if saved is not None and saved != total_steps:
             raise ResumeError(
@@ -336,7 +344,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
             fresh = dict(zip((n for n, _ in new), tensor_checksums(local(p) for _, p in new)))
             self._fingerprints = {n: verified[n] if n in verified else fresh[n] for n, _ in self._frozen}
         self._phase_state = state
-        self._show_phase_in_progress_bar(state.name)
+        self._cache_phase(state)
+        self._show_phase_in_progress_bar(state.name + (" (cached)" if self._replay is not None else ""))
         if self.is_world_process_zero():
             grew = "".join(f", grew stack {n.position} ({n.op} of blocks {list(n.sources)})" for n in state.grown)
             logger.info(
@@ -400,7 +409,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._apply_phase(self.state.global_step)
-        with self.rack.arranged(self._phase_blocks):
+        inputs, replay = self._cache_inputs(inputs)
+        with self.rack.arranged(self._phase_blocks, replay):
             loss = super().training_step(model, inputs, num_items_in_batch)
         for _, param in self._frozen:
             param.grad = None
@@ -450,6 +460,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
                     logs[f"grad_norm/{unit}"] = norm
                 self._grad_norms = {}
                 logs.update(self._data_logs(lr_step))
+                logs.update(self._cache_logs())
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------

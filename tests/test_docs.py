@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+from hf_stackwise.cache_policy import CACHE_KEYS
 from hf_stackwise.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
 from hf_stackwise.generators import GENERATORS
 from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
@@ -31,6 +32,7 @@ def test_section_tables_match_the_code():
     generator_settings = {key for settings in GENERATORS.values() for key in settings}
     assert section_keys("schedule") == set(PHASE_KEYS) | set(GENERATORS) | generator_settings
     assert section_keys("callbacks") == set(CALLBACK_KEYS) | set(EARLY_STOPPING_KEYS)
+    assert section_keys("cache") == set(CACHE_KEYS)
 
 
 def test_training_extras_match_the_arguments_dataclass():
@@ -41,7 +43,15 @@ def test_training_extras_match_the_arguments_dataclass():
     from hf_stackwise.trainer import StackwiseArguments
 
     extra = {f.name for f in fields(StackwiseArguments)} - {f.name for f in fields(TrainingArguments)}
-    set_elsewhere = {"schedule", "blocks_per_stack", "stack_boundaries", "rack_layers", "adapters", "data_plane"}
+    set_elsewhere = {
+        "schedule",
+        "blocks_per_stack",
+        "stack_boundaries",
+        "rack_layers",
+        "adapters",
+        "data_plane",
+        "activation_cache",
+    }
     recipe_level = extra - set_elsewhere
     documented = section_keys("training")
     assert recipe_level <= documented
