@@ -84,11 +84,13 @@ def finetune_rows(runs: dict, seeds: int) -> dict:
             run = runs.get(f"finetune-{arm}-seed{seed}")
             if run is None:
                 problems.append("not run yet")
+            elif run.get("status") == "not run":
+                problems.append(str(run.get("reason")))
             elif run.get("status") != "ok":
                 problems.append(f"{run.get('status')}: {run.get('reason')}")
             else:
                 done.append(run)
-        row = {"arm": arm, "runs": done, "problems": sorted(set(problems))}
+        row = {"arm": arm, "runs": done, "problems": list(dict.fromkeys(problems))}
         if done:
             row["loss"] = mean_spread([r["eval_loss"] for r in done])
             row["losses"] = [r["eval_loss"] for r in done]
@@ -117,7 +119,7 @@ def finetune_table(rows: dict, baseline: float | None) -> list[str]:
     for arm, row in rows.items():
         if not row["runs"]:
             reason = "; ".join(row["problems"]) or "not run yet"
-            lines.append(f"| {ARMS[arm]} | not run: {reason} | 0 | | | | | | | | |")
+            lines.append(f"| {ARMS[arm]} | not run — {reason} | 0 | | | | | | | | |")
             continue
         mean, sd = row["loss"]
         note = f" ({len(row['problems'])} missing: {'; '.join(row['problems'])})" if row["problems"] else ""
