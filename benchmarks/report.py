@@ -365,8 +365,8 @@ def header(manifest: dict, runs: dict) -> list[str]:
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC), "
         f"{total / 60:.0f} minutes of runs in all; commit `{m.get('commit')}`.",
         f"- **Budget**: {'`--quick` (development) — ' if s['quick'] else ''}`--budget {s['budget']}`: fine-tuning "
-        f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {s['seeds']} seeds, held-out eval "
-        f"on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
+        f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {manifest['seeds']} seeds, "
+        f"held-out eval on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}.",
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
     ]
@@ -388,7 +388,7 @@ def header(manifest: dict, runs: dict) -> list[str]:
 def render(folder: str, out: str, images: str) -> str:
     manifest, runs = load(folder)
     s = manifest["settings"]
-    seeds = s["seeds"]
+    seeds = manifest["seeds"]
     base = runs.get("finetune-baseline")
     baseline = base["eval_loss"] if base and base.get("status") == "ok" else None
     rows = finetune_rows(runs, seeds)

@@ -124,12 +124,12 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(opts) -> dict:
-    """The settings that make two runs comparable (stored in every JSON file)."""
+    """The settings that make two runs comparable (stored in every JSON file; the number of seeds is not one of
+    them: seed 0 of a 1-seed invocation is seed 0 of a 3-seed one)."""
     quick = opts.quick
     steps = opts.steps or max(1, round((10 if quick else 40) * opts.budget))
     return {
         "steps": steps,
-        "seeds": opts.seeds or (1 if quick else 3),
         "batch_size": opts.batch_size,
         "seq_len": opts.seq_len or (32 if quick else 64),
         "eval_samples": opts.eval_samples or (8 if quick else 32),
@@ -454,7 +454,7 @@ def run_finetune(opts, settings: dict) -> None:
     if unknown:
         raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
     do("baseline", "none", 0, os.path.join(opts.out, "finetune-baseline.json"), opts, settings)
-    for seed in range(settings["seeds"]):
+    for seed in range(opts.n_seeds):
         order = arms if seed % 2 == 0 else arms[::-1]  # alternate, so drift does not favour one arm
         for arm in order:
             path = os.path.join(opts.out, f"finetune-{arm}-seed{seed}.json")
@@ -466,7 +466,7 @@ def run_growth(opts, settings: dict) -> None:
 
     g = settings["growth"]
     full = []
-    for seed in range(settings["seeds"]):
+    for seed in range(opts.n_seeds):
         full.append(do("growth", "full", seed, os.path.join(opts.out, f"growth-full-seed{seed}.json"), opts, settings))
     curves = [r["curve"] for r in full if r.get("status") == "ok"]
     if not curves:
@@ -474,7 +474,9 @@ def run_growth(opts, settings: dict) -> None:
         return
     target_path = os.path.join(opts.out, "growth-target.json")
     target = existing(target_path, settings)
-    if target is None:  # fixed before any growth run, from the full-depth runs only
+    if target is not None and target.get("from_seeds") != len(curves):
+        target = None  # more full-depth seeds since: fixed again, from the full-depth runs only
+    if target is None:  # fixed before any growth run starts, from the full-depth runs only
         at = max(1, round(g["target_at"] * g["steps"] / g["eval_every"])) - 1
         at = min(at, min(len(c) for c in curves) - 1)
         target = {
@@ -488,7 +490,7 @@ def run_growth(opts, settings: dict) -> None:
         with open(target_path, "w") as f:
             json.dump(target, f, indent=1)
     print(f"  growth target eval loss {target['target']:.4f} (full depth at step {target['at_step']})", flush=True)
-    for seed in range(settings["seeds"]):
+    for seed in range(opts.n_seeds):
         do("growth", "grow", seed, os.path.join(opts.out, f"growth-grow-seed{seed}.json"), opts, settings)
 
 
@@ -527,8 +529,9 @@ def main(argv=None) -> None:
     opts.out = opts.out or (os.path.join(RESULTS, "quick") if opts.quick else RESULTS)
     os.makedirs(opts.out, exist_ok=True)
     opts.machine = machine()
+    opts.n_seeds = opts.seeds or (1 if opts.quick else 3)
     started = time.perf_counter()
-    print(f"results into {opts.out}: {json.dumps(settings)}", flush=True)
+    print(f"results into {opts.out}: {opts.n_seeds} seeds, {json.dumps(settings)}", flush=True)
     if opts.only in (None, "finetune"):
         run_finetune(opts, settings)
     if opts.only in (None, "growth"):
@@ -537,7 +540,11 @@ def main(argv=None) -> None:
         run_cache(opts)
     seconds = time.perf_counter() - started
     with open(os.path.join(opts.out, "manifest.json"), "w") as f:
-        json.dump({"settings": settings, "last_invocation_s": seconds, "machine": opts.machine}, f, indent=1)
+        json.dump(
+            {"settings": settings, "seeds": opts.n_seeds, "last_invocation_s": seconds, "machine": opts.machine},
+            f,
+            indent=1,
+        )
     print(f"done in {seconds:.0f} s", flush=True)
 
 

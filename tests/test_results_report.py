@@ -9,7 +9,6 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = {
     "steps": 4,
-    "seeds": 2,
     "batch_size": 2,
     "seq_len": 16,
     "eval_samples": 4,
@@ -75,7 +74,7 @@ def test_page_from_fixture_json(tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
     files = {
-        "manifest": {"settings": SETTINGS, "machine": MACHINE},
+        "manifest": {"settings": SETTINGS, "seeds": 2, "machine": MACHINE},
         "finetune-baseline": {"status": "ok", "settings": SETTINGS, "eval_loss": 4.0},
         "finetune-lisa-seed0": {"status": "not run", "reason": "lisa.yaml does not exist (yet)", "settings": SETTINGS},
         "finetune-lora-seed0": {**finetune("lora", 0, 9.0, 1.0, 900, 100), "settings": {"steps": 999}},  # other run
