@@ -93,3 +93,38 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except (RuntimeError, TypeError, ValueError):  # e.g. tensors
         return False
+
+
+def release_idle_state(optimizer, units) -> int:
+    """Free the state of every parameter group none of whose units trains (``optimizer_state: release_idle``).
+
+    Returns the number of state tensors freed; a freed unit starts afresh when it trains again."""
+    freed = 0
+    for group in optimizer.param_groups:
+        if not any(unit in units for unit in group["stackwise_units"]):
+            for param in group["params"]:
+                freed += sum(torch.is_tensor(v) for v in optimizer.state.pop(param, {}).values())
+    return freed
+
+
+def check_release_idle(schedule, optimizer_cls, kwargs: dict, where: str) -> None:
+    """``release_idle`` needs an optimizer that keeps per-parameter state (SGD without momentum keeps none)."""
+    phases = [i for i, phase in enumerate(schedule.phases) if phase.optimizer_state == "release_idle"]
+    if phases and not keeps_state(optimizer_cls, kwargs):
+        raise RecipeError(
+            f"{schedule.key_path(phases[0], 'optimizer_state')}: `release_idle` frees the optimizer state of the "
+            f"units a phase does not train, but {where} keeps no per-parameter state (e.g. SGD without momentum); "
+            "use `keep`, or an optimizer with state (adamw_torch, or sgd with `optim_args: momentum=0.9`)"
+        )
+
+
+def keeps_state(optimizer_cls, kwargs: dict) -> bool:
+    """Whether one step of the optimizer on a two-element parameter leaves per-parameter state."""
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.ones(2)
+    try:
+        optimizer = optimizer_cls([{"params": [param], "lr": 1e-3}], **{k: v for k, v in kwargs.items() if k != "lr"})
+        optimizer.step()
+    except Exception:  # noqa: BLE001  (cannot probe here, e.g. an accelerator-only optimizer: assume it keeps state)
+        return True
+    return bool(optimizer.state)

@@ -384,8 +384,8 @@ def make_plan(recipe: Recipe) -> Plan:
         phase = recipe.schedule.phases[index]
         state = resolved.state_at(start, base)
         trainable = tensors_of(state.trainable_units)
-        if getattr(phase, "optimizer_state", "keep") == "reset":  # a fresh optimizer state from this phase on
-            trained_so_far = set()
+        if phase.optimizer_state in ("reset", "release_idle"):  # reset: all freed; release_idle: the idle units'
+            trained_so_far = set()  # (either way only this phase's units hold state from its first step on)
         trained_so_far |= set(state.trainable_units)
         optimized = tensors_of(trained_so_far)
         data = _phase_data(phase, recipe)

@@ -77,8 +77,9 @@ def check_evaluation(recipe, args) -> list[str]:
     return []
 
 
-def check_optimizer(args) -> list[str]:
-    """``training.optim`` must be one the schedule can drive (plain parameter groups) and be installed."""
+def check_optimizer(args, schedule=None) -> list[str]:
+    """``training.optim`` must be one the schedule can drive (plain parameter groups), be installed, and keep
+    per-parameter state if a phase releases it (``optimizer_state: release_idle``)."""
     from transformers import Trainer
     from transformers.trainer_optimizer import is_optimizer_factory
 
@@ -101,6 +102,13 @@ def check_optimizer(args) -> list[str]:
         return [f"training.optim_args: {args.optim_args!r} is not usable with optim {name!r} ({err})"]
     if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
         return [cannot]
+    if schedule is not None:
+        from .optimizers import check_release_idle
+
+        try:
+            check_release_idle(schedule, optimizer_cls, kwargs, f"training.optim: {name!r}")
+        except RecipeError as err:
+            return err.problems
     return []
 
 
@@ -170,7 +178,7 @@ def check_arguments(recipe, args) -> None:
     """Every check of the training arguments against the recipe and the launch (no model, data or weights)."""
     problems = check_ranges(recipe.training, args)
     problems += check_evaluation(recipe, args)
-    problems += check_optimizer(args)
+    problems += check_optimizer(args, recipe.schedule)
     problems += check_reporting(args)
     problems += check_output_path(args.output_dir)
     if not problems:  # the launch check sets up the process group: only for an otherwise valid recipe

@@ -292,6 +292,7 @@ def rack_from_config(recipe: Recipe, config) -> tuple[dict, list[str], dict]:
     blocks = skeleton.get_submodule(layers)
     boundaries = resolve_boundaries(len(blocks), recipe.rack.get("blocks_per_stack"), recipe.rack.get("boundaries"))
     sizes = stack_sizes(boundaries)
+    recipe.schedule = recipe.schedule.for_rack(sizes)  # schedule generators over `all` need the rack's size
     recipe.schedule.validate_rack(sizes)
     layout = recipe.schedule.layout(sizes)
     skip = full_precision_modules(skeleton, layers, recipe.schedule, boundaries)

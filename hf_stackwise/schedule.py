@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
+from .generators import Origin, expand, generator_of
 from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
 from .phase_data import (  # noqa: F401  (re-exported)
     MASK_SCHEDULES,
@@ -51,7 +52,7 @@ PHASE_KEYS = (
     "mask_schedule",
     "data",
 )
-OPTIMIZER_STATES = ("keep", "reset")
+OPTIMIZER_STATES = ("keep", "reset", "release_idle")
 ADAPTER_MODES = ("full", "lora")
 TRUNK_MODES = ("frozen", "lora")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
@@ -136,7 +137,7 @@ class Phase:
     trunk: str = "frozen"  # active stacks that do not train: frozen, or carrying a trainable trunk LoRA
     lora: dict | None = None  # LoRA overrides for the stack adapters this phase creates
     grow: Grow | None = None  # stacks added at the phase's first step
-    optimizer_state: str = "keep"  # reset: every parameter's optimizer state starts fresh at the phase's start
+    optimizer_state: str = "keep"  # reset: all optimizer state starts afresh; release_idle: idle units' state is freed
     # the data plane (None = the recipe's `data:` default)
     task: str | None = None  # clm | mlm | diffusion
     max_seq_length: int | None = None  # tokens per training row in this phase
@@ -199,8 +200,8 @@ class Phase:
         return data
 
 
-def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) -> Phase | None:
-    path = f"schedule[{index}]"
+def _parse_phase(raw, index: int, previous_until: float, problems: list[str], path: str = "") -> Phase | None:
+    path = path or f"schedule[{index}]"
     if not isinstance(raw, dict):
         problems.append(f"{path}: expected a mapping of phase fields, got {type(raw).__name__}")
         return None
@@ -280,7 +281,8 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str]) ->
     if optimizer_state not in OPTIMIZER_STATES:
         problems.append(
             f"{path}.optimizer_state: {optimizer_state!r} is not one of {OPTIMIZER_STATES} (`reset` starts every "
-            "parameter's optimizer state afresh when the phase begins)"
+            "parameter's optimizer state afresh when the phase begins, `release_idle` frees the state of the units "
+            "the phase does not train)"
         )
         optimizer_state = "keep"
     values["optimizer_state"] = optimizer_state
@@ -293,9 +295,11 @@ class Schedule:
     """The ordered phases of a recipe; the first starts at t = 0, the last ends at t = 1."""
 
     phases: tuple[Phase, ...]
+    origins: tuple[Origin, ...] = field(default=(), compare=False, repr=False)  # the entry each phase comes from
+    source: tuple | None = field(default=None, compare=False, repr=False)  # (raw list, defaults) with generators
 
     @classmethod
-    def from_list(cls, raw, defaults: dict | None = None) -> Schedule:
+    def from_list(cls, raw, defaults: dict | None = None, racks: dict | None = None) -> Schedule:
         """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems.
 
         ``defaults``: phase fields a phase gets when it does not give them (the task's, see ``phase_defaults``);
@@ -303,12 +307,14 @@ class Schedule:
         problems: list[str] = []
         if not isinstance(raw, list) or not raw:
             raise RecipeError("schedule: expected a non-empty list of phases, each with at least `until`")
+        source = (raw, defaults) if any(generator_of(item) for item in raw) else None
+        entries, origins = expand(raw, racks, problems)  # generators (cycle, sample) become ordinary phases
         phases = []
         previous = 0.0
-        for index, item in enumerate(raw):
+        for index, (item, origin) in enumerate(zip(entries, origins, strict=True)):
             if defaults and isinstance(item, dict):
                 item = {**defaults, **{k: v for k, v in item.items() if v is not None}}
-            phase = _parse_phase(item, index, previous, problems)
+            phase = _parse_phase(item, index, previous, problems, origin.key())
             if phase is not None:
                 phases.append(phase)
                 if 0 < phase.until <= 1:  # an invalid `until` is reported once, not again for the next phase
@@ -319,8 +325,24 @@ class Schedule:
         if phases and not problems and phases[-1].until != 1.0:
             problems.append(f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0")
         if problems:
-            raise RecipeError(problems)
-        return cls(tuple(phases))
+            raise RecipeError(list(dict.fromkeys(problems)))  # a generator's fields are reported once
+        return cls(tuple(phases), tuple(origins), source)
+
+    def key_path(self, index: int, key: str = "") -> str:
+        """Recipe key path of phase ``index``'s ``key`` (a generated phase points into its generator)."""
+        return (self.origins[index] if self.origins else Origin(index)).key(key)
+
+    def for_rack(self, base: int | tuple[int, ...]) -> Schedule:
+        """This schedule with its generators expanded against the rack (``all``, and named stacks checked)."""
+        if self.source is None:
+            return self
+        layout = self.layout(base)
+        racks = {}
+        for index, origin in enumerate(self.origins):
+            if origin.generator is not None and origin.index not in racks:
+                size = len(layout.orders[index])
+                racks[origin.index] = (size, self.phases[index].active_depth(size))
+        return Schedule.from_list(*self.source, racks=racks)
 
     def to_list(self) -> list[dict]:
         return [p.to_dict() for p in self.phases]
@@ -342,7 +364,7 @@ class Schedule:
         layout = self.layout(base)
         problems = []
         for index, phase in enumerate(self.phases):
-            path = f"schedule[{index}]"
+            path = self.key_path(index)
             num_stacks = len(layout.orders[index])
             new = layout.new_positions(index)
             grown = " (after this phase's growth)" if new else ""
@@ -421,13 +443,13 @@ class Schedule:
             end = total_steps if phase.until == 1.0 else round(phase.until * total_steps)
             if end <= start:
                 problems.append(
-                    f"schedule[{index}].until: phase {phase.name!r} gets no optimizer step at {total_steps} total "
-                    f"steps (ends at step {end}); raise `training.max_steps` or widen the phase"
+                    f"{self.key_path(index, 'until')}: phase {phase.name!r} gets no optimizer step at {total_steps} "
+                    f"total steps (ends at step {end}); raise `training.max_steps` or widen the phase"
                 )
             bounds.append((start, end))
             start = max(start, end)
         if problems:
-            raise RecipeError(problems)
+            raise RecipeError(list(dict.fromkeys(problems)))
         resolved = ResolvedSchedule(self, total_steps, tuple(bounds))
         resolved.check_lr_shapes()
         return resolved
@@ -506,21 +528,21 @@ class ResolvedSchedule:
             long = [k for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_steps") and v > end - start]
             if long:
                 problems.append(
-                    f"schedule[{index}].lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the phase has "
-                    f"{end - start} at this run length; give fewer steps or a fraction of the phase (e.g. 0.2)"
+                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the "
+                    f"phase has {end - start} at this run length; give fewer steps or a fraction (e.g. 0.2)"
                 )
                 continue
             probes = sorted({start, (start + end) // 2, end - 1, *range(start, min(end, start + 3))})
             try:
                 factors = [self.lr_factor(step) for step in probes]
             except (ValueError, TypeError, ZeroDivisionError) as err:
-                problems.append(f"schedule[{index}].lr_schedule_kwargs: {err}")
+                problems.append(f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {err}")
                 continue
             bad = [f for f in factors if not (f >= 0 and f < float("inf"))]
             if bad:
                 problems.append(
-                    f"schedule[{index}].lr_schedule_kwargs: {phase.lr_schedule!r} gives a rate factor of {bad[0]} "
-                    f"over this phase's {end - start} steps; check that step counts fit the phase"
+                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {phase.lr_schedule!r} gives a rate factor "
+                    f"of {bad[0]} over this phase's {end - start} steps; check that step counts fit the phase"
                 )
         if problems:
             raise RecipeError(problems)

@@ -41,7 +41,7 @@ from .data_plane import DataPlaneMixin
 from .faults import NONFINITE_POLICIES, FaultTolerance
 from .growth import allocate, check_growth, initialize
 from .metrics import grad_scale, unit_grad_norms
-from .optimizers import check_cls_and_kwargs, check_user_optimizers
+from .optimizers import check_cls_and_kwargs, check_release_idle, check_user_optimizers, release_idle_state
 from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
 from .rack import Rack
 from .saving import SavingMixin
@@ -146,6 +146,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
         if hasattr(model, "peft_config") and schedule.uses_lora():
             raise ValueError("pass the base model: StackwiseTrainer attaches the LoRA adapters the schedule needs")
         base_rack = Rack.from_model(model, args.rack_layers, args.blocks_per_stack, args.stack_boundaries)
+        schedule = schedule.for_rack(base_rack.sizes)  # schedule generators over `all` need the rack's size
         schedule.validate_rack(base_rack.sizes)
         self.layout = schedule.layout(base_rack.sizes)
         if self.layout.grows:  # every block the run will add exists from now on (the superset rule)
@@ -240,6 +241,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
             chosen = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             where = f"training.optim: {self.args.optim}"
         optimizer_cls, optimizer_kwargs = check_cls_and_kwargs(chosen, where)
+        check_release_idle(self.schedule, optimizer_cls, optimizer_kwargs, where)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
@@ -292,6 +294,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, Trainer):
                 verified = {}  # growth wrote into blocks that were frozen: checksum them again
             if phase.optimizer_state == "reset":
                 self.optimizer.state.clear()
+            elif phase.optimizer_state == "release_idle":  # free the state of the units this phase does not train
+                release_idle_state(self.optimizer, state.trainable_units)
         self._phase_blocks = self.layout.blocks(state.order)
         self._frozen = []
         self._trainable_count = 0
