@@ -360,6 +360,7 @@ def header(manifest: dict, runs: dict) -> list[str]:
     other = [r["other_cpu"] for r in done if r.get("other_cpu") is not None]
     dates = sorted(r["started"] for r in done)
     total = sum(r.get("wall_s", 0) for r in done)
+    threads = sorted({r["torch_threads"] for r in done if "torch_threads" in r})
     ram = f"{m['ram_bytes'] / 1024**3:.1f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
     lines = [
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC), "
@@ -367,7 +368,8 @@ def header(manifest: dict, runs: dict) -> list[str]:
         f"- **Budget**: {'`--quick` (development) — ' if s['quick'] else ''}`--budget {s['budget']}`: fine-tuning "
         f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {manifest['seeds']} seeds, "
         f"held-out eval on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
-        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}.",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
+        f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
     ]
     if loads:

@@ -4,7 +4,7 @@ progressive stacking against full depth; one JSON file per run under ``benchmark
 Run it (CPU only, offline, after ``make assets``), then render the page::
 
     make bench-report                              # = python benchmarks/results.py && python benchmarks/report.py
-    python benchmarks/results.py --quick           # a few minutes: 1 seed, 10 steps, into benchmarks/results/quick/
+    python benchmarks/results.py --quick           # a few minutes: 1 seed, 20 steps, into benchmarks/results/quick/
     python benchmarks/results.py --budget 4        # 4x the steps (fine-tuning and growth) on a bigger machine
     python benchmarks/results.py --only finetune --arms full,lisa --seeds 3
 
@@ -107,7 +107,7 @@ KEEP_TRAINING = ("learning_rate", "weight_decay", "optim", "lr_scheduler_type", 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="development run: 1 seed, 10 steps, results/quick/")
+    parser.add_argument("--quick", action="store_true", help="development run: 1 seed, 20 steps, results/quick/")
     parser.add_argument("--budget", type=float, default=1.0, help="multiply every step count by this (default 1)")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 40 x budget)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3)")
@@ -118,6 +118,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--growth-steps", type=int, default=None, help="growth runs' steps (default 400 x budget)")
     parser.add_argument("--only", choices=("finetune", "growth", "cache"), default=None)
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results[/quick])")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads in every run (default: torch's own)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
     parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)  # kind arm seed
     return parser
@@ -127,7 +130,7 @@ def settings_from(opts) -> dict:
     """The settings that make two runs comparable (stored in every JSON file; the number of seeds is not one of
     them: seed 0 of a 1-seed invocation is seed 0 of a 3-seed one)."""
     quick = opts.quick
-    steps = opts.steps or max(1, round((10 if quick else 40) * opts.budget))
+    steps = opts.steps or max(1, round((20 if quick else 40) * opts.budget))
     return {
         "steps": steps,
         "batch_size": opts.batch_size,
@@ -311,10 +314,12 @@ def growth_worker(arm: str, seed: int, settings: dict) -> dict:
     return {"status": "ok", "curve": out["curve"], "train_s": time.perf_counter() - started}
 
 
-def worker_main(kind: str, arm: str, seed: int, settings: dict) -> None:
+def worker_main(kind: str, arm: str, seed: int, settings: dict, threads: int | None) -> None:
     import torch
     import transformers
 
+    if threads:
+        torch.set_num_threads(threads)
     if kind == "finetune":
         result = finetune_worker(arm, seed, settings)
     elif kind == "baseline":
@@ -322,6 +327,7 @@ def worker_main(kind: str, arm: str, seed: int, settings: dict) -> None:
     else:
         result = growth_worker(arm, seed, settings)
     result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    result["torch_threads"] = torch.get_num_threads()
     print(TAG + json.dumps(result), flush=True)
 
 
@@ -520,7 +526,7 @@ def main(argv=None) -> None:
     settings = settings_from(opts)
     if opts.worker:
         kind, arm, seed = opts.worker
-        worker_main(kind, arm, int(seed), settings)
+        worker_main(kind, arm, int(seed), settings, opts.threads)
         return
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
