@@ -118,8 +118,10 @@ def finetune_table(rows: dict, baseline: float | None) -> list[str]:
     ]
     for arm, row in rows.items():
         if not row["runs"]:
-            reason = "; ".join(row["problems"]) or "not run yet"
-            lines.append(f"| {ARMS[arm]} | not run — {reason} | 0 | | | | | | | | |")
+            reason = "; ".join(p for p in row["problems"] if p != "not run yet") or "yet"
+            lines.append(
+                f"| {ARMS[arm]} | not run {'yet' if reason == 'yet' else '— ' + reason} | 0 | | | | | | | | |"
+            )
             continue
         mean, sd = row["loss"]
         note = f" ({len(row['problems'])} missing: {'; '.join(row['problems'])})" if row["problems"] else ""

@@ -97,8 +97,8 @@ def test_page_from_fixture_json(tmp_path):
     assert full in rows["full fine-tuning"]
     assert "| 3.550 ± 0.071 | 2 |" in rows["gradual unfreezing (the demo's schedule)"]
     assert "| 0.50 |" in rows["gradual unfreezing (the demo's schedule)"]  # step ratio against the same seed's full
-    assert "not run — lisa.yaml does not exist (yet); not run yet" in rows["LISA (sampled stacks)"]
-    assert "not run — not run yet" in rows["LoRA (r 8, every stack)"]  # the other settings' run is left out
+    assert "not run — lisa.yaml does not exist (yet) |" in rows["LISA (sampled stacks)"]
+    assert "| not run yet |" in rows["LoRA (r 8, every stack)"]  # the other settings' run is left out
     assert "ends **above** full fine-tuning's held-out loss by 0.500" in page
     assert "Target eval loss **2.0000**" in page
     assert "never reached" in page and "did **not** help" in page  # grow never reaches 2.0
