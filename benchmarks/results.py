@@ -520,6 +520,13 @@ def run_cache(opts) -> None:
         print("  cache: benchmarks/cache.py timed out", flush=True)
 
 
+def write_manifest(opts, settings: dict, seconds: float | None) -> None:
+    """The settings report.py renders (the last invocation's), the machine and the invocation's wall time."""
+    manifest = {"settings": settings, "seeds": opts.n_seeds, "last_invocation_s": seconds, "machine": opts.machine}
+    with open(os.path.join(opts.out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
 def main(argv=None) -> None:
     opts = make_parser().parse_args(argv)
     opts.argv = argv
@@ -537,6 +544,7 @@ def main(argv=None) -> None:
     opts.machine = machine()
     opts.n_seeds = opts.seeds or (1 if opts.quick else 3)
     started = time.perf_counter()
+    write_manifest(opts, settings, None)  # now, so an interrupted invocation's runs render too
     print(f"results into {opts.out}: {opts.n_seeds} seeds, {json.dumps(settings)}", flush=True)
     if opts.only in (None, "finetune"):
         run_finetune(opts, settings)
@@ -545,12 +553,7 @@ def main(argv=None) -> None:
     if opts.only in (None, "cache"):
         run_cache(opts)
     seconds = time.perf_counter() - started
-    with open(os.path.join(opts.out, "manifest.json"), "w") as f:
-        json.dump(
-            {"settings": settings, "seeds": opts.n_seeds, "last_invocation_s": seconds, "machine": opts.machine},
-            f,
-            indent=1,
-        )
+    write_manifest(opts, settings, seconds)
     print(f"done in {seconds:.0f} s", flush=True)
 
 
