@@ -148,13 +148,14 @@ def findings(rows: dict, baseline: float | None) -> list[str]:
         mean, sd = row["loss"]
         noise = max(sd, f_sd)
         delta = mean - f_mean
+        spread = f"seed sd ≤ {noise:.3f}" if min(len(row["runs"]), len(full["runs"])) > 1 else "one seed: no spread"
         if delta > noise:
-            verdict = f"ends **above** full fine-tuning's held-out loss by {delta:.3f} (seed sd ≤ {noise:.3f}): "
+            verdict = f"ends **above** full fine-tuning's held-out loss by {delta:.3f} ({spread}): "
             verdict += "at this budget it did not match full fine-tuning"
         elif delta < -noise:
-            verdict = f"ends **below** full fine-tuning's held-out loss by {-delta:.3f} (seed sd ≤ {noise:.3f})"
+            verdict = f"ends **below** full fine-tuning's held-out loss by {-delta:.3f} ({spread})"
         else:
-            verdict = f"ends within the seed spread of full fine-tuning ({delta:+.3f}, sd ≤ {noise:.3f})"
+            verdict = f"ends within the seed spread of full fine-tuning ({delta:+.3f}, {spread})"
         memory = row["peak_rss"] / full["peak_rss"]
         mem = f"peak RSS {memory:.2f}× full's" + (" (no saving)" if memory >= 0.95 else "")
         optim = row["optim"] / full["optim"] if full["optim"] else float("nan")
