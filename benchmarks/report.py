@@ -422,7 +422,9 @@ def render(folder: str, out: str, images: str) -> str:
         "",
         *finetune_table(rows, baseline),
         "",
-        "Columns: *peak RSS* = `ru_maxrss` of the run's process (median over seeds; includes Python, torch and the "
+        "Columns: *vs before* = change from the float32 model's held-out loss before training (the 4-bit arms "
+        "start a little off it: quantizing moves it), *peak RSS* = `ru_maxrss` of the run's process "
+        "(median over seeds; includes Python, torch and the "
         "tokenizer), *net peak* = peak RSS minus the RSS before the weights load, *optimizer state* = bytes of "
         "every tensor in the optimizer's state, the largest after any step (BAdam-style `release_idle`/`reset` "
         "phases keep it small), *trainable values* = parameters in the optimizer at the end, *step s* = median wall "
