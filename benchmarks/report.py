@@ -97,7 +97,7 @@ def finetune_rows(runs: dict, seeds: int) -> dict:
             row["peak_rss"] = statistics.median(r["peak_rss_kib"] * 1024 for r in done)
             row["net_peak"] = statistics.median((r["peak_rss_kib"] - r["base_rss_kib"]) * 1024 for r in done)
             row["optim"] = max(r["optimizer_state_bytes_max"] for r in done)
-            row["trainable"] = max(r["trainable_params_end"] for r in done)
+            row["trainable"] = max(r.get("requires_grad_params_end", r["trainable_params_end"]) for r in done)
             row["step_s"] = statistics.median(r["step_s"] for r in done)
             row["other_cpu"] = statistics.median(r["other_cpu"] or 0.0 for r in done)
             ratios = [
@@ -113,7 +113,7 @@ def finetune_rows(runs: dict, seeds: int) -> dict:
 def finetune_table(rows: dict, baseline: float | None) -> list[str]:
     lines = [
         "| arm | held-out loss (mean ± sd) | seeds | vs before | peak RSS MiB | net peak MiB | optimizer state MiB "
-        "| trainable values | step s | step / full | other CPU |",
+        "| trainable values (last phase) | step s | step / full | other CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, row in rows.items():
@@ -423,13 +423,13 @@ def render(folder: str, out: str, images: str) -> str:
         *finetune_table(rows, baseline),
         "",
         "Columns: *vs before* = change from the float32 model's held-out loss before training (the 4-bit arms "
-        "start a little off it: quantizing moves it), *peak RSS* = `ru_maxrss` of the run's process "
-        "(median over seeds; includes Python, torch and the "
-        "tokenizer), *net peak* = peak RSS minus the RSS before the weights load, *optimizer state* = bytes of "
-        "every tensor in the optimizer's state, the largest after any step (BAdam-style `release_idle`/`reset` "
-        "phases keep it small), *trainable values* = parameters in the optimizer at the end, *step s* = median wall "
-        "time of a step, *step / full* = median over seeds of that ratio, *other CPU* = the share of the machine's "
-        "CPU other processes used during the run. sd = sample standard deviation over seeds.",
+        "start a little off it: quantizing moves it), *peak RSS* = `ru_maxrss` of the run's process (median over "
+        "seeds; includes Python, torch and the tokenizer), *net peak* = peak RSS minus the RSS before the weights "
+        "load, *optimizer state* = bytes of every tensor in the optimizer's state, the largest after any step "
+        "(BAdam-style `release_idle`/`reset` phases keep it small), *trainable values* = parameter values that "
+        "train in the last phase, *step s* = median wall time of a step, *step / full* = median over seeds of that "
+        "ratio, *other CPU* = the share of the machine's CPU other processes used during the run. sd = sample "
+        "standard deviation over seeds.",
         "",
         "Where each arm's schedule comes from:",
         "",

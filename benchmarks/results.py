@@ -276,6 +276,7 @@ def finetune_worker(arm: str, seed: int, settings: dict) -> dict:
         "optimizer_state_bytes_max": state["max"],
         "optimizer_state_bytes_end": optimizer_state_bytes(trainer),
         "trainable_params_end": trainable,
+        "requires_grad_params_end": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
         "step_s": statistics.median(spans[1:] or spans),
         "step_s_all": spans,
