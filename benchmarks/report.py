@@ -393,7 +393,8 @@ def header(manifest: dict, runs: dict) -> list[str]:
 def render(folder: str, out: str, images: str) -> str:
     manifest, runs = load(folder)
     s = manifest["settings"]
-    seeds = manifest["seeds"]
+    seeds = manifest.get("seeds") or 1 + max([r.get("seed", 0) for r in runs.values()] or [0])
+    manifest["seeds"] = seeds
     base = runs.get("finetune-baseline")
     baseline = base["eval_loss"] if base and base.get("status") == "ok" else None
     rows = finetune_rows(runs, seeds)
