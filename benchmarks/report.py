@@ -19,6 +19,7 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIB = 1024 * 1024
+TIE = 0.02  # held-out loss differences below this (nats) count as a tie whatever the seed spread
 ARMS = {  # the order and labels of benchmarks/results.py (kept here so the page renders without importing it)
     "full": "full fine-tuning",
     "lora": "LoRA (r 8, every stack)",
@@ -65,6 +66,10 @@ def load(folder: str) -> tuple[dict, dict]:
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def fmt(value, spec: str = ".3f", missing: str = "–") -> str:
@@ -146,16 +151,17 @@ def findings(rows: dict, baseline: float | None) -> list[str]:
         if arm == "full" or not row["runs"]:
             continue
         mean, sd = row["loss"]
-        noise = max(sd, f_sd)
+        noise = max(sd, f_sd, TIE)
         delta = mean - f_mean
-        spread = f"seed sd ≤ {noise:.3f}" if min(len(row["runs"]), len(full["runs"])) > 1 else "one seed: no spread"
+        several = min(len(row["runs"]), len(full["runs"])) > 1
+        spread = f"seed sd ≤ {max(sd, f_sd):.3f}" if several else "one seed: no spread measured"
         if delta > noise:
             verdict = f"ends **above** full fine-tuning's held-out loss by {delta:.3f} ({spread}): "
             verdict += "at this budget it did not match full fine-tuning"
         elif delta < -noise:
             verdict = f"ends **below** full fine-tuning's held-out loss by {-delta:.3f} ({spread})"
         else:
-            verdict = f"ends within the seed spread of full fine-tuning ({delta:+.3f}, {spread})"
+            verdict = f"ends level with full fine-tuning ({delta:+.3f}, {spread}; ties below {TIE} or the sd)"
         memory = row["peak_rss"] / full["peak_rss"]
         mem = f"peak RSS {memory:.2f}× full's" + (" (no saving)" if memory >= 0.95 else "")
         optim = row["optim"] / full["optim"] if full["optim"] else float("nan")
@@ -193,7 +199,7 @@ def growth_section(runs: dict, seeds: int, g: dict) -> tuple[list[str], dict]:
         return lines, {}
     lines += [
         f"Target eval loss **{target['target']:.4f}**, fixed before any growth run from the full-depth runs "
-        f"(median over {target['from_seeds']} seeds of their eval loss at step {target['at_step']}, "
+        f"(median over {plural(target['from_seeds'], 'seed')} of their eval loss at step {target['at_step']}, "
         f"{g['target_at']:.0%} of the budget).",
         "",
         "| seed | arm | step at target | tokens | GFLOPs | final eval loss | tokens grow/full | FLOPs grow/full |",
@@ -227,9 +233,9 @@ def growth_section(runs: dict, seeds: int, g: dict) -> tuple[list[str], dict]:
         t, f = statistics.median(token_ratios), statistics.median(flop_ratios)
         verdict = "saved compute" if f < 0.95 else "did **not** save compute"
         lines.append(
-            f"Median grow / full to the target: tokens **{t:.2f}**, FLOPs **{f:.2f}** ({len(flop_ratios)} seeds "
-            f"reached it in both arms): at this scale progressive stacking {verdict}"
-            + (" and needed more tokens than full depth." if t > 1.05 else ".")
+            f"Median grow / full to the target: tokens **{t:.2f}**, FLOPs **{f:.2f}** "
+            f"({plural(len(flop_ratios), 'seed')} reached it in both arms): at this scale progressive stacking "
+            f"{verdict}" + (" and needed more tokens than full depth." if t > 1.05 else ".")
         )
     else:
         lines.append("No seed reached the target in both arms: progressive stacking did **not** help here.")
@@ -369,7 +375,7 @@ def header(manifest: dict, runs: dict) -> list[str]:
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC), "
         f"{total / 60:.0f} minutes of runs in all; commit `{m.get('commit')}`.",
         f"- **Budget**: {'`--quick` (development) — ' if s['quick'] else ''}`--budget {s['budget']}`: fine-tuning "
-        f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {manifest['seeds']} seeds, "
+        f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {plural(manifest['seeds'], 'seed')}, "
         f"held-out eval on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
