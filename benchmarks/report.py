@@ -19,6 +19,7 @@ import statistics
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MIB = 1024 * 1024
+BUSY = 0.25  # above this share of the CPU taken by other processes, step times are not compared
 TIE = 0.02  # held-out loss differences below this (nats) count as a tie whatever the seed spread
 ARMS = {  # the order and labels of benchmarks/results.py (kept here so the page renders without importing it)
     "full": "full fine-tuning",
@@ -102,7 +103,8 @@ def finetune_rows(runs: dict, seeds: int) -> dict:
             row["peak_rss"] = statistics.median(r["peak_rss_kib"] * 1024 for r in done)
             row["net_peak"] = statistics.median((r["peak_rss_kib"] - r["base_rss_kib"]) * 1024 for r in done)
             row["optim"] = max(r["optimizer_state_bytes_max"] for r in done)
-            row["trainable"] = max(r.get("requires_grad_params_end", r["trainable_params_end"]) for r in done)
+            counted = [r["requires_grad_params_end"] for r in done if "requires_grad_params_end" in r]
+            row["trainable"] = max(counted or [r["trainable_params_end"] for r in done])
             row["step_s"] = statistics.median(r["step_s"] for r in done)
             row["other_cpu"] = statistics.median(r["other_cpu"] or 0.0 for r in done)
             ratios = [
@@ -165,8 +167,10 @@ def findings(rows: dict, baseline: float | None) -> list[str]:
         memory = row["peak_rss"] / full["peak_rss"]
         mem = f"peak RSS {memory:.2f}× full's" + (" (no saving)" if memory >= 0.95 else "")
         optim = row["optim"] / full["optim"] if full["optim"] else float("nan")
-        speed = row["step_ratio"]
+        speed, busy = row["step_ratio"], max(row["other_cpu"], full["other_cpu"])
         pace = "" if speed is None else f", a step {speed:.2f}× full's" + (" (slower)" if speed > 1.05 else "")
+        if speed is not None and busy > BUSY:
+            pace = f", step times not comparable (other processes took up to {100 * busy:.0f}% of the CPU)"
         worse = ""
         if baseline is not None and mean > baseline:
             worse = f"; its held-out loss is **worse than before training** ({baseline:.3f})"
