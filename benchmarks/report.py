@@ -383,7 +383,7 @@ def header(manifest: dict, runs: dict) -> list[str]:
         f"held-out eval on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
-        "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        "- **Versions**: " + ", ".join(f"{k.replace('-', '_')} {v}" for k, v in m["versions"].items()) + ".",
     ]
     if loads:
         lines.append(
