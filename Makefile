@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install assets demo test test-fast bench lint format clean
+.PHONY: install assets demo test test-fast bench bench-report lint format clean
 
 # torch first, and only when missing: a bare `torch` requirement would pull a multi-GB CUDA build here.
 # Users with their own torch keep it.
@@ -36,6 +36,13 @@ bench: assets
 	$(PYTHON) benchmarks/sft.py
 	$(PYTHON) benchmarks/classification.py
 	$(PYTHON) benchmarks/ddp.py
+
+# docs/results.md and docs/images/results/: every schedule side by side (about an hour on 2 idle cores; resumable,
+# runs already in benchmarks/results/ with the same settings are skipped). Bigger machines: BUDGET=4.
+BUDGET ?= 1
+bench-report: assets
+	$(PYTHON) benchmarks/results.py --budget $(BUDGET)
+	$(PYTHON) benchmarks/report.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts
