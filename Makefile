@@ -35,6 +35,7 @@ bench: assets
 	$(PYTHON) benchmarks/transition.py
 	$(PYTHON) benchmarks/sft.py
 	$(PYTHON) benchmarks/classification.py
+	$(PYTHON) benchmarks/cache.py
 
 lint: install
 	$(PYTHON) -m ruff check hf_stackwise tests benchmarks scripts

@@ -77,14 +77,14 @@ MODELS = {
         "hidden": 256,
         "blocks_per_stack": 3,
         "head": "train",
-        "full": {"seq_len": 128, "batch": 8, "rows": 32, "epochs": 4},
+        "full": {"seq_len": 128, "batch": 8, "rows": 32, "epochs": 4, "repeats": 5},
         "quick": {"seq_len": 64, "batch": 2, "rows": 4, "epochs": 3},
     },
     "smollm2": {
         "label": "SmolLM2-135M-Instruct, 5 stacks of 6, tied head (frozen)",
         "blocks_per_stack": 6,
         "head": None,
-        "full": {"seq_len": 64, "batch": 4, "rows": 16, "epochs": 3},
+        "full": {"seq_len": 64, "batch": 4, "rows": 16, "epochs": 3, "repeats": 3},
         "quick": {"seq_len": 32, "batch": 2, "rows": 4, "epochs": 3},
     },
 }
@@ -94,7 +94,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat, demo on 8 rows (development)")
     parser.add_argument("--only", nargs="+", choices=[*MODELS, "demo"], help="parts to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds of the 4 arms (default 5; quick 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed rounds of the 4 arms (default: Llama 5, SmolLM2 3; quick 1)"
+    )
     parser.add_argument("--drop", type=int, default=1, help="warm-up steps left out of the miss window (default 1)")
     parser.add_argument("--demo-rows", type=int, default=None, help="demo training chunks (default 24; quick 8)")
     parser.add_argument("--demo-arms", nargs="+", default=["false", "auto", "true"], help="cache.activations values")
@@ -252,7 +254,7 @@ def flop_limits(model, spec: dict, batch) -> dict:
         "limit_cached": uncached["Global"] / cached,
         "limit_vs_all": everything["Global"] / cached,
         "formula_cached": (stacks + 2 + c * h) / (3 + c * h),
-        "formula_vs_all": (3 * stacks + c * h) / (3 + c * h),
+        "formula_vs_all": (3 * stacks + 3 * h) / (3 + c * h),  # every arm but the cached one trains the head
         "head_coefficient": c,
     }
 
@@ -395,6 +397,11 @@ def summarize(name: str, spec: dict, size: dict, runs: list[dict], limits: dict,
             "miss_over_uncached": paired("cached", "off", miss),
             "auto_off_over_uncached": paired("auto-off", "off", every),
         },
+        "flop_limit_ratio": {
+            "uncached_over_cached": limits["limit_cached"],
+            "all_over_cached": limits["limit_vs_all"],
+            "phase_uncached_over_cached": lazy_limit,
+        },
         "lazy_fill": {"epochs": epochs, "with_measured_speedup": lazy_measured, "with_flop_limit": lazy_limit},
     }
     r = result["ratio"]
@@ -479,6 +486,8 @@ def demo_corpus(rows: int, folder: str) -> str:
 
 
 def demo_arm(activations: str, corpus: str, folder: str) -> dict:
+    from transformers import PrinterCallback
+
     from hf_stackwise.recipe import load_recipe
     from hf_stackwise.run import build_trainer, prepare
 
@@ -497,6 +506,7 @@ def demo_arm(activations: str, corpus: str, folder: str) -> dict:
     recipe = load_recipe(DEMO, [f"--{k}={v}" for k, v in overrides.items()])
     prepared = prepare(recipe)
     trainer = build_trainer(prepared)
+    trainer.remove_callback(PrinterCallback)  # it prints the final train metrics
     timer = make_timer()
     trainer.add_callback(timer)
     timer.trainer = trainer
@@ -621,32 +631,37 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     parts = args.only or [*MODELS, "demo"]
     if ("smollm2" in parts or "demo" in parts) and not os.path.isdir(SMOLLM2):
         raise SystemExit(f"{SMOLLM2} is missing; run `make assets` first")
     mode = "quick" if args.quick else "full"
-    repeats = args.repeats or (1 if args.quick else 5)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", *(["quick"] if args.quick else []), "cache.json")
     results = {"benchmark": "cache", "quick": args.quick, "machine": machine(), "load_average_start": load_average()}
     m = results["machine"]
     print("Frozen-prefix activation cache: step and phase time, cached vs uncached vs all-trainable")
     print(f"  {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}; {m['platform']}")
     print("  " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
-    print(f"  load average at start {results['load_average_start']} (1/5/15 min); mode {mode}, {repeats} repeats")
+    print(f"  load average at start {results['load_average_start']} (1/5/15 min); mode {mode}")
     share = CpuShare()
     started = time.perf_counter()
     results["models"] = {}
     with tempfile.TemporaryDirectory(prefix="stackwise-cache-bench-") as tmp:
         for name in MODELS:
             if name in parts:
-                results["models"][name] = bench_model(name, args, MODELS[name][mode], repeats, tmp)
+                size = MODELS[name][mode]
+                repeats = args.repeats or size.get("repeats", 1)
+                results["models"][name] = bench_model(name, args, size, repeats, tmp)
         if "demo" in parts:
             results["demo"] = bench_demo(args, args.demo_rows or (8 if args.quick else 24), tmp)
     results["load_average_end"] = load_average()
     results["other_cpu"] = share.other()
     results["wall_s"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
     print_table(results)
     other = results["other_cpu"]
     print(
@@ -654,9 +669,6 @@ def main(argv: list[str] | None = None) -> int:
         f"processes used {'n/a' if other is None else f'{100 * other:.0f}%'} of the machine's CPU; "
         f"{results['wall_s'] / 60:.1f} min in all"
     )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
     print(f"results: {os.path.relpath(out, ROOT)}")
     return 0
 
