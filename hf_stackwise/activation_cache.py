@@ -71,7 +71,7 @@ class ActivationStore:
         self.signature: str | None = None
         self.dtype: torch.dtype | None = None
         self.data: np.ndarray | None = None
-        self.fp = self._array("fp", (slots, FINGERPRINT_BYTES), np.uint8, fresh=True)
+        self.fp = np.zeros((slots, FINGERPRINT_BYTES), np.uint8)  # a file-backed store maps its file in sign()
 
     def _array(self, name: str, shape, dtype, fresh: bool) -> np.ndarray:
         if self.path is None:
@@ -90,8 +90,10 @@ class ActivationStore:
         """Keep the rows if this exact prefix computed them (or reload them from disk), else empty the store."""
         if signature == self.signature:
             return
-        if self.path is not None and self.signature is None and self._reload(signature):
-            return
+        if self.path is not None and self.signature is None:
+            if self._reload(signature):
+                return
+            self.fp = self._array("fp", (self.slots, FINGERPRINT_BYTES), np.uint8, fresh=True)
         self.fp[:] = 0
         self.signature = signature
         self._write_header()

@@ -296,6 +296,8 @@ def _carry_and_fill(decisions: list[PhaseCache], data: CacheData) -> list[PhaseC
 def _turn_on(d: PhaseCache, settings: CacheSettings) -> PhaseCache:
     if not d.cut:
         return d
+    if not d.slots:
+        return _replace(d, on=False, reason="the number of training rows is not known (a stream has no row ids)")
     if settings.activations == "auto" and d.visits < 2 and d.hit_rate < 0.5:
         return _replace(d, on=False, reason=f"each row is expected {d.visits:.2f} times in the phase (auto needs 2)")
     return d
@@ -329,3 +331,49 @@ def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
     model = CacheModel.from_config(config, (), 0, 4)
     decide(recipe.schedule, bounds, layout, base, settings, model, data_of(recipe, args, None))
+
+
+def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params: int, dtype_bytes: int):
+    """Per-phase decisions for ``hf-stackwise plan`` (None with ``cache.activations: false``). The training rows are
+    counted by tokenizing the data as ``train`` does (a mixture or a classification set: not counted)."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is False:
+        return None
+    block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
+    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes)
+    data = data_of(recipe, args, _count_rows(recipe, args, config))
+    return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data)
+
+
+def _count_rows(recipe, args, config) -> int | None:
+    if recipe.data.get("datasets") or recipe.data.get("task", "clm") not in ("clm", "mlm", "diffusion"):
+        return None
+    from .curriculum import DataPlane
+    from .data import build_datasets
+    from .preflight import load_tokenizer
+    from .run import TOKENIZER_KEYS
+
+    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
+    length = DataPlane.from_data(recipe.data).chunk_length(recipe.schedule)
+    train, _ = build_datasets(recipe.data, tokenizer, length, args.seed)
+    return len(train) if hasattr(train, "__len__") else None
+
+
+def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[str]:
+    """The plan's cache table: per phase on/off, the cut, expected hit rate, storage and predicted step ratio."""
+    if decisions is None:
+        return ["activation cache: off (cache.activations: false)"]
+    lines = [
+        "activation cache per phase (cut: blocks below it replay from the store; ratio: uncached / cached step, "
+        "all hits, from parameter counts)",
+        f"{'phase':<14} {'cache':<5} {'cut':<22} {'hit rate':>8} {'storage MiB':>12} {'ratio':>6}  note",
+    ]
+    for name, d in zip(names, decisions, strict=True):
+        cut = f"after block {d.cut - 1} ({d.cut_stacks} stacks)" if d.cut else "-"
+        hit = f"{d.hit_rate:.0%}" if d.cut else "-"
+        size = f"{d.bytes / 2**20:.1f}" if d.cut else "-"
+        ratio = f"{d.ratio:.2f}x" if d.cut else "-"
+        lines.append(
+            f"{name:<14} {'on' if d.on else 'off':<5} {cut:<22} {hit:>8} {size:>12} {ratio:>6}  {d.reason}".rstrip()
+        )
+    return lines

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .cache_policy import format_cache, plan_cache
 from .recipe import Recipe
 from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, Phase, lora_unit, stack_unit, trunk_unit
 
@@ -140,6 +141,7 @@ class PhasePlan:
     lr_text: str
     data: dict
     memory: dict[str, float] = field(default_factory=dict)
+    cache: object = None  # hf_stackwise.cache_policy.PhaseCache: the activation cache's decision
 
 
 @dataclass
@@ -378,6 +380,9 @@ def make_plan(recipe: Recipe) -> Plan:
             found.update(units.get(unit, {}))
         return found
 
+    head = skeleton.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else dims.hidden * dims.vocab
+    cache = plan_cache(recipe, args, config, resolved, layout, base, skeleton.get_submodule(layers), head_params, act)
     ever = recipe.schedule.ever_trainable_units(base)
     phases, trained_so_far = [], set()
     for index, (start, end) in enumerate(resolved.bounds):
@@ -423,6 +428,7 @@ def make_plan(recipe: Recipe) -> Plan:
                 lr_text=lr_text,
                 data=data,
                 memory=memory,
+                cache=cache[index] if cache else None,
             )
         )
     notes = [
@@ -550,5 +556,7 @@ def format_plan(plan: Plan) -> str:
         )
     peak = max(plan.phases, key=lambda p: p.memory["total"])
     lines.append(f"{'peak':<14} {'':>10} {'':>10} {'':>10} {'':>12} {_mib(peak.memory['total']):>10}  ({peak.name})")
+    decisions = [p.cache for p in plan.phases] if plan.phases[0].cache else None
+    lines += [""] + format_cache(decisions, [p.name for p in plan.phases])
     lines += [""] + [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 from conftest import tiny_arguments, tiny_causal_lm
@@ -16,9 +19,11 @@ def rows(token_dataset, n=16):
     return token_dataset.select(range(n))
 
 
-def run(tmp_path, dataset, schedule=TOP, cache=None, name="run", callbacks=(), resume=None, **overrides):
+def run(tmp_path, dataset, schedule=TOP, cache=None, name="run", callbacks=(), resume=None, dtype=None, **overrides):
     """Train a tiny Llama; returns (trainer, losses)."""
     model = tiny_causal_lm("llama", layers=4)
+    if dtype is not None:
+        model = model.to(dtype)
     kwargs = dict(max_steps=12, logging_steps=1, schedule=schedule, activation_cache=cache)
     kwargs.update(overrides)
     args = tiny_arguments(tmp_path / name, **kwargs)
@@ -155,3 +160,246 @@ def test_a_stale_slot_is_a_miss(tmp_path, token_dataset):
     on = run(tmp_path, data, name="on", callbacks=[InjectStaleSlot()])
     assert_same_training(off, on)
     assert on[0].cache_stats()["hits"] == 2 * 16 - 1  # row 0 missed once in epoch 2, was stored again, then hit
+
+
+def decisions_for(schedule, cache="auto", tasks=None, model=None, rows=16, seqs=None, steps=12):
+    from hf_stackwise.cache_policy import CacheData, CacheModel, CacheSettings, decide
+    from hf_stackwise.schedule import Schedule
+
+    schedule = Schedule.from_list(schedule)
+    n = len(schedule.phases)
+    base = (1, 1, 1, 1)
+    model = model or CacheModel((100,) * 4, 50, 64, 4)
+    data = CacheData(rows, 4, seqs or (32,) * n, max(seqs or (32,)), tasks or ("clm",) * n)
+    settings = CacheSettings.from_dict({"activations": cache})
+    return decide(schedule, schedule.resolve(steps).bounds, schedule.layout(base), base, settings, model, data)
+
+
+def test_auto_turns_on_where_exact_and_rows_repeat():
+    (on,) = decisions_for(TOP)  # 12 steps x 4 rows over 16 rows: 3 visits
+    assert on.on and on.cut == 3 and on.visits == 3 and on.hit_rate == pytest.approx(2 / 3)
+    assert on.bytes == 16 * (32 * 64 * 4 + 16)
+    # three stacks of 100 below the cut, the top one trains (3 x 100), the head trains (3 x 50)
+    assert on.ratio == pytest.approx((300 + 300 + 150) / (300 + 150))
+    (once,) = decisions_for(TOP, rows=64)  # each row seen 0.75 times: nothing to gain
+    assert not once.on and "auto needs 2" in once.reason
+    (forced,) = decisions_for(TOP, cache=True, rows=64)
+    assert forced.on
+    (everything,) = decisions_for([{"name": "all", "until": 1.0, "train": "all"}], cache=True)
+    assert not everything.on and "stack 0 trains" in everything.reason
+
+
+def test_the_formula_of_the_issue_for_k_equal_stacks():
+    from hf_stackwise.cache_policy import CacheModel
+
+    # K = 4 stacks of 100, the top one trains, the head (H = 0.5 stack-units) trains: (K + 2 + 3H) / (3 + 3H)
+    (d,) = decisions_for(TOP, model=CacheModel((100,) * 4, 50, 64, 4))
+    assert d.ratio == pytest.approx((4 + 2 + 1.5) / (3 + 1.5))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "tasks", "model", "message"),
+    [
+        (TOP, ("mlm",), None, "schedule[0]: data.task mlm draws a new mask every step"),
+        (TOP, ("diffusion",), None, "schedule[0]: data.task diffusion draws a new mask"),
+        ([{**TOP[0], "embeddings": "train"}], None, None, "schedule[0]: the embeddings train"),
+        (TOP, None, "tied", "schedule[0]: the head trains and is tied to the input embeddings"),
+        ([{**TOP[0], "head": "freeze"}], None, "gpt2", "schedule[0]: the model applies dropout (resid_pdrop=0.1)"),
+    ],
+    ids=["mlm", "diffusion", "embeddings", "tied-head", "dropout"],
+)
+def test_true_refuses_a_phase_that_cannot_be_exact(schedule, tasks, model, message):
+    from conftest import tiny_config
+
+    from hf_stackwise.cache_policy import CacheModel
+    from hf_stackwise.errors import StackwiseError
+
+    if model == "tied":
+        model = CacheModel((100,) * 4, 50, 64, 4, tied=True)
+    elif model == "gpt2":
+        model = CacheModel.from_config(tiny_config("gpt2"), (100,) * 4, 50, 4)
+    with pytest.raises(StackwiseError, match=re.escape(message)):
+        decisions_for(schedule, cache=True, tasks=tasks, model=model)
+    (auto,) = decisions_for(schedule, tasks=tasks, model=model)  # auto: simply off, with the reason
+    assert not auto.on and message.split(": ", 1)[1] in auto.reason
+
+
+def test_a_changed_max_seq_length_is_another_store():
+    two = [{**TOP[0], "until": 0.5, "name": "long"}, {**TOP[0], "name": "short", "max_seq_length": 16}]
+    long, short = decisions_for(two, seqs=(32, 16), steps=24)
+    assert long.prefix == short.prefix and long.key() != short.key()
+    assert short.slots == 2 * long.slots  # a 32-token row is two 16-token rows
+    assert short.visits == pytest.approx(12 * 4 * 2 / 32)  # 12 steps of 4 rows, 2 pieces each, over 32 slots
+    assert short.hit_rate == pytest.approx(2 / 3)  # its store starts empty: (E - 1) / E
+
+
+def test_trunk_lora_with_true_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir, pydoc_files):
+    from conftest import tiny_recipe, write_recipe
+
+    from hf_stackwise.errors import StackwiseError
+    from hf_stackwise.recipe import load_recipe
+    from hf_stackwise.run import check_recipe
+
+    schedule = [
+        {"name": "top", "until": 0.5, "train": "top", "head": "train"},
+        {"name": "trunk", "until": 1.0, "train": "top", "trunk": "lora"},
+    ]
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule)
+    raw["cache"] = {"activations": True}
+    with pytest.raises(
+        StackwiseError, match=r"schedule\[1\]: stack 0 carries trunk LoRA, so the prefix is not frozen"
+    ):
+        check_recipe(load_recipe(write_recipe(tmp_path, raw)))
+    assert not os.path.exists(raw["training"]["output_dir"])
+
+
+@pytest.mark.parametrize(
+    ("cache", "message"),
+    [
+        ({"max_memory": "lots"}, "cache.max_memory: 'lots' is not a size"),
+        ({"activations": "yes"}, "cache.activations: 'yes' is not auto, true or false"),
+        ({"size": 1}, "cache.size: unknown key"),
+    ],
+)
+def test_bad_cache_settings_are_one_message(tmp_path, cache, message):
+    from hf_stackwise.errors import StackwiseError
+    from hf_stackwise.recipe import validate_recipe
+
+    raw = {
+        "model": {"name_or_path": "x"},
+        "data": {"train": {"path": "text", "data_files": "x.txt"}},
+        "schedule": TOP,
+        "training": {"output_dir": str(tmp_path)},
+        "cache": cache,
+    }
+    with pytest.raises(StackwiseError, match=message):
+        validate_recipe(raw)
+
+
+def test_storage_beyond_the_budget_needs_a_writable_folder_with_room(tmp_path):
+    from hf_stackwise.activation_cache import check_storage
+    from hf_stackwise.cache_policy import CacheSettings, PhaseCache, parse_bytes
+    from hf_stackwise.errors import StackwiseError
+
+    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes(7) == 7
+    small = [PhaseCache(0, True, cut=1, prefix=(0,), bytes=1000, seq_length=32)]
+    check_storage(small, CacheSettings(max_memory=1000), "/nonexistent/never/created")  # fits in RAM: no disk
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with pytest.raises(StackwiseError, match="cache.dir: .* cannot be written"):
+        check_storage(small, CacheSettings(max_memory=10), str(a_file / "cache"))
+    huge = [PhaseCache(0, True, cut=1, prefix=(0,), bytes=2**62, seq_length=32)]
+    with pytest.raises(StackwiseError, match="cache.dir: .* GiB free but the cache needs"):
+        check_storage(huge, CacheSettings(max_memory=0), str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_resume_with_the_cache_rebuilds_or_reloads_and_stays_bitwise_equal(tmp_path, token_dataset):
+    import shutil
+
+    data = rows(token_dataset)
+    on_disk = {"max_memory": 0, "dir": str(tmp_path / "stores")}  # beyond the RAM budget: memory-mapped files
+    saves = dict(save_strategy="steps", save_steps=6)
+    full, _ = run(tmp_path, data, cache=on_disk, name="full", **saves)
+    assert sorted(os.listdir(tmp_path / "stores")) == [f"blocks0-2x3-seq32-rank0.{x}" for x in ("data", "fp", "json")]
+    final = full.model.state_dict()
+    for cache, first_hit_rate in ((None, 0.0), (on_disk, 1.0)):  # RAM: rebuilt; disk: reloaded (signature matches)
+        name = "reloaded" if cache else "rebuilt"
+        shutil.copytree(tmp_path / "full" / "checkpoint-6", tmp_path / name / "checkpoint-6")
+        resumed, _ = run(tmp_path, data, cache=cache, name=name, resume=str(tmp_path / name / "checkpoint-6"), **saves)
+        assert resumed.state.global_step == 12
+        assert all(torch.equal(v, final[k]) for k, v in resumed.model.state_dict().items()), name
+        logs = [h for h in resumed.state.log_history if "loss" in h]  # steps 1-6 come from the checkpoint
+        assert logs[6]["step"] == 7 and logs[6]["cache/hit_rate"] == first_hit_rate, name
+        assert [h["loss"] for h in logs] == [h["loss"] for h in full.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_with_the_cache_equals_without(tmp_path):
+    import json
+
+    from test_ddp import torchrun
+
+    out = {}
+    for cache in ("off", "on"):
+        folder = tmp_path / cache
+        folder.mkdir()
+        torchrun("cache_ddp_worker.py", str(folder), cache)
+        out[cache] = [
+            (torch.load(folder / f"rank{r}.pt"), json.loads((folder / f"rank{r}.json").read_text())) for r in (0, 1)
+        ]
+    for rank in (0, 1):
+        (off, off_log), (on, on_log) = out["off"][rank], out["on"][rank]
+        assert on_log["world"] == 2 and on_log["losses"] == off_log["losses"]
+        for key, value in off["model"].items():
+            assert torch.equal(value, on["model"][key]), (rank, key)
+        for index, state in off["optimizer"].items():
+            assert all(
+                torch.equal(torch.as_tensor(v), torch.as_tensor(on["optimizer"][index][k])) for k, v in state.items()
+            )
+        # each rank keeps its own store: a row it has not met yet (dealt to the other rank before) is a miss
+        assert on_log["cache"]["rows"] == 12 * 2 and 0 < on_log["cache"]["hits"] < 12 * 2
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
+def test_bf16_with_the_cache_equals_without(tmp_path, token_dataset, mode):
+    """Tolerance: none. The stored hidden state keeps the dtype it has at the cut (bfloat16 with bf16 weights,
+    float32 on the residual stream under autocast) and a hit returns those exact bits."""
+    data = rows(token_dataset)
+    extra = {"dtype": torch.bfloat16} if mode == "bf16-weights" else {"bf16": True}
+    off = run(tmp_path, data, cache={"activations": False}, name="off", **extra)
+    on = run(tmp_path, data, name="on", **extra)
+    assert_same_training(off, on)
+    (store,) = on[0]._stores.values()
+    assert store.dtype == (torch.bfloat16 if mode == "bf16-weights" else torch.float32)
+    assert on[0].cache_stats()["hit_rate"] == pytest.approx(2 / 3)
+
+
+def test_plan_shows_the_cache_per_phase(tmp_path, tiny_llama_dir, pydoc_files):
+    from conftest import tiny_recipe, write_recipe
+
+    from hf_stackwise.plan import format_plan, make_plan
+    from hf_stackwise.recipe import load_recipe
+
+    schedule = [{**TOP[0], "until": 0.5}, {"name": "all", "until": 1.0, "train": "all"}]
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule)
+    raw["cache"] = {"activations": True}
+    plan = make_plan(load_recipe(write_recipe(tmp_path, raw)))
+    top, everything = (p.cache for p in plan.phases)
+    assert top.on and top.cut == 3 and top.slots > 0 and top.ratio > 1
+    assert top.bytes == top.slots * (32 * 64 * 4 + 16)
+    assert not everything.on and "stack 0 trains" in everything.reason
+    text = format_plan(plan)
+    assert "activation cache per phase" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.startswith(("top ", "all "))][-2:] == [
+        ["top", "on"],
+        ["all", "off"],
+    ]
+    assert "after block 2 (3 stacks)" in text
+
+
+@pytest.mark.slow
+def test_split_rows_and_mixtures_key_on_the_underlying_row(tmp_path, token_dataset):
+    """A shorter phase splits each 32-token row into two 16-token pieces (a slot each); a mixture stream names its
+    rows by source and row, so a row met again at another stream position hits."""
+    from hf_stackwise.mixture import MixtureDataset
+
+    schedule = [{**TOP[0], "name": "long", "until": 0.5}, {**TOP[0], "name": "short", "max_seq_length": 16}]
+    data = rows(token_dataset)
+    plane = {"max_seq_length": 32}
+    off = run(tmp_path, data, schedule, {"activations": False}, name="off", data_plane=plane)
+    on = run(tmp_path, data, schedule, {"activations": True}, name="on", data_plane=plane)
+    assert_same_training(off, on)
+    long, short = on[0].cache_decisions
+    assert (long.slots, short.slots) == (16, 32) and long.key() != short.key()
+    # long: steps 0-5 = 1.5 epochs (the last 2 steps hit); short: a new store, its first rows all miss
+    assert step_hit_rates(on[0])[:8] == [0.0] * 4 + [1.0] * 2 + [0.0] * 2
+
+    sources = {"a": token_dataset.select(range(8)), "b": token_dataset.select(range(8, 16))}
+    mixture = MixtureDataset(sources, [(12, {"a": 1.0, "b": 1.0})], samples_per_step=4, total_steps=12, seed=0)
+    plane = {"max_seq_length": 32, "datasets": ["a", "b"]}
+    off = run(tmp_path, mixture, TOP, {"activations": False}, name="mix-off", data_plane=plane)
+    on = run(tmp_path, mixture, TOP, {"activations": True}, name="mix-on", data_plane=plane)
+    assert_same_training(off, on)
+    seen = [(mixture.source_of(i), mixture.row_of(mixture.source_of(i), i)) for i in range(len(mixture))]
+    assert on[0].cache_stats()["hits"] == len(seen) - len(set(seen)) > 0  # every repeat of a row is a hit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+from hf_stackwise.cache_policy import CACHE_KEYS
 from hf_stackwise.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
 from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
 from hf_stackwise.schedule import PHASE_KEYS
@@ -29,6 +30,7 @@ def test_section_tables_match_the_code():
     assert section_keys("data") == set(DATA_KEYS)
     assert section_keys("schedule") == set(PHASE_KEYS)
     assert section_keys("callbacks") == set(CALLBACK_KEYS) | set(EARLY_STOPPING_KEYS)
+    assert section_keys("cache") == set(CACHE_KEYS)
 
 
 def test_training_extras_match_the_arguments_dataclass():
@@ -39,7 +41,15 @@ def test_training_extras_match_the_arguments_dataclass():
     from hf_stackwise.trainer import StackwiseArguments
 
     extra = {f.name for f in fields(StackwiseArguments)} - {f.name for f in fields(TrainingArguments)}
-    set_elsewhere = {"schedule", "blocks_per_stack", "stack_boundaries", "rack_layers", "adapters", "data_plane"}
+    set_elsewhere = {
+        "schedule",
+        "blocks_per_stack",
+        "stack_boundaries",
+        "rack_layers",
+        "adapters",
+        "data_plane",
+        "activation_cache",
+    }
     recipe_level = extra - set_elsewhere
     documented = section_keys("training")
     assert recipe_level <= documented
