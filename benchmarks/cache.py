@@ -1,6 +1,6 @@
 """What the frozen-prefix activation cache saves: step time cached vs uncached vs all-trainable, against FLOP limits.
 
-Run it (CPU only, offline; about 25 minutes with the defaults on 2 idle cores, 3 with ``--quick``)::
+Run it (CPU only, offline; about 15 minutes with the defaults on 2 quiet cores, 3 with ``--quick``)::
 
     make bench                          # or: python benchmarks/cache.py
     python benchmarks/cache.py --quick  # development: tiny sizes, one repeat -> benchmarks/results/quick/cache.json
@@ -48,7 +48,8 @@ decided and the hit rate it got.
 
 Results go to ``benchmarks/results/cache.json`` (``--quick``: ``benchmarks/results/quick/cache.json``); every key
 holding a measured speedup has ``ratio`` in its name. Load from other work distorts the step times (more for the
-bigger arms, so ratios drift too): the load average and the other processes' CPU share are printed and stored. A
+bigger arms, so ratios drift too): the load average and the other processes' CPU share are printed and stored; on a
+busy machine ``--threads 1`` keeps torch's threads from stalling on each other and gives steadier ratios. A
 report, not a test: the exit status is 0 whatever the numbers.
 """
 
