@@ -41,8 +41,6 @@ from .cache_policy import (
     CacheModel,
     CacheSettings,
     PhaseCache,
-    adapters_of,
-    data_of,
     decide,
 )
 from .checksum import tensor_checksums
@@ -331,25 +329,6 @@ def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: 
         )
 
 
-def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_dataset, total_steps: int) -> None:
-    """Before any weight loads: the stores the run will need fit in RAM, or the cache folder takes the rest."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
-    if settings.activations is False:
-        return
-    dtype = recipe.model.get("dtype", "auto")
-    if dtype == "auto":
-        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
-    model = CacheModel.from_config(config, (), 0, itemsize)
-    resolved = recipe.schedule.resolve(total_steps)
-    layout = recipe.schedule.layout(base)
-    data = data_of(recipe, args, dataset_rows(train_dataset))
-    decisions = decide(
-        recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout)
-    )
-    check_storage(decisions, settings, settings.folder(args.output_dir))
-
-
 class ActivationCacheMixin:
     """Trainer hooks (see :class:`~hf_stackwise.trainer.StackwiseTrainer`): decisions, stores, replay, logs."""
 
@@ -405,11 +384,10 @@ class ActivationCacheMixin:
             chunk = self.data_plane.chunk_length(self.schedule)
             tasks = tuple(self.data_plane.phase_task(p) for p in phases)
         else:
-            from .trainer import task_of
-
             longest = longest_row(self.train_dataset) or 0
             seqs, chunk = (longest,) * len(phases), longest
-            tasks = (task_of(args, self.model) or "clm",) * len(phases)
+            classifier = type(self._base_model()).__name__.endswith("ForSequenceClassification")
+            tasks = ("classification" if classifier else "clm",) * len(phases)
         rows = dataset_rows(self.train_dataset) if chunk else None
         return CacheData(rows, batch, seqs, chunk, tasks)
 
@@ -465,7 +443,11 @@ class ActivationCacheMixin:
         blocks = self.rack.blocks
         tensors = [p for _, p in self.rack.parameter_units()[EMBEDDINGS]]
         tensors += [p for b in prefix for p in blocks[b].parameters()]
-        text = json.dumps([prefix, [str(c) for c in tensor_checksums(tensors)]])
+        # the trainer has just checksummed every frozen parameter at this phase start: reuse those
+        known = {id(p): self._fingerprints.get(n) for n, p in getattr(self, "_frozen", ())}
+        missing = [t for t in tensors if known.get(id(t)) is None]
+        known.update(zip((id(t) for t in missing), tensor_checksums(missing)))
+        text = json.dumps([prefix, [str(known[id(t)]) for t in tensors]])
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def _cache_inputs(self, inputs: dict) -> tuple[dict, dict | None]:

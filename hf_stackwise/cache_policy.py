@@ -241,8 +241,7 @@ def decide(
         decisions.append(_sized(i, phase, units, order, cut_stacks, layout, bounds, model, data))
     if problems:
         raise RecipeError(problems)
-    decisions = _carry_and_fill(decisions, data)
-    return [_turn_on(d, settings) for d in decisions]
+    return _carry_and_fill(decisions, settings)
 
 
 def _sized(i, phase, units, order, cut_stacks, layout, bounds, model, data) -> PhaseCache:
@@ -286,33 +285,36 @@ def step_cost_ratio(order, cut_stacks, units, layout, model: CacheModel) -> floa
     return (prefix + cached) / cached if cached else 1.0
 
 
-def _carry_and_fill(decisions: list[PhaseCache], data: CacheData) -> list[PhaseCache]:
-    """A phase filling a prefix also fills the shallower prefixes that later phases use (one forward computes them);
-    a phase whose prefix a previous phase filled starts with those rows stored (hit rate counts them)."""
+def _carry_and_fill(decisions: list[PhaseCache], settings: CacheSettings) -> list[PhaseCache]:
+    """Phase by phase: a phase's expected hit rate counts the rows that the phases just before it, running cached,
+    stored under its key (its own store, or one they filled alongside theirs); then ``auto`` keeps it on or not. A
+    phase that runs cached also fills the shallower prefixes of the later phases that run cached (one forward
+    computes them)."""
     out = list(decisions)
     for i, d in enumerate(out):
         if not d.cut:
             continue
-        fills = []
-        for later in out[i + 1 :]:
-            if later.cut and later.cut < d.cut and later.prefix == d.prefix[: later.cut]:
-                if later.seq_length == d.seq_length and later.prefix not in fills:
-                    fills.append(later.prefix)
-        out[i] = _replace(d, fills=tuple(fills))
-    for i, d in enumerate(out):
-        if not d.cut:
-            continue
-        seen = 0.0  # visits per row a store of this key already had in the phases just before
+        seen = 0.0  # visits per row a store of this key already had in the cached phases just before
         for prev in reversed(out[:i]):
-            if prev.key() == d.key() or (d.prefix in prev.fills and prev.seq_length == d.seq_length):
+            if prev.on and prev.cut and (prev.key() == d.key() or _fills(prev, d)):
                 seen += prev.visits
             else:
                 break
-        filled = min(1.0, seen)
-        misses = 1.0 - filled
+        misses = 1.0 - min(1.0, seen)
         hit = max(0.0, 1.0 - misses / d.visits) if d.visits else 0.0
-        out[i] = _replace(d, hit_rate=hit)
+        out[i] = _turn_on(_replace(d, hit_rate=hit), settings)
+    for i, d in enumerate(out):
+        if d.on and d.cut:
+            shallower = [later.prefix for later in out[i + 1 :] if later.on and _fills(d, later)]
+            out[i] = _replace(d, fills=tuple(dict.fromkeys(shallower)))
     return out
+
+
+def _fills(d: PhaseCache, later: PhaseCache) -> bool:
+    """Whether ``d``'s prefix forward also computes ``later``'s (a shallower cut of the same blocks and rows)."""
+    return bool(
+        later.cut and later.cut < d.cut and later.prefix == d.prefix[: later.cut] and later.seq_length == d.seq_length
+    )
 
 
 def _turn_on(d: PhaseCache, settings: CacheSettings) -> PhaseCache:
@@ -329,73 +331,6 @@ def _replace(d: PhaseCache, **changes) -> PhaseCache:
     from dataclasses import replace
 
     return replace(d, **changes)
-
-
-def data_of(recipe, args, rows: int | None) -> CacheData:
-    """The decision's data view of a recipe (``rows``: training rows, if known)."""
-    from .curriculum import DataPlane
-
-    plane = DataPlane.from_data(recipe.data)
-    phases = recipe.schedule.phases
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-    seqs = tuple(plane.phase_length(p) for p in phases)
-    tasks = tuple(plane.phase_task(p) for p in phases)
-    return CacheData(rows, batch, seqs, plane.chunk_length(recipe.schedule), tasks)
-
-
-def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
-    """``activations: true`` where a phase cannot be exact: one RecipeError naming each ``schedule[i]``, before any
-    weight loads."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
-    if settings.activations is not True:
-        return
-    layout = recipe.schedule.layout(base)
-    bounds = tuple((0, 1) for _ in recipe.schedule.phases)
-    model = CacheModel.from_config(config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")))
-    decide(
-        recipe.schedule,
-        bounds,
-        layout,
-        base,
-        settings,
-        model,
-        data_of(recipe, args, None),
-        adapters_of(recipe, layout),
-    )
-
-
-def adapters_of(recipe, layout) -> dict:
-    """The recipe's LoRA adapter plan (empty without LoRA)."""
-    from .adapters import plan_adapters
-
-    return plan_adapters(recipe.schedule, recipe.adapters, layout) if recipe.schedule.uses_lora() else {}
-
-
-def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params: int, dtype_bytes: int):
-    """Per-phase decisions for ``hf-stackwise plan`` (None with ``cache.activations: false``). The training rows are
-    counted by tokenizing the data as ``train`` does (a mixture or a classification set: not counted)."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
-    if settings.activations is False:
-        return None
-    block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
-    sharded = bool(recipe.training.get("fsdp"))
-    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded=sharded)
-    data = data_of(recipe, args, _count_rows(recipe, args, config))
-    return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
-
-
-def _count_rows(recipe, args, config) -> int | None:
-    if recipe.data.get("datasets") or recipe.data.get("task", "clm") not in ("clm", "mlm", "diffusion"):
-        return None
-    from .curriculum import DataPlane
-    from .data import build_datasets
-    from .preflight import load_tokenizer
-    from .run import TOKENIZER_KEYS
-
-    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
-    length = DataPlane.from_data(recipe.data).chunk_length(recipe.schedule)
-    train, _ = build_datasets(recipe.data, tokenizer, length, args.seed)
-    return len(train) if hasattr(train, "__len__") else None
 
 
 def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[str]:

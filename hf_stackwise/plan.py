@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .cache_policy import format_cache, plan_cache
+from .cache_policy import format_cache
+from .cache_recipe import plan_cache
 from .recipe import Recipe
 from .schedule import EMBEDDINGS, HEAD, TRUNK_ADAPTER, Phase, lora_unit, stack_unit, trunk_unit
 

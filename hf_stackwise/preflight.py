@@ -11,6 +11,9 @@ import torch
 
 from .errors import RecipeError
 
+# from_pretrained keyword arguments the tokenizer shares with the model
+TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
+
 logger = logging.getLogger("hf_stackwise")
 
 POSITIVE_INT = "a positive integer"

@@ -27,9 +27,8 @@ from transformers import (
 )
 
 from . import classification
-from .activation_cache import check_recipe_storage
 from .adapters import plan_adapters, resolve_targets
-from .cache_policy import check_recipe_cache
+from .cache_recipe import check_recipe_cache, check_recipe_storage
 from .callbacks import build_callbacks, training_arguments
 from .checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from .curriculum import DataPlane
@@ -38,7 +37,14 @@ from .errors import StackwiseError
 from .growth import allocate, check_growth
 from .layout import stack_sizes
 from .mixture import MixtureDataset
-from .preflight import check_arguments, check_weights, launch_settings, library_error_key, load_tokenizer
+from .preflight import (
+    TOKENIZER_KEYS,
+    check_arguments,
+    check_weights,
+    launch_settings,
+    library_error_key,
+    load_tokenizer,
+)
 from .quantization import (
     bnb_config,
     disable_cpu_repack,
@@ -52,8 +58,6 @@ from .schedule import MASKED_TASKS, RecipeError
 from .sft import build_sft_datasets, check_causal, sft_config_fields
 from .sharding import check_sharding
 from .trainer import StackwiseArguments, StackwiseTrainer
-
-TOKENIZER_KEYS = ("revision", "subfolder", "trust_remote_code", "gguf_file", "local_files_only", "cache_dir")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Run by tests/test_ddp_memory.py under `torchrun --nproc_per_node 2`: a block-coordinate schedule (one stack
-trains at a time, two micro-batches per step) on a tiny Llama, recording after every step the DDP reducer's gradient-bucket bytes and the
-bytes of the parameters that train; saves each rank's final weights.
+trains at a time, two micro-batches per step) on a tiny Llama, recording after every step the DDP reducer's
+gradient-bucket bytes and the bytes of the parameters that train; saves each rank's final weights.
 usage: python ddp_memory_worker.py OUTPUT_DIR [phase|superset] [CHECKPOINT_TO_RESUME]
 `superset` turns the per-phase re-registration off: DDP keeps the buckets of every parameter it wrapped (the
 behaviour before it existed), the reference the per-phase reducer must equal bitwise.

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_recipe, write_recipe
+from test_ddp import CONNECTION_ERRORS
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hf_stackwise import run
@@ -231,14 +232,19 @@ def launch_two(tmp_path, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        [*cmd, "-m", "hf_stackwise", "train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    for attempt in (1, 2):  # retried once, only when gloo could not connect at start-up
+        result = subprocess.run(
+            [*cmd, "-m", "hf_stackwise", "train", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if result.returncode == 0 or attempt == 2 or not any(e in result.stderr for e in CONNECTION_ERRORS):
+            return result
+        if "--training.output_dir" in args:  # a failed start-up may have created the output folder: start clean
+            shutil.rmtree(args[args.index("--training.output_dir") + 1], ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -189,6 +189,22 @@ def test_auto_turns_on_where_exact_and_rows_repeat():
     assert not everything.on and "stack 0 trains" in everything.reason
 
 
+def test_a_phase_auto_leaves_uncached_fills_nothing_for_the_next():
+    unfreeze = [
+        {"name": "top", "until": 1 / 3, "train": [3]},
+        {"name": "upper", "until": 2 / 3, "train": [2, 3]},
+        {"name": "most", "until": 1.0, "train": [1, 2, 3]},
+    ]
+    top, upper, most = decisions_for(unfreeze, steps=18)  # 6 steps x 4 rows over 16 rows: 1.5 visits per phase
+    assert top.visits == upper.visits == most.visits == 1.5
+    assert not top.on and top.fills == ()  # auto: 1.5 visits and nothing stored before: a third of the rows hit
+    assert not upper.on and upper.hit_rate == pytest.approx(1 / 3)  # `top` ran uncached: it stored nothing
+    assert not most.on
+    top, upper, most = decisions_for(unfreeze, cache=True, steps=18)
+    assert top.on and top.fills == (upper.prefix, most.prefix)  # one forward fills the shallower cuts
+    assert upper.hit_rate == most.hit_rate == 1.0
+
+
 def test_the_formula_of_the_issue_for_k_equal_stacks():
     from hf_stackwise.cache_policy import CacheModel
 
