@@ -141,11 +141,9 @@ def test_two_ranks_through_growth_stay_identical_and_match_one_process(tmp_path)
         torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)  # SGD: see ddp_worker.py
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files, launcher):
-    """`torchrun -m hf_stackwise train` and `accelerate launch -m hf_stackwise train` run 2 real ranks: the
-    result equals one process with the doubled per-device batch (one rank alone would not)."""
-    train_file, eval_file = pydoc_files
+def write_two_phase_recipe(tmp_path, tiny_llama_dir, train_file):
+    """The launch tests' recipe (top stack, then bottom stack and embeddings; 4 steps of 2 rows per rank), written to
+    ``tmp_path``; returns its path."""
     recipe = {
         "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
         "rack": {"blocks_per_stack": 2},
@@ -167,6 +165,14 @@ def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc_files, launcher):
+    """`torchrun -m hf_stackwise train` and `accelerate launch -m hf_stackwise train` run 2 real ranks: the
+    result equals one process with the doubled per-device batch (one rank alone would not)."""
+    path = write_two_phase_recipe(tmp_path, tiny_llama_dir, pydoc_files[0])
     torchrun(
         "-m",
         "hf_stackwise",

@@ -11,9 +11,8 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from test_ddp import CONNECTION_ERRORS, free_port
+from test_ddp import CONNECTION_ERRORS, free_port, write_two_phase_recipe
 
 from hf_stackwise.cli import main as cli_main
 
@@ -125,28 +124,7 @@ def launch_two_nodes(launcher: str, args: list[str], cwd, output_dir) -> None:
 # starts the same torchrun elastic agent; node_command builds it, the suite runs the torchrun form only (time budget).
 @pytest.mark.parametrize("launcher", ["torchrun"])
 def test_two_nodes_through_c10d_rendezvous_match_one_process(tmp_path, tiny_llama_dir, pydoc_files, launcher):
-    train_file, _ = pydoc_files
-    recipe = {
-        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
-        "rack": {"blocks_per_stack": 2},
-        "data": {"train": {"path": "text", "data_files": train_file}, "max_seq_length": 32},
-        "schedule": [
-            {"name": "top", "until": 0.5, "train": ["top"]},
-            {"name": "bottom", "until": 1.0, "train": [0], "embeddings": "train"},
-        ],
-        "training": {
-            "max_steps": 4,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 1e-3,
-            "report_to": "none",
-            "save_strategy": "no",
-            "use_cpu": True,
-            "seed": 0,
-            "dataloader_drop_last": True,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = write_two_phase_recipe(tmp_path, tiny_llama_dir, pydoc_files[0])
     nodes = tmp_path / "nodes"
     launch_two_nodes(
         launcher, ["-m", "hf_stackwise", "train", str(path), "--training.output_dir", str(nodes)], tmp_path, nodes
