@@ -12,8 +12,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_causal_lm, tiny_recipe, write_recipe
+from conftest import tiny_recipe, write_recipe
 from test_bad_input import no_weights, refused  # noqa: F401  (the fixture)
+from test_resume import make_trainer as resume_trainer
 from transformers import TrainerCallback
 
 from hf_stackwise import run
@@ -21,7 +22,6 @@ from hf_stackwise.optimizers import keeps_state
 from hf_stackwise.plan import make_plan
 from hf_stackwise.recipe import load_recipe
 from hf_stackwise.schedule import RecipeError, Schedule
-from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -276,24 +276,9 @@ def test_release_idle_frees_exactly_the_idle_units_and_matches_plan(tmp_path, ti
 
 
 def make_trainer(output_dir, dataset, schedule, **overrides):
-    kwargs = dict(
-        output_dir=str(output_dir),
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        logging_steps=1,
-        save_steps=1,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        schedule=schedule,
-        blocks_per_stack=1,
-        optim="adamw_torch",
-    )
-    kwargs.update(overrides)
-    model = tiny_causal_lm("gpt2")  # GPT-2 keeps dropout 0.1: resume must restore the RNG too
-    return StackwiseTrainer(model=model, args=StackwiseArguments(**kwargs), train_dataset=dataset)
+    """test_resume's trainer (a tiny GPT-2 with dropout, a checkpoint every step) with plain AdamW's per-parameter
+    state (step, exp_avg, exp_avg_sq), which the release_idle tests count."""
+    return resume_trainer(output_dir, dataset, schedule, **{"optim": "adamw_torch", **overrides})
 
 
 SAMPLE = [
