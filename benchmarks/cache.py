@@ -489,8 +489,8 @@ def demo_corpus(rows: int, folder: str) -> str:
 def demo_arm(activations: str, corpus: str, folder: str) -> dict:
     from transformers import PrinterCallback
 
-    from hf_stackwise.recipe import load_recipe
-    from hf_stackwise.run import build_trainer, prepare
+    from hf_stackwise.cli.pipeline import build_trainer, prepare
+    from hf_stackwise.recipe.loader import load_recipe
 
     overrides = {
         "data.train.data_files": corpus,

@@ -100,8 +100,8 @@ def arm_recipe(raw: dict, arm: str, seed: int, opts, output_dir: str) -> dict:
 def run_one(raw: dict, arm: str, seed: int, opts) -> dict:
     from transformers import PrinterCallback
 
-    from hf_stackwise import run
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.recipe.loader import validate_recipe
 
     with tempfile.TemporaryDirectory() as out:
         recipe = validate_recipe(arm_recipe(raw, arm, seed, opts, os.path.join(out, "run")))

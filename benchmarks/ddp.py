@@ -65,7 +65,7 @@ def worker(out: str, mode: str, layers: int, steps: int, batch: int, seq_len: in
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
     import hf_stackwise.trainer as trainer_module
-    from hf_stackwise.ddp import bucket_bytes
+    from hf_stackwise.distributed.ddp import bucket_bytes
     from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
     if mode == "superset":

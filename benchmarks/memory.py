@@ -260,8 +260,8 @@ def train_worker(config: str, args) -> dict:
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
-    from hf_stackwise import run
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.recipe.loader import validate_recipe
 
     quiet_libraries()
 
@@ -360,9 +360,9 @@ def footprint_worker(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_stackwise.quantization import bnb_config, full_precision_modules
-    from hf_stackwise.rack import find_layers_path
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.rack.quantization import bnb_config, full_precision_modules
+    from hf_stackwise.rack.rack import find_layers_path
+    from hf_stackwise.schedule.phases import Schedule
 
     quiet_libraries()
     rows = []

@@ -225,9 +225,9 @@ def finetune_worker(arm: str, seed: int, settings: dict) -> dict:
     import memory
     from transformers import PrinterCallback, TrainerCallback
 
-    from hf_stackwise import run
+    from hf_stackwise.cli import pipeline as run
     from hf_stackwise.errors import StackwiseError
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.recipe.loader import validate_recipe
 
     memory.quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="stackwise-results-") as tmp:
@@ -293,8 +293,8 @@ def baseline_worker(settings: dict) -> dict:
 
     import memory
 
-    from hf_stackwise import run
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.recipe.loader import validate_recipe
 
     memory.quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="stackwise-results-") as tmp:

@@ -9,7 +9,7 @@ Run it (CPU only, offline, after `make assets`; ~10-12 minutes with the defaults
 The job: the chat SFT set of `make assets` (questions on Python's documentation, `messages` JSON lines, a fixed
 held-out split), SmolLM2's own chat template, the loss on the assistant turns only (`data.loss_on: completion`),
 conversations truncated to ``--seq-len`` tokens, batch ``--batch-size``, AdamW, fp32, one seed. Every arm runs
-through the recipe path (`hf_stackwise.run`, as `hf-stackwise train` does), with the same data order:
+through the recipe path (`hf_stackwise.cli.pipeline`, as `hf-stackwise train` does), with the same data order:
 
 * ``unfreeze``: top stack (+ tied embeddings / head) for 30% of the steps, then the upper half, then all with
   discriminative rates (``layer_lr_decay: 0.8``) — the shape of `recipes/smollm2-135m/sft_unfreeze.yaml`.
@@ -89,8 +89,8 @@ def recipe(arm: str, opts, output_dir: str) -> dict:
 
 
 def run_arm(arm: str, opts, with_before: bool) -> dict:
-    from hf_stackwise import run
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.recipe.loader import validate_recipe
 
     with tempfile.TemporaryDirectory() as out:
         prepared = run.prepare(validate_recipe(recipe(arm, opts, out)))

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
 
     import hf_stackwise.trainer as trainer_module
-    from hf_stackwise.checksum import float64_fingerprint
+    from hf_stackwise.persist.checksum import float64_fingerprint
     from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
     warnings.filterwarnings("ignore")

@@ -1,6 +1,6 @@
 """hf_stackwise: progressive, time-scheduled training for any Hugging Face model, inside one Trainer run."""
 
-from .schedule import Phase, RecipeError, Schedule, StackwiseError
+from .schedule.phases import Phase, RecipeError, Schedule, StackwiseError
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ def __getattr__(name):
 
         return getattr(trainer, name)
     if name == "Rack":
-        from .rack import Rack
+        from .rack.rack import Rack
 
         return Rack
     raise AttributeError(f"module 'hf_stackwise' has no attribute {name!r}")

@@ -6,7 +6,7 @@
   step end), whichever rank got the signal.
 - **kill -9**: every checkpoint gets ``stackwise_complete.json`` last, only once all ranks wrote their files,
   and older checkpoints are rotated away only after that; ``resume_from_checkpoint: true`` takes the last
-  checkpoint whose marker matches its files (:func:`hf_stackwise.checkpoint.incomplete_reason`).
+  checkpoint whose marker matches its files (:func:`hf_stackwise.persist.checkpoint.incomplete_reason`).
 - **Divergence**: before the optimizer applies a step, its loss and gradient norm must be finite. By default a
   non-finite one stops the run with :class:`NonFiniteError`; ``nonfinite: skip`` drops that step's gradients
   instead (the optimizer does not move, the step counter and the schedule do), up to ``max_skipped_steps``.
@@ -24,8 +24,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .checkpoint import last_complete_checkpoint, mark_complete, unmark_complete
 from .errors import StackwiseError
+from .persist.checkpoint import last_complete_checkpoint, mark_complete, unmark_complete
 
 logger = logging.get_logger(__name__)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: "ended by SIGTERM", so a scheduler requeues rather than finishes

@@ -15,7 +15,7 @@ import inspect
 import torch
 from transformers.trainer_optimizer import is_optimizer_factory
 
-from .schedule import RecipeError
+from .errors import RecipeError
 
 OWN_GROUPS_KEYS = {"params", "model", "optimizer_dict"}  # kwargs of optimizers that bring their own groups
 SCHEDULE_KEYS = {"lr": "learning_rate", "weight_decay": "weight_decay"}

@@ -27,29 +27,10 @@ from transformers import ProgressCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .activation_cache import ActivationCacheMixin
-from .adapters import PEFT_PREFIX, attach_adapters, plan_adapters
-from .checkpoint import (
-    RUN_MANIFEST_NAME,
-    ResumeError,
-    check_output_dir,
-    check_resumable,
-    resolve_resume,
-    run_identity,
-    write_json,
-)
-from .checksum import tensor_checksums
-from .data_plane import DataPlaneMixin
-from .ddp import ddp_wrapper, register_trainable
-from .faults import NONFINITE_POLICIES, FaultTolerance
-from .growth import allocate, check_growth, initialize
-from .metrics import grad_scale, unit_grad_norms
-from .optimizers import check_cls_and_kwargs, check_release_idle, check_user_optimizers, release_idle_state
-from .quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
-from .rack import Rack
-from .saving import SavingMixin
-from .schedule import RecipeError, ResolvedSchedule, Schedule, phase_defaults, stack_unit
-from .sharding import (
+from .cache.activations import ActivationCacheMixin
+from .data.trainer_mixin import DataPlaneMixin
+from .distributed.ddp import ddp_wrapper, register_trainable
+from .distributed.sharding import (
     check_sharding,
     is_fsdp2,
     local,
@@ -59,7 +40,26 @@ from .sharding import (
     reshard,
     sharding_settings,
 )
-from .weights import remove_model_files
+from .export.saving import SavingMixin
+from .faults import NONFINITE_POLICIES, FaultTolerance
+from .metrics import grad_scale, unit_grad_norms
+from .optimizers import check_cls_and_kwargs, check_release_idle, check_user_optimizers, release_idle_state
+from .persist.checkpoint import (
+    RUN_MANIFEST_NAME,
+    ResumeError,
+    check_output_dir,
+    check_resumable,
+    resolve_resume,
+    run_identity,
+    write_json,
+)
+from .persist.checksum import tensor_checksums
+from .persist.weights import remove_model_files
+from .rack.adapters import PEFT_PREFIX, attach_adapters, plan_adapters
+from .rack.growth import allocate, check_growth, initialize
+from .rack.quantization import check_full_blocks_not_quantized, disable_cpu_repack, quantization_identity
+from .rack.rack import Rack
+from .schedule.phases import RecipeError, ResolvedSchedule, Schedule, phase_defaults, stack_unit
 
 logger = logging.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 import hf_stackwise.trainer as trainer_module
-from hf_stackwise.ddp import bucket_bytes
+from hf_stackwise.distributed.ddp import bucket_bytes
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 SCHEDULE = [

@@ -11,8 +11,8 @@ import torch
 from conftest import logits_in_clean_process, tiny_causal_lm, tiny_recipe, write_recipe
 from test_trainer import Recorder
 
-from hf_stackwise.cli import main
-from hf_stackwise.schedule import RecipeError
+from hf_stackwise.cli.commands import main
+from hf_stackwise.schedule.phases import RecipeError
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 DUAL = [
@@ -133,8 +133,8 @@ def test_merged_export_of_an_adapter_run(tmp_path, token_dataset, tiny_llama_dir
     # DUAL trains stack 3's own weights: no adapter-only form exists, and the export says so
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapters"), "--adapters"]) == 2
     assert not (tmp_path / "adapters").exists()
-    from hf_stackwise.checkpoint import read_json
-    from hf_stackwise.export import load_merged
+    from hf_stackwise.export.folder import load_merged
+    from hf_stackwise.persist.checkpoint import read_json
 
     ids = torch.tensor(token_dataset[:2]["input_ids"])
     merged = load_merged(str(tmp_path / "run"), read_json(tmp_path / "run" / "stackwise_state.json"))
@@ -162,8 +162,8 @@ def test_adapters_export_loads_with_peft_onto_the_base(tmp_path, token_dataset, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hf_stackwise.checkpoint import read_json
-    from hf_stackwise.export import load_merged
+    from hf_stackwise.export.folder import load_merged
+    from hf_stackwise.persist.checkpoint import read_json
 
     rack = json.loads((tmp_path / "adapters" / "stackwise_adapters.json").read_text())
     names = sorted(rack["adapters"])

@@ -16,8 +16,8 @@ from conftest import tiny_recipe, write_recipe
 from test_ddp import CONNECTION_ERRORS
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from hf_stackwise import run
-from hf_stackwise.cli import main
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.commands import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEDULE = [

@@ -114,8 +114,8 @@ def test_growth_above_the_cut_keeps_the_store_and_a_changed_prefix_empties_it(tm
 
 
 def test_growth_at_the_bottom_moves_the_cut_to_a_new_store(token_dataset):
-    from hf_stackwise.cache_policy import CacheData, CacheModel, CacheSettings, decide
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.cache.policy import CacheData, CacheModel, CacheSettings, decide
+    from hf_stackwise.schedule.phases import Schedule
 
     schedule = Schedule.from_list(
         [
@@ -163,8 +163,8 @@ def test_a_stale_slot_is_a_miss(tmp_path, token_dataset):
 
 
 def decisions_for(schedule, cache="auto", tasks=None, model=None, rows=16, seqs=None, steps=12):
-    from hf_stackwise.cache_policy import CacheData, CacheModel, CacheSettings, decide
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.cache.policy import CacheData, CacheModel, CacheSettings, decide
+    from hf_stackwise.schedule.phases import Schedule
 
     schedule = Schedule.from_list(schedule)
     n = len(schedule.phases)
@@ -206,7 +206,7 @@ def test_a_phase_auto_leaves_uncached_fills_nothing_for_the_next():
 
 
 def test_the_formula_of_the_issue_for_k_equal_stacks():
-    from hf_stackwise.cache_policy import CacheModel
+    from hf_stackwise.cache.policy import CacheModel
 
     # K = 4 stacks of 100, the top one trains, the head (H = 0.5 stack-units) trains: (K + 2 + 3H) / (3 + 3H)
     (d,) = decisions_for(TOP, model=CacheModel((100,) * 4, 50, 64, 4))
@@ -227,7 +227,7 @@ def test_the_formula_of_the_issue_for_k_equal_stacks():
 def test_true_refuses_a_phase_that_cannot_be_exact(schedule, tasks, model, message):
     from conftest import tiny_config
 
-    from hf_stackwise.cache_policy import CacheModel
+    from hf_stackwise.cache.policy import CacheModel
     from hf_stackwise.errors import StackwiseError
 
     if model == "tied":
@@ -252,9 +252,9 @@ def test_a_changed_max_seq_length_is_another_store():
 def test_trunk_lora_with_true_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir, pydoc_files):
     from conftest import tiny_recipe, write_recipe
 
+    from hf_stackwise.cli.pipeline import check_recipe
     from hf_stackwise.errors import StackwiseError
-    from hf_stackwise.recipe import load_recipe
-    from hf_stackwise.run import check_recipe
+    from hf_stackwise.recipe.loader import load_recipe
 
     schedule = [
         {"name": "top", "until": 0.5, "train": "top", "head": "train"},
@@ -279,7 +279,7 @@ def test_trunk_lora_with_true_is_refused_before_any_weight_loads(tmp_path, tiny_
 )
 def test_bad_cache_settings_are_one_message(tmp_path, cache, message):
     from hf_stackwise.errors import StackwiseError
-    from hf_stackwise.recipe import validate_recipe
+    from hf_stackwise.recipe.loader import validate_recipe
 
     raw = {
         "model": {"name_or_path": "x"},
@@ -293,8 +293,8 @@ def test_bad_cache_settings_are_one_message(tmp_path, cache, message):
 
 
 def test_storage_beyond_the_budget_needs_a_writable_folder_with_room(tmp_path):
-    from hf_stackwise.activation_cache import check_storage
-    from hf_stackwise.cache_policy import CacheSettings, PhaseCache, parse_bytes
+    from hf_stackwise.cache.activations import check_storage
+    from hf_stackwise.cache.policy import CacheSettings, PhaseCache, parse_bytes
     from hf_stackwise.errors import StackwiseError
 
     assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512MB") == 512 * 10**6 and parse_bytes(7) == 7
@@ -374,8 +374,8 @@ def test_bf16_with_the_cache_equals_without(tmp_path, token_dataset, mode):
 def test_plan_shows_the_cache_per_phase(tmp_path, tiny_llama_dir, pydoc_files):
     from conftest import tiny_recipe, write_recipe
 
-    from hf_stackwise.plan import format_plan, make_plan
-    from hf_stackwise.recipe import load_recipe
+    from hf_stackwise.cli.plan import format_plan, make_plan
+    from hf_stackwise.recipe.loader import load_recipe
 
     schedule = [{**TOP[0], "until": 0.5}, {"name": "all", "until": 1.0, "train": "all"}]
     raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule)
@@ -398,7 +398,7 @@ def test_plan_shows_the_cache_per_phase(tmp_path, tiny_llama_dir, pydoc_files):
 def test_split_rows_and_mixtures_key_on_the_underlying_row(tmp_path, token_dataset):
     """A shorter phase splits each 32-token row into two 16-token pieces (a slot each); a mixture stream names its
     rows by source and row, so a row met again at another stream position hits."""
-    from hf_stackwise.mixture import MixtureDataset
+    from hf_stackwise.data.mixture import MixtureDataset
 
     schedule = [{**TOP[0], "name": "long", "until": 0.5}, {**TOP[0], "name": "short", "max_seq_length": 16}]
     data = rows(token_dataset)
@@ -442,8 +442,8 @@ def test_the_cli_refuses_before_any_weight_loads(
     from conftest import tiny_recipe, write_recipe
     from transformers import AutoModelForCausalLM
 
-    from hf_stackwise import run as run_module
-    from hf_stackwise.cli import main
+    from hf_stackwise.cli import pipeline as run_module
+    from hf_stackwise.cli.commands import main
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the recipe was refused")
@@ -463,10 +463,10 @@ def test_the_cli_refuses_before_any_weight_loads(
 
 
 def test_a_frozen_adapter_is_part_of_the_prefix_unless_it_drops_out():
-    from hf_stackwise.adapters import plan_adapters
-    from hf_stackwise.cache_policy import CacheData, CacheModel, CacheSettings, decide
+    from hf_stackwise.cache.policy import CacheData, CacheModel, CacheSettings, decide
     from hf_stackwise.errors import StackwiseError
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.rack.adapters import plan_adapters
+    from hf_stackwise.schedule.phases import Schedule
 
     schedule = Schedule.from_list([{**TOP[0], "until": 0.5}, {**TOP[0], "name": "trunk", "trunk": "lora"}])
     base = (1, 1, 1, 1)

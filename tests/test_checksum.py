@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_stackwise.checksum import tensor_checksum, tensor_checksums
+from hf_stackwise.persist.checksum import tensor_checksum, tensor_checksums
 
 CHUNK = 1024  # bytes: every tensor below spans several chunks
 

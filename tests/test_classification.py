@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import ROOT, tiny_config, write_recipe
 
-from hf_stackwise import run
-from hf_stackwise.classification import Metrics, label_names
-from hf_stackwise.cli import main
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.commands import main
+from hf_stackwise.data.classification import Metrics, label_names
 from hf_stackwise.errors import RecipeError
-from hf_stackwise.rack import Rack
-from hf_stackwise.recipe import load_recipe, validate_recipe
-from hf_stackwise.schedule import HEAD, Schedule, phase_defaults
+from hf_stackwise.rack.rack import Rack
+from hf_stackwise.recipe.loader import load_recipe, validate_recipe
+from hf_stackwise.schedule.phases import HEAD, Schedule, phase_defaults
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     correct = sum(confusion["evals"][-1]["matrix"][i][i] for i in range(6))
     assert correct / 48 == pytest.approx(evals[-1]["eval_accuracy"])
 
-    from hf_stackwise.export import export
+    from hf_stackwise.export.folder import export
 
     export(str(tmp_path / "run"), str(tmp_path / "export"))
     ids = torch.tensor([tokenizer("Return the logger with the given name.")["input_ids"]])
@@ -204,7 +204,7 @@ def test_llama_classification_run_logs_metrics_and_exports_a_plain_classifier(
     assert torch.allclose(logits, trained, atol=1e-5) and logits.argmax(-1) == trained.argmax(-1)
     assert "AutoModelForSequenceClassification" in (tmp_path / "export" / "README.md").read_text()
 
-    from hf_stackwise.plots import plot_run
+    from hf_stackwise.report.plots import plot_run
 
     written = plot_run(str(tmp_path / "run"), str(tmp_path / "plots"))
     assert (
@@ -255,7 +255,7 @@ def test_early_stopping_ends_a_three_phase_run_at_the_best_checkpoint(
     assert not (run_dir / f"checkpoint-{best}" / "model.safetensors").exists()
     assert saved.keys() < at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
 
-    from hf_stackwise.export import export
+    from hf_stackwise.export.folder import export
 
     export(str(run_dir), str(tmp_path / "export"))
     export(str(run_dir / f"checkpoint-{best}"), str(tmp_path / "export-best"))
@@ -369,7 +369,7 @@ def test_bad_input_is_one_paragraph_before_any_weight_and_writes_nothing(
 
 
 def test_early_stopping_sets_the_trainer_arguments_it_needs():
-    from hf_stackwise.callbacks import build_callbacks, training_arguments
+    from hf_stackwise.recipe.callbacks import build_callbacks, training_arguments
 
     training = {"eval_strategy": "steps", "eval_steps": 5}
     assert training_arguments({"early_stopping": {"patience": 2, "metric": "eval_accuracy"}}, training) == {

@@ -10,7 +10,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from hf_stackwise.cli import main
+from hf_stackwise.cli.commands import main
 
 
 def script(name: str) -> str:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import build_tokenizer, pydoc_paragraphs, tiny_config, tiny_recipe, write_recipe
 
-from hf_stackwise import run
-from hf_stackwise.recipe import apply_overrides, load_recipe, validate_recipe
-from hf_stackwise.schedule import RecipeError
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.recipe.loader import apply_overrides, load_recipe, validate_recipe
+from hf_stackwise.schedule.phases import RecipeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_same_batches_and_weights_with_0_and_2_workers(tmp_path, tiny_bert_dir, 
 def test_second_run_reads_the_tokenized_cache(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from hf_stackwise.data import build_datasets
+    from hf_stackwise.data.loading import build_datasets
 
     text = tmp_path / "fresh.txt"
     text.write_text("\n".join(pydoc_paragraphs()[:300]) + "\n")

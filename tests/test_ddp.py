@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hf_stackwise.cli import main as cli_main
+from hf_stackwise.cli.commands import main as cli_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import yaml
 from ddp_memory_worker import SCHEDULE
 from test_ddp import torchrun
 
-from hf_stackwise.plan import make_plan
-from hf_stackwise.plan_memory import per_rank
-from hf_stackwise.recipe import load_recipe
+from hf_stackwise.cli.plan import make_plan
+from hf_stackwise.cli.plan_memory import per_rank
+from hf_stackwise.recipe.loader import load_recipe
 
 pytestmark = pytest.mark.slow
 

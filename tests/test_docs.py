@@ -5,11 +5,11 @@ from __future__ import annotations
 import pathlib
 import re
 
-from hf_stackwise.cache_policy import CACHE_KEYS
-from hf_stackwise.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
-from hf_stackwise.generators import GENERATORS
-from hf_stackwise.recipe import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
-from hf_stackwise.schedule import PHASE_KEYS
+from hf_stackwise.cache.policy import CACHE_KEYS
+from hf_stackwise.recipe.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
+from hf_stackwise.recipe.loader import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
+from hf_stackwise.schedule.generators import GENERATORS
+from hf_stackwise.schedule.phases import PHASE_KEYS
 
 DOC = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
 
@@ -66,7 +66,7 @@ PENDING: set[str] = set()  # paths the docs may name before they exist
 
 
 def test_every_recipe_named_in_the_docs_exists_and_is_valid():
-    from hf_stackwise.recipe import load_recipe
+    from hf_stackwise.recipe.loader import load_recipe
 
     named = {path for page in PAGES for path in re.findall(r"recipes/[\w./-]+?\.yaml", page.read_text())}
     assert "recipes/smollm2-135m/block_coordinate.yaml" in named
@@ -97,7 +97,7 @@ def test_one_page_per_user_story():
 
 
 def test_cli_commands_in_the_docs_exist():
-    from hf_stackwise.cli import make_parser
+    from hf_stackwise.cli.commands import make_parser
 
     commands = set(make_parser()._subparsers._group_actions[0].choices)
     used = {m for page in PAGES for m in re.findall(r"hf-stackwise (\w+)", page.read_text())}
@@ -125,8 +125,8 @@ def test_no_file_cites_documents_outside_the_repository():
 
 def test_block_coordinate_recipe_releases_the_optimizer_state_at_every_switch(tiny_30_block_dir):
     """BAdam-style: every phase resets the optimizer state, so `plan` counts one stack's AdamW state per phase."""
-    from hf_stackwise.plan import make_plan
-    from hf_stackwise.recipe import load_recipe
+    from hf_stackwise.cli.plan import make_plan
+    from hf_stackwise.recipe.loader import load_recipe
 
     path = ROOT / "recipes" / "smollm2-135m" / "block_coordinate.yaml"
     recipe = load_recipe(str(path), ["--model.name_or_path", tiny_30_block_dir])

@@ -13,9 +13,9 @@ import yaml
 from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
-from hf_stackwise.cli import main
-from hf_stackwise.export import select_blocks
-from hf_stackwise.rack import Rack
+from hf_stackwise.cli.commands import main
+from hf_stackwise.export.folder import select_blocks
+from hf_stackwise.rack.rack import Rack
 
 LOAD = """
 import json, sys, torch

@@ -15,7 +15,8 @@ from conftest import tiny_causal_lm
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from hf_stackwise.checkpoint import (
+from hf_stackwise.faults import NonFiniteError
+from hf_stackwise.persist.checkpoint import (
     COMPLETE_NAME,
     ResumeError,
     complete_checkpoints,
@@ -23,7 +24,6 @@ from hf_stackwise.checkpoint import (
     read_json,
     resolve_resume,
 )
-from hf_stackwise.faults import NonFiniteError
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 SCHEDULE = [

@@ -19,7 +19,7 @@ import torch
 from conftest import tiny_recipe, write_recipe
 from safetensors.torch import load_file
 
-from hf_stackwise.checkpoint import COMPLETE_NAME, incomplete_reason, last_complete_checkpoint, read_json
+from hf_stackwise.persist.checkpoint import COMPLETE_NAME, incomplete_reason, last_complete_checkpoint, read_json
 
 pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))

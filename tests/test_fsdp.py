@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_stackwise.distributed.sharding import arranged_state_dict, check_sharding, check_torch_version
 from hf_stackwise.errors import RecipeError
-from hf_stackwise.export import export
-from hf_stackwise.schedule import Schedule
-from hf_stackwise.sharding import arranged_state_dict, check_sharding, check_torch_version
+from hf_stackwise.export.folder import export
+from hf_stackwise.schedule.phases import Schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONNECTION_ERRORS = ("Connection closed by peer", "Connection reset by peer", "Address already in use")
@@ -239,8 +239,8 @@ def test_cli_refuses_sharding_before_any_weight_loads(
     from conftest import tiny_recipe, write_recipe
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
-    from hf_stackwise import run
-    from hf_stackwise.cli import main
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.cli.commands import main
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the recipe was refused")

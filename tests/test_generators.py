@@ -17,11 +17,11 @@ from test_bad_input import no_weights, refused  # noqa: F401  (the fixture)
 from test_resume import make_trainer as resume_trainer
 from transformers import TrainerCallback
 
-from hf_stackwise import run
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.plan import make_plan
 from hf_stackwise.optimizers import keeps_state
-from hf_stackwise.plan import make_plan
-from hf_stackwise.recipe import load_recipe
-from hf_stackwise.schedule import RecipeError, Schedule
+from hf_stackwise.recipe.loader import load_recipe
+from hf_stackwise.schedule.phases import RecipeError, Schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,7 +116,7 @@ def test_generators_sit_between_phases_and_carry_their_fields():
 
 RANK_SCRIPT = """
 import json, sys
-from hf_stackwise.schedule import Schedule
+from hf_stackwise.schedule.phases import Schedule
 raw = [{"name": "b", "until": 0.5, "cycle": {"stacks": "all", "order": "random", "rounds": 3, "seed": 5}},
        {"name": "l", "until": 1.0, "sample": {"pool": "all", "k": 3, "every": 0.05, "seed": 11}}]
 print(json.dumps(Schedule.from_list(raw).for_rack(8).to_list()))

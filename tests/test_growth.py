@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_causal_lm, tiny_config
 from transformers import AutoModelForCausalLM
 
-from hf_stackwise.growth import allocate, check_growth, initialize
-from hf_stackwise.rack import Rack, arranged
-from hf_stackwise.schedule import RecipeError, Schedule
+from hf_stackwise.rack.growth import allocate, check_growth, initialize
+from hf_stackwise.rack.rack import Rack, arranged
+from hf_stackwise.schedule.phases import RecipeError, Schedule
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 200, 31]])
 

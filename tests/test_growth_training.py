@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import brief_run_args, logits_in_clean_process, tiny_causal_lm
 
-from hf_stackwise.cli import main
+from hf_stackwise.cli.commands import main
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 200, 31]])

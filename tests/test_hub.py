@@ -18,8 +18,8 @@ from conftest import logits_in_clean_process
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM
 
-from hf_stackwise.cli import main
-from hf_stackwise.rack import Rack
+from hf_stackwise.cli.commands import main
+from hf_stackwise.rack.rack import Rack
 
 
 def files_under(folder) -> list[str]:
@@ -128,7 +128,7 @@ def test_export_carries_the_model_card(tmp_path, tiny_llama_dir, pydoc_files):
 
 
 def test_card_base_model_metadata_is_a_hub_id_only():
-    from hf_stackwise.card import _looks_like_hub_id
+    from hf_stackwise.report.card import _looks_like_hub_id
 
     assert _looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
     assert not _looks_like_hub_id(".cache/models/SmolLM2-135M-Instruct")
@@ -137,9 +137,9 @@ def test_card_base_model_metadata_is_a_hub_id_only():
 
 def test_card_table_shows_the_resolved_boundaries():
     """`until: 0.4` of a 3-step run ends at step round(1.2) = 1: the card says t 0.33, where the run switched."""
-    from hf_stackwise.card import phase_table
-    from hf_stackwise.checkpoint import run_identity
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.persist.checkpoint import run_identity
+    from hf_stackwise.report.card import phase_table
+    from hf_stackwise.schedule.phases import Schedule
 
     schedule = Schedule.from_list(
         [{"name": "top", "until": 0.4, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]

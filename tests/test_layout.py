@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from hf_stackwise.layout import NewStack
-from hf_stackwise.schedule import RecipeError, Schedule
+from hf_stackwise.schedule.layout import NewStack
+from hf_stackwise.schedule.phases import RecipeError, Schedule
 
 
 def grow_schedule(grow, train="new", **extra):

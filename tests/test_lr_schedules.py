@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from hf_stackwise.lr_schedules import schedule_names
-from hf_stackwise.schedule import LR_SCHEDULES, RecipeError, Schedule
+from hf_stackwise.schedule.lr_schedules import schedule_names
+from hf_stackwise.schedule.phases import LR_SCHEDULES, RecipeError, Schedule
 
 # name -> kwargs (the schedule function's own arguments)
 CASES = {

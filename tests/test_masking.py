@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from hf_stackwise.curriculum import DataPlane, ramp
-from hf_stackwise.masking import (
+from hf_stackwise.data.masking import (
     IGNORE_INDEX,
     Vocabulary,
     corruptible,
@@ -18,7 +17,8 @@ from hf_stackwise.masking import (
     row_seed,
     split_rows,
 )
-from hf_stackwise.schedule import Schedule
+from hf_stackwise.data.plane import DataPlane, ramp
+from hf_stackwise.schedule.phases import Schedule
 
 VOCAB = Vocabulary(mask_id=3, special_ids=(0, 1, 2, 3), size=500)  # 0 pad, 1 cls, 2 sep, 3 mask
 

@@ -12,11 +12,11 @@ import yaml
 from conftest import tiny_recipe
 from test_trainer import Recorder
 
-from hf_stackwise import run
-from hf_stackwise.checkpoint import read_json
-from hf_stackwise.export import load_merged
-from hf_stackwise.recipe import load_recipe
-from hf_stackwise.schedule import RecipeError, lora_unit, stack_unit, trunk_unit
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.export.folder import load_merged
+from hf_stackwise.persist.checkpoint import read_json
+from hf_stackwise.recipe.loader import load_recipe
+from hf_stackwise.schedule.phases import RecipeError, lora_unit, stack_unit, trunk_unit
 
 CASES = list(itertools.product(["full", "lora"], ["frozen", "lora"], [False, True]))
 

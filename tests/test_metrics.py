@@ -106,7 +106,8 @@ def test_unit_grad_norms_are_unscaled_under_fp16_loss_scaling(tmp_path, token_da
         # the per-unit norms make up the Trainer's (unscaled) total norm of the same step
         assert math.sqrt(sum(v * v for v in norms_b.values())) == pytest.approx(b["grad_norm"], rel=1e-4)
         for unit in norms_a:  # float16 autocast against float32: close, and nowhere near 4096 times larger
-            assert norms_b[unit] == pytest.approx(norms_a[unit], rel=0.05), unit
+            # (transformers 5.25 / accelerate 1.16 autocast the embeddings' path to float16 too: ~10% apart)
+            assert norms_b[unit] == pytest.approx(norms_a[unit], rel=0.25), unit
 
 
 @pytest.mark.parametrize(("logging_steps", "first"), [(0.25, False), (0.3, True)])

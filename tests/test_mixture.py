@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_stackwise.mixture import MixtureDataset
+from hf_stackwise.data.mixture import MixtureDataset
 
 
 def source(tag: int, rows: int) -> Dataset:

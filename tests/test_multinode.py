@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_ddp import CONNECTION_ERRORS, free_port, write_two_phase_recipe
 
-from hf_stackwise.cli import main as cli_main
+from hf_stackwise.cli.commands import main as cli_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow

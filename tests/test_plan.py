@@ -18,10 +18,10 @@ import yaml
 from conftest import ROOT, build_tokenizer, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-from hf_stackwise import run
-from hf_stackwise.cli import main
-from hf_stackwise.plan import format_plan, make_plan
-from hf_stackwise.recipe import load_recipe
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.commands import main
+from hf_stackwise.cli.plan import format_plan, make_plan
+from hf_stackwise.recipe.loader import load_recipe
 
 TOLERANCE = {"weights": 0.05, "gradients": 0.05, "optimizer": 0.05, "activations": 0.10}
 SCHEDULE = [
@@ -298,7 +298,7 @@ def test_tensor_names_follow_declared_ties_on_an_untied_skeleton():
     shared tensor once."""
     from torch import nn
 
-    from hf_stackwise.plan import tensor_names
+    from hf_stackwise.cli.plan import tensor_names
 
     config = tiny_config("llama", layers=4)
     config.tie_word_embeddings = True

@@ -8,10 +8,10 @@ import pathlib
 import pytest
 import yaml
 
-from hf_stackwise.cli import main
-from hf_stackwise.plan import make_plan
-from hf_stackwise.plan_memory import per_rank
-from hf_stackwise.recipe import load_recipe
+from hf_stackwise.cli.commands import main
+from hf_stackwise.cli.plan import make_plan
+from hf_stackwise.cli.plan_memory import per_rank
+from hf_stackwise.recipe.loader import load_recipe
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import pytest
 import yaml
 from conftest import brief_run_args
 
-from hf_stackwise.cli import main
-from hf_stackwise.plan import make_plan
-from hf_stackwise.plots import phase_spans, plot_timeline, timeline_cells
-from hf_stackwise.recipe import load_recipe
-from hf_stackwise.schedule import Schedule
+from hf_stackwise.cli.commands import main
+from hf_stackwise.cli.plan import make_plan
+from hf_stackwise.recipe.loader import load_recipe
+from hf_stackwise.report.plots import phase_spans, plot_timeline, timeline_cells
+from hf_stackwise.schedule.phases import Schedule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_plot_of_a_run_draws_what_plan_drew(tmp_path, tiny_llama_dir, monkeypatc
     step 2, t = 0.50), and the exported model card's table says the same."""
     from huggingface_hub import ModelCard
 
-    from hf_stackwise import plots
+    from hf_stackwise.report import plots
 
     drawn = []
 

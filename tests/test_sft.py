@@ -20,10 +20,10 @@ pytest.importorskip("trl")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from hf_stackwise import run  # noqa: E402
-from hf_stackwise.cli import main  # noqa: E402
-from hf_stackwise.recipe import validate_recipe  # noqa: E402
-from hf_stackwise.sft import truncate_for_phase  # noqa: E402
+from hf_stackwise.cli import pipeline as run  # noqa: E402
+from hf_stackwise.cli.commands import main  # noqa: E402
+from hf_stackwise.data.sft import truncate_for_phase  # noqa: E402
+from hf_stackwise.recipe.loader import validate_recipe  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"

@@ -9,7 +9,7 @@ from conftest import pydoc_paragraphs, tiny_causal_lm
 
 pytest.importorskip("trl")
 
-from hf_stackwise.sft_trainer import StackwiseSFTConfig, StackwiseSFTTrainer  # noqa: E402
+from hf_stackwise.integrations.sft_trainer import StackwiseSFTConfig, StackwiseSFTTrainer  # noqa: E402
 
 
 def test_sft_trainer_runs_the_schedule(tmp_path, tokenizer):

@@ -1,0 +1,5 @@
+"""The frozen-prefix activation cache: which phases it may serve and why (``policy``) and the store with the
+trainer's replay (``activations``).
+
+May import: errors, data, persist, schedule.
+"""

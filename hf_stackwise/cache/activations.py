@@ -1,0 +1,477 @@
+"""The frozen-prefix activation cache: stores of hidden states at a cut, the replay modules, the trainer hooks.
+
+**Store.** One per (prefix blocks, row length): ``slots`` rows of ``[row length, hidden]`` in the dtype the hidden
+state has at the cut, pre-allocated in RAM while the stores fit in ``cache.max_memory``, else a memory-mapped file
+under ``cache.dir``. Each slot keeps a 16-byte BLAKE2b fingerprint of the inputs the prefix read (input ids,
+attention mask, position ids, token types, and so their length); a slot serves a row only when the fingerprint
+matches, so a stale slot is a miss, never a wrong hit. A store is signed with checksums of every parameter below
+the cut (embeddings included); at each phase start a signature mismatch (growth at or below the cut, a prefix
+that trained) empties it. A memory-mapped store writes its signature to a header file and is reloaded by a resumed
+run when the header matches.
+
+**Replay.** Inside the arrangement the trainer runs, the prefix positions hold :class:`PrefixPosition` modules
+wrapping the real blocks, so the model-level forward (causal mask, rotary embeddings, per-layer attention types,
+``layer_idx``) runs unchanged. At position 0 the batch is looked up: if every row is stored, the positions below
+the cut pass the hidden state through and the last returns the stored hidden state; otherwise every prefix block
+runs for real under ``no_grad`` (nothing below the cut needs a gradient) and the rows are stored at the cut and at
+the shallower cuts later phases use. Rows are identified by a row-id column the trainer adds to the training data
+(:data:`ROW_KEY`, removed before the model sees the batch); a row a shorter phase splits into pieces has one slot
+per piece.
+
+**DDP.** Each process keeps its own store of every row (rows are looked up by their dataset index, so any rank
+can serve any row it has seen): no cross-process locking or traffic, and a slot is only ever written by the
+process that reads it. A shared per-node store would fill faster when the sampler deals rows to other ranks in
+later epochs, but would need cross-process write ordering for the fingerprints to stay trustworthy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+from ..persist.checksum import tensor_checksums
+from ..schedule.phases import EMBEDDINGS, HEAD
+from .policy import (
+    FINGERPRINT_BYTES,
+    CacheData,
+    CacheModel,
+    CacheSettings,
+    PhaseCache,
+    decide,
+)
+
+ROW_KEY = "stackwise_row"  # the row-id column; popped from the batch before the model sees it
+FINGERPRINTED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+
+
+def fingerprints(inputs: dict) -> np.ndarray:
+    """``[rows, 16]`` uint8: a BLAKE2b digest per row of everything the prefix reads."""
+    present = [k for k in FINGERPRINTED if isinstance(inputs.get(k), torch.Tensor)]
+    parts = [inputs[k].detach().cpu().contiguous().numpy() for k in present]
+    rows = parts[0].shape[0]
+    out = np.empty((rows, FINGERPRINT_BYTES), np.uint8)
+    for r in range(rows):
+        h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
+        for key, part in zip(present, parts, strict=True):
+            h.update(key.encode() + str(part[r].shape).encode() + str(part.dtype).encode())
+            h.update(part[r].tobytes())
+        out[r] = np.frombuffer(h.digest(), np.uint8)
+    return out
+
+
+class ActivationStore:
+    """Hidden states at one cut, one slot per (row, piece), with per-slot input fingerprints."""
+
+    def __init__(self, key: tuple, slots: int, seq_length: int, hidden: int, path: str | None = None):
+        self.key, self.slots, self.seq_length, self.hidden, self.path = key, slots, seq_length, hidden, path
+        self.signature: str | None = None
+        self.dtype: torch.dtype | None = None
+        self.data: np.ndarray | None = None
+        self.fp = np.zeros((slots, FINGERPRINT_BYTES), np.uint8)  # a file-backed store maps its file in sign()
+
+    def _array(self, name: str, shape, dtype, fresh: bool) -> np.ndarray:
+        if self.path is None:
+            return np.zeros(shape, dtype)
+        mode = "w+" if fresh else "r+"
+        return np.memmap(f"{self.path}.{name}", dtype=dtype, mode=mode, shape=shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows stored so far (hidden states and fingerprints)."""
+        filled = int(np.count_nonzero(self.fp.any(axis=1)))
+        itemsize = self.dtype.itemsize if self.dtype is not None else 0
+        return filled * (self.seq_length * self.hidden * itemsize + FINGERPRINT_BYTES)
+
+    def sign(self, signature: str) -> None:
+        """Keep the rows if this exact prefix computed them (or reload them from disk), else empty the store."""
+        if signature == self.signature:
+            return
+        if self.path is not None and self.signature is None:
+            if self._reload(signature):
+                return
+            self.fp = self._array("fp", (self.slots, FINGERPRINT_BYTES), np.uint8, fresh=True)
+        self.fp[:] = 0
+        self.signature = signature
+        self._write_header()
+
+    def _header(self) -> dict:
+        return {
+            "signature": self.signature,
+            "slots": self.slots,
+            "seq_length": self.seq_length,
+            "hidden": self.hidden,
+            "dtype": str(self.dtype) if self.dtype is not None else None,
+        }
+
+    def _write_header(self) -> None:
+        if self.path is not None:
+            with open(f"{self.path}.json", "w") as f:
+                json.dump(self._header(), f)
+
+    def _reload(self, signature: str) -> bool:
+        try:
+            with open(f"{self.path}.json") as f:
+                header = json.load(f)
+        except (OSError, ValueError):
+            return False
+        expected = {"signature": signature, "slots": self.slots, "seq_length": self.seq_length, "hidden": self.hidden}
+        if any(header.get(k) != v for k, v in expected.items()) or header.get("dtype") not in DTYPES:
+            return False
+        self.signature, self.dtype = signature, DTYPES[header["dtype"]]
+        self.fp = self._array("fp", (self.slots, FINGERPRINT_BYTES), np.uint8, fresh=False)
+        self.data = self._array("data", self._data_shape(), INT_OF_SIZE[self.dtype.itemsize], fresh=False)
+        return True
+
+    def _data_shape(self) -> tuple[int, int, int]:
+        return (self.slots, self.seq_length, self.hidden)
+
+    def match(self, slots: np.ndarray, fps: np.ndarray) -> np.ndarray:
+        """Per row: whether its slot holds this row's hidden state."""
+        return (self.fp[slots] == fps).all(axis=1)
+
+    def read(self, slots: np.ndarray, length: int, device) -> torch.Tensor:
+        raw = torch.from_numpy(np.ascontiguousarray(self.data[slots, :length]))
+        return raw.view(self.dtype).to(device)
+
+    def write(self, slots: np.ndarray, fps: np.ndarray, hidden: torch.Tensor) -> None:
+        if hidden.shape[1] > self.seq_length or hidden.shape[-1] != self.hidden:
+            return  # a row longer than the store's rows is never cached (always a miss)
+        if self.data is None:
+            self.dtype = hidden.dtype
+            self.data = self._array("data", self._data_shape(), INT_OF_SIZE[self.dtype.itemsize], fresh=True)
+            self._write_header()
+        raw = hidden.detach().to(self.dtype).contiguous().view(TORCH_INT_OF_SIZE[self.dtype.itemsize]).cpu().numpy()
+        self.data[slots, : hidden.shape[1]] = raw
+        self.fp[slots] = fps  # after the data: a fingerprint never points at a half-written slot
+
+
+class Replay:
+    """Per phase: the cut, the stores it reads and fills, and the current micro-batch's slots and fingerprints."""
+
+    def __init__(self, decision: PhaseCache, blocks: nn.ModuleList, stores: dict[int, ActivationStore], counts: list):
+        self.cut = decision.cut
+        self.counts = counts  # [rows served from the store, rows looked up], shared with the trainer
+        self.main = stores[self.cut]
+        self.record = stores  # blocks below a cut -> its store
+        self.modules = {p: PrefixPosition(blocks[b], p, self) for p, b in enumerate(decision.prefix)}
+        self.slots: np.ndarray | None = None
+        self.fps: np.ndarray | None = None
+        self.hit = False
+        self.tuple_output = False
+
+    def set_batch(self, rows: torch.Tensor, inputs: dict) -> None:
+        ids = inputs["input_ids"]
+        count = rows.numel()
+        pieces = ids.shape[0] // count
+        rows = rows.detach().cpu().numpy().astype(np.int64)
+        slots = (rows[:, None] * pieces + np.arange(pieces)[None, :]).reshape(-1)
+        if pieces * count != ids.shape[0] or slots.max(initial=0) >= self.main.slots:
+            self.slots = None  # rows the stores have no slot for: run the prefix, store nothing
+            return
+        self.slots, self.fps = slots, fingerprints(inputs)
+
+    def begin(self) -> None:
+        self.hit = False
+        if self.slots is None:
+            return
+        matched = np.zeros(len(self.slots), bool)
+        if self.main.data is not None:
+            matched = self.main.match(self.slots, self.fps)
+        self.counts[0] += int(matched.sum())
+        self.counts[1] += len(self.slots)
+        self.hit = bool(matched.all())
+
+    def run(self, position: int, block: nn.Module, hidden: torch.Tensor, args, kwargs):
+        if position == 0:
+            self.begin()
+        if self.hit:
+            if position < self.cut - 1:
+                return (hidden,) if self.tuple_output else hidden
+            cached = self.main.read(self.slots, hidden.shape[1], hidden.device)
+            return (cached,) if self.tuple_output else cached
+        with torch.no_grad():
+            out = block(hidden, *args, **kwargs)
+        self.tuple_output = isinstance(out, tuple)
+        store = self.record.get(position + 1)
+        if store is not None and self.slots is not None:
+            state = out[0] if self.tuple_output else out
+            new = ~store.match(self.slots, self.fps) if store.data is not None else np.ones(len(self.slots), bool)
+            if new.any():
+                store.write(self.slots[new], self.fps[new], state[torch.from_numpy(new).to(state.device)])
+        return out
+
+
+class PrefixPosition(nn.Module):
+    """Stands at one prefix position of the arranged block list; attribute reads fall through to the real block."""
+
+    def __init__(self, block: nn.Module, position: int, replay: Replay):
+        super().__init__()
+        self.block = block
+        self.position = position
+        self.__dict__["replay"] = replay
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.replay.run(self.position, self.block, hidden_states, args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+
+def with_row_ids(dataset):
+    """The training rows with their index in :data:`ROW_KEY` (a mixture: the source offset plus the source row)."""
+    import datasets
+
+    from ..data.mixture import MixtureDataset
+
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.add_column(ROW_KEY, list(range(len(dataset))))
+    if isinstance(dataset, MixtureDataset):
+        out = MixtureWithRows.__new__(MixtureWithRows)
+        out.__dict__.update(dataset.__dict__)
+        return out
+    return RowsDataset(dataset)
+
+
+def _mixture_rows():
+    from ..data.mixture import MixtureDataset
+
+    class MixtureWithRows(MixtureDataset):
+        def __getitem__(self, i: int) -> dict:
+            if not 0 <= i < len(self):
+                raise IndexError(i)
+            name = self.source_of(i)
+            row = self.row_of(name, i)
+            offset = sum(len(self.sources[n]) for n in self.names[: self.names.index(name)])
+            return {**self.sources[name][row], ROW_KEY: offset + row}
+
+    return MixtureWithRows
+
+
+MixtureWithRows = _mixture_rows()
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], ROW_KEY: i}
+
+
+def dataset_rows(dataset) -> int | None:
+    from ..data.mixture import MixtureDataset
+
+    if isinstance(dataset, MixtureDataset):
+        return sum(len(s) for s in dataset.sources.values())
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def longest_row(dataset) -> int | None:
+    """Tokens in the longest ``input_ids`` row of a (non-mixture) dataset, or None (a ``datasets.Dataset``: read from
+    its Arrow table without decoding the rows)."""
+    try:
+        import datasets
+        import pyarrow.compute as pc
+
+        if isinstance(dataset, datasets.Dataset):
+            return pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
+        column = dataset["input_ids"]
+        return max((len(r) for r in column), default=None)
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+
+
+def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: str) -> None:
+    """Stores beyond the RAM budget go to disk: the folder must be writable and the disk large enough."""
+    sizes: dict[tuple, int] = {}
+    for d in decisions:
+        if d.on:
+            sizes[d.key()] = d.bytes
+            for prefix in d.fills:
+                sizes[(prefix, d.seq_length)] = d.bytes
+    spill = max(0, sum(sizes.values()) - settings.max_memory)
+    if not spill:
+        return
+    existing = os.path.abspath(folder)  # nothing is created here: the nearest existing folder must be writable
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not os.path.isdir(existing) else "is not writable"
+        raise RecipeError(
+            f"cache.dir: {folder!r} cannot be written ({existing} {what}); the cache needs {spill / 2**30:.2f} GiB "
+            "on disk beyond cache.max_memory; give a writable folder or raise max_memory"
+        )
+    free = shutil.disk_usage(existing).free
+    if free < spill:
+        raise RecipeError(
+            f"cache.dir: {folder!r} has {free / 2**30:.2f} GiB free but the cache needs {spill / 2**30:.2f} GiB on "
+            "disk beyond cache.max_memory; free space, point cache.dir elsewhere, raise max_memory or set "
+            "cache.activations: false"
+        )
+
+
+class ActivationCacheMixin:
+    """Trainer hooks (see :class:`~hf_stackwise.trainer.StackwiseTrainer`): decisions, stores, replay, logs."""
+
+    def _init_activation_cache(self) -> None:
+        self.cache_settings = CacheSettings.from_dict(self.args.activation_cache)
+        self.cache_decisions: list[PhaseCache] | None = None
+        self._stores: dict[tuple, ActivationStore] = {}
+        self._ram_bytes = 0
+        self._replay: Replay | None = None
+        self._cache_counts = [0, 0]  # rows served from a store, rows looked up (this process, since the start)
+        self._cache_log = [0, 0]  # the counts at the last log
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if ROW_KEY not in self._signature_columns:
+            self._signature_columns.append(ROW_KEY)
+
+    def _cache_rows_wanted(self) -> bool:
+        """Whether the training rows carry their ids: some phase runs cached (or the run length is not known yet)."""
+        if self.cache_settings.activations is False or self.train_dataset is None:
+            return False
+        if self.data_plane is not None and self.data_plane.task == "sft":
+            return False  # TRL's collators build the batches
+        return self.resolved is None or any(d.on for d in self._cache_decide())
+
+    def get_train_dataloader(self):
+        if not self._cache_rows_wanted():
+            return super().get_train_dataloader()
+        original = self.train_dataset
+        self.train_dataset = with_row_ids(original)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = original
+
+    def cache_model(self) -> CacheModel:
+        blocks = self.rack.blocks
+        units = self.rack.parameter_units()
+        first = next((p for p in blocks.parameters() if p.is_floating_point()), None)
+        return CacheModel.from_config(
+            self._base_model().config,
+            tuple(sum(p.numel() for p in block.parameters()) for block in blocks),
+            sum(p.numel() for _, p in units.get(HEAD, [])),
+            first.element_size() if first is not None else 4,
+            sharded=bool(self.is_fsdp_enabled),
+        )
+
+    def cache_data(self) -> CacheData:
+        args, phases = self.args, self.schedule.phases
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if self.data_plane is not None:
+            seqs = tuple(self.data_plane.phase_length(p) for p in phases)
+            chunk = self.data_plane.chunk_length(self.schedule)
+            tasks = tuple(self.data_plane.phase_task(p) for p in phases)
+        else:
+            longest = longest_row(self.train_dataset) or 0
+            seqs, chunk = (longest,) * len(phases), longest
+            classifier = type(self._base_model()).__name__.endswith("ForSequenceClassification")
+            tasks = ("classification" if classifier else "clm",) * len(phases)
+        rows = dataset_rows(self.train_dataset) if chunk else None
+        return CacheData(rows, batch, seqs, chunk, tasks)
+
+    def _cache_decide(self) -> list[PhaseCache]:
+        if self.cache_decisions is None:
+            self.cache_decisions = decide(
+                self.schedule,
+                self.resolved.bounds,
+                self.layout,
+                self._base,
+                self.cache_settings,
+                self.cache_model(),
+                self.cache_data(),
+                self.adapter_plan,
+            )
+            check_storage(self.cache_decisions, self.cache_settings, self._cache_folder())
+        return self.cache_decisions
+
+    def _cache_folder(self) -> str:
+        return self.cache_settings.folder(self.args.output_dir)
+
+    def _cache_phase(self, state) -> None:
+        """At a phase start (or a resume inside it): the phase's replay, its stores signed by the current prefix."""
+        self._replay = None
+        if self.cache_settings.activations is False:
+            return
+        decision = self._cache_decide()[state.index]
+        if not decision.on:
+            return
+        stores = {decision.cut: self._store(decision.prefix, decision)}
+        for prefix in decision.fills:
+            stores[len(prefix)] = self._store(prefix, decision)
+        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts)
+
+    def _store(self, prefix: tuple[int, ...], decision: PhaseCache) -> ActivationStore:
+        key = (prefix, decision.seq_length)
+        store = self._stores.get(key)
+        if store is None:
+            hidden = self.cache_model().hidden
+            path = None
+            if self._ram_bytes + decision.bytes > self.cache_settings.max_memory:
+                folder = self._cache_folder()
+                os.makedirs(folder, exist_ok=True)
+                name = f"blocks{prefix[0]}-{prefix[-1]}x{len(prefix)}-seq{decision.seq_length}"
+                path = os.path.join(folder, f"{name}-rank{self.args.process_index}")
+            else:
+                self._ram_bytes += decision.bytes
+            store = self._stores[key] = ActivationStore(key, decision.slots, decision.seq_length, hidden, path)
+        store.sign(self._prefix_signature(prefix))
+        return store
+
+    def _prefix_signature(self, prefix: tuple[int, ...]) -> str:
+        blocks = self.rack.blocks
+        tensors = [p for _, p in self.rack.parameter_units()[EMBEDDINGS]]
+        tensors += [p for b in prefix for p in blocks[b].parameters()]
+        # the trainer has just checksummed every frozen parameter at this phase start: reuse those
+        known = {id(p): self._fingerprints.get(n) for n, p in getattr(self, "_frozen", ())}
+        missing = [t for t in tensors if known.get(id(t)) is None]
+        known.update(zip((id(t) for t in missing), tensor_checksums(missing)))
+        text = json.dumps([prefix, [str(known[id(t)]) for t in tensors]])
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def _cache_inputs(self, inputs: dict) -> tuple[dict, dict | None]:
+        """Remove the row ids from the batch; the replay modules for the arrangement, or None."""
+        if ROW_KEY not in inputs:
+            return inputs, None
+        inputs = dict(inputs)
+        rows = inputs.pop(ROW_KEY)
+        if self._replay is None:
+            return inputs, None
+        self._replay.set_batch(rows, inputs)
+        return inputs, self._replay.modules
+
+    def cache_stats(self) -> dict:
+        """This process's rows served from a store and rows looked up since the run (or resume) started, and the
+        bytes stored: ``{hits, rows, hit_rate, bytes}``."""
+        hits, rows = self._cache_counts
+        stored = sum(s.nbytes for s in self._stores.values())
+        return {"hits": hits, "rows": rows, "hit_rate": hits / rows if rows else 0.0, "bytes": stored}
+
+    def _cache_logs(self) -> dict:
+        """``cache/hit_rate`` (since the last log) and ``cache/bytes`` while a phase runs cached."""
+        if self._replay is None:
+            return {}
+        hits, rows = (now - then for now, then in zip(self._cache_counts, self._cache_log))
+        self._cache_log = list(self._cache_counts)
+        return {"cache/hit_rate": round(hits / rows, 6) if rows else 0.0, "cache/bytes": self.cache_stats()["bytes"]}

@@ -1,0 +1,88 @@
+"""The activation cache seen from a recipe, before any weight loads: the refusals of ``cache.activations: true``,
+the storage check, and ``plan``'s per-phase decisions (which count the training rows by tokenizing the data)."""
+
+from __future__ import annotations
+
+from ..cache.activations import check_storage, dataset_rows
+from ..cache.policy import CacheData, CacheModel, CacheSettings, decide
+from ..data.loading import build_datasets
+from ..data.plane import DataPlane
+from ..rack.adapters import plan_adapters
+from .preflight import TOKENIZER_KEYS, load_tokenizer
+
+
+def data_of(recipe, args, rows: int | None) -> CacheData:
+    """The decision's data view of a recipe (``rows``: training rows, if known)."""
+    plane = DataPlane.from_data(recipe.data)
+    phases = recipe.schedule.phases
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    seqs = tuple(plane.phase_length(p) for p in phases)
+    tasks = tuple(plane.phase_task(p) for p in phases)
+    return CacheData(rows, batch, seqs, plane.chunk_length(recipe.schedule), tasks)
+
+
+def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
+    """``activations: true`` where a phase cannot be exact: one RecipeError naming each ``schedule[i]``, before any
+    weight loads."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is not True:
+        return
+    layout = recipe.schedule.layout(base)
+    bounds = tuple((0, 1) for _ in recipe.schedule.phases)
+    model = CacheModel.from_config(config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")))
+    decide(
+        recipe.schedule,
+        bounds,
+        layout,
+        base,
+        settings,
+        model,
+        data_of(recipe, args, None),
+        adapters_of(recipe, layout),
+    )
+
+
+def adapters_of(recipe, layout) -> dict:
+    """The recipe's LoRA adapter plan (empty without LoRA)."""
+    return plan_adapters(recipe.schedule, recipe.adapters, layout) if recipe.schedule.uses_lora() else {}
+
+
+def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params: int, dtype_bytes: int):
+    """Per-phase decisions for ``hf-stackwise plan`` (None with ``cache.activations: false``). The training rows are
+    counted by tokenizing the data as ``train`` does (a mixture or a classification set: not counted)."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is False:
+        return None
+    block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
+    sharded = bool(recipe.training.get("fsdp"))
+    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded=sharded)
+    data = data_of(recipe, args, _count_rows(recipe, args, config))
+    return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
+
+
+def _count_rows(recipe, args, config) -> int | None:
+    if recipe.data.get("datasets") or recipe.data.get("task", "clm") not in ("clm", "mlm", "diffusion"):
+        return None
+    tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
+    length = DataPlane.from_data(recipe.data).chunk_length(recipe.schedule)
+    train, _ = build_datasets(recipe.data, tokenizer, length, args.seed)
+    return len(train) if hasattr(train, "__len__") else None
+
+
+def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_dataset, total_steps: int) -> None:
+    """Before any weight loads: the stores the run will need fit in RAM, or the cache folder takes the rest."""
+    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    if settings.activations is False:
+        return
+    dtype = recipe.model.get("dtype", "auto")
+    if dtype == "auto":
+        dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
+    model = CacheModel.from_config(config, (), 0, itemsize)
+    resolved = recipe.schedule.resolve(total_steps)
+    layout = recipe.schedule.layout(base)
+    data = data_of(recipe, args, dataset_rows(train_dataset))
+    decisions = decide(
+        recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout)
+    )
+    check_storage(decisions, settings, settings.folder(args.output_dir))
