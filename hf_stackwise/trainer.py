@@ -137,7 +137,10 @@ class StackwiseArguments(TrainingArguments):
         super().__post_init__()
         if self.schedule is None:
             self.schedule = [{"name": "all", "until": 1.0, "train": "all"}]
-        Schedule.from_list(self.schedule)  # fail early, with key paths
+        if isinstance(self.schedule, Schedule):  # parsed from a recipe already: keep its list as written
+            self.schedule = self.schedule.raw
+        else:
+            Schedule.from_list(self.schedule)  # fail early, with key paths
         if self.nonfinite not in NONFINITE_POLICIES or self.max_skipped_steps < 0:
             raise RecipeError(
                 f"training.nonfinite: {self.nonfinite!r} / training.max_skipped_steps: {self.max_skipped_steps!r}; "

@@ -92,6 +92,10 @@ class CacheSettings:
     def folder(self, output_dir: str) -> str:
         return self.dir if self.dir is not None else os.path.join(output_dir, "activation-cache")
 
+    def to_dict(self) -> dict:
+        """Plain values :meth:`from_dict` reads back (they travel in ``TrainingArguments.activation_cache``)."""
+        return {"activations": self.activations, "max_memory": self.max_memory, "dir": self.dir}
+
 
 @dataclass(frozen=True)
 class CacheModel:

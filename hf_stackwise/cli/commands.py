@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             prepared = run.prepare(recipe)
-            resolved = recipe.schedule.resolve(prepared.total_steps)
+            resolved = prepared.resolved
             stacks = len(prepared.rack["boundaries"]) - 1
             print(
                 f"{args.recipe}: valid. {stacks} stacks over {prepared.rack['num_blocks']} blocks "

@@ -180,7 +180,7 @@ class Plan:
 
 
 def _dtype_name(recipe: Recipe, config) -> str:
-    dtype = recipe.model.get("dtype", "auto")
+    dtype = recipe.model.dtype
     if dtype != "auto":
         return dtype
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -325,25 +325,25 @@ def _phase_data(phase: Phase, recipe: Recipe) -> dict:
     for key in DATA_FIELDS:
         value = getattr(phase, key, None)
         if value is None and key in ("max_seq_length", "task"):
-            value = recipe.data.get(key, 512 if key == "max_seq_length" else "clm")
+            value = recipe.data.plane.max_seq_length if key == "max_seq_length" else recipe.data.task
         if value is not None:
             data[key] = value
     return data
 
 
-def total_steps_of(recipe: Recipe, args, config) -> int:
-    """``training.max_steps``; without it, epochs × steps per epoch, which needs the tokenized data."""
+def resolve_steps(recipe: Recipe, args, config, known):
+    """The phase boundaries: from ``training.max_steps`` (``known``); without it, epochs × steps per epoch, which
+    needs the tokenized data."""
     from .pipeline import TOKENIZER_KEYS, planned_total_steps
 
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps
+    if known is not None:
+        return known
     from ..data.loading import build_datasets
     from .preflight import load_tokenizer
 
     tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
-    max_seq_length = recipe.data.get("max_seq_length", 512)
-    train, _ = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
-    return planned_total_steps(args, len(train) if hasattr(train, "__len__") else None)
+    train, _ = build_datasets(recipe.data, tokenizer, recipe.data.plane.max_seq_length, args.seed)
+    return recipe.schedule.resolve(planned_total_steps(args, len(train) if hasattr(train, "__len__") else None))
 
 
 def make_plan(recipe: Recipe) -> Plan:
@@ -353,7 +353,7 @@ def make_plan(recipe: Recipe) -> Plan:
     from ..schedule.layout import stack_sizes
     from .pipeline import check_recipe, meta_model
 
-    args, config, rack, skip, adapter_plan, _ = check_recipe(recipe)  # the checks `validate` and `train` run
+    args, config, rack, skip, adapter_plan, recipe, known = check_recipe(recipe)  # the checks `validate`/`train` run
     skeleton = meta_model(config, recipe)
     layers, base_boundaries = rack["layers"], rack["boundaries"]
     base = stack_sizes(base_boundaries)
@@ -362,12 +362,12 @@ def make_plan(recipe: Recipe) -> Plan:
     if layout.grows:  # grown blocks exist from the start (the superset rule) and stay in full precision
         allocate(skeleton, layers, layout)
         skip = [*skip, *(f"{layers}.{b}" for b in range(layout.num_base_blocks, layout.num_blocks))]
-    total_steps = total_steps_of(recipe, args, config)
-    resolved = recipe.schedule.resolve(total_steps)
+    resolved = resolve_steps(recipe, args, config, known)
+    total_steps = resolved.total_steps
 
     dtype = _dtype_name(recipe, config)
     dtype_bytes = DTYPE_BYTES[dtype]
-    quantization = recipe.model.get("quantization")
+    quantization = recipe.model.quantization
     units, weight_bytes, total_params = _unit_tensors(skeleton, layers, boundaries, dtype_bytes, quantization, skip)
     targets = resolve_targets(adapter_plan, skeleton.get_submodule(layers)) if adapter_plan else {}
     for unit, tensors in _adapter_tensors(skeleton, layers, boundaries, adapter_plan, targets).items():
@@ -454,7 +454,7 @@ def make_plan(recipe: Recipe) -> Plan:
         notes.append(f"gradient accumulation {args.gradient_accumulation_steps}: activations are per micro-batch")
     return Plan(
         recipe_path=recipe.path,
-        model=recipe.model["name_or_path"],
+        model=recipe.model.name_or_path,
         model_type=config.model_type,
         dtype=dtype,
         quantization=quantization,

@@ -66,7 +66,7 @@ def check_ranges(training: dict, args) -> list[str]:
 
 def check_evaluation(recipe, args) -> list[str]:
     """Evaluation asked for without eval data, and best-model settings without a metric."""
-    has_eval = recipe.data.get("eval") is not None or bool(recipe.data.get("eval_fraction"))
+    has_eval = recipe.data.has_eval
     asked = [f"training.eval_strategy: {_name(args.eval_strategy)!r}"] if _name(args.eval_strategy) != "no" else []
     asked += [f"training.{k}: true" for k in ("eval_on_start", "load_best_model_at_end") if getattr(args, k)]
     if asked and not has_eval:
@@ -200,7 +200,7 @@ WEIGHT_FILES = (
 
 def check_weights(recipe, path: str) -> None:
     """A local model folder (not ``from_scratch``) must hold weights: a config alone loads random ones or fails."""
-    if recipe.model.get("from_scratch") or not os.path.isdir(path):
+    if recipe.model.from_scratch or not os.path.isdir(path):
         return
     folder = os.path.join(path, recipe.model.get("subfolder") or "")
     gguf = recipe.model.get("gguf_file")
@@ -220,8 +220,8 @@ def load_tokenizer(recipe, config, keys: tuple[str, ...]):
     """The model folder's tokenizer, or a message naming ``model.name_or_path`` when it has none it can use."""
     from transformers import AutoTokenizer
 
-    name = recipe.model["name_or_path"]
-    kwargs = {k: recipe.model[k] for k in keys if k in recipe.model}
+    name = recipe.model.name_or_path
+    kwargs = {k: v for k, v in recipe.model.from_pretrained.items() if k in keys}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
@@ -237,7 +237,7 @@ def load_tokenizer(recipe, config, keys: tuple[str, ...]):
         raise RecipeError(
             f"model.name_or_path: the tokenizer of {name!r} has {base} tokens but the model's vocab_size is "
             f"{vocab}, so some token ids have no embedding; use the model's own tokenizer"
-            + (" or raise `model.config.vocab_size`" if recipe.model.get("from_scratch") else "")
+            + (" or raise `model.config.vocab_size`" if recipe.model.from_scratch else "")
         )
     return tokenizer
 

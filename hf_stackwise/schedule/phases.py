@@ -298,13 +298,19 @@ class Schedule:
     phases: tuple[Phase, ...]
     origins: tuple[Origin, ...] = field(default=(), compare=False, repr=False)  # the entry each phase comes from
     source: tuple | None = field(default=None, compare=False, repr=False)  # (raw list, defaults) with generators
+    raw: list | None = field(default=None, compare=False, repr=False)  # the list as written (the trainer's input)
 
     @classmethod
-    def from_list(cls, raw, defaults: dict | None = None, racks: dict | None = None) -> Schedule:
+    def from_list(cls, raw, defaults: dict | None = None) -> Schedule:
         """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems.
 
         ``defaults``: phase fields a phase gets when it does not give them (the task's, see ``phase_defaults``);
         they become part of the parsed phases, so ``to_list`` and the fingerprint carry them."""
+        return cls._parse(raw, defaults, None)
+
+    @classmethod
+    def _parse(cls, raw, defaults: dict | None, racks: dict | None) -> Schedule:
+        """:meth:`from_list`, with generators over ``all`` expanded against ``racks`` (see :meth:`for_rack`)."""
         problems: list[str] = []
         if not isinstance(raw, list) or not raw:
             raise RecipeError("schedule: expected a non-empty list of phases, each with at least `until`")
@@ -327,7 +333,7 @@ class Schedule:
             problems.append(f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0")
         if problems:
             raise RecipeError(list(dict.fromkeys(problems)))  # a generator's fields are reported once
-        return cls(tuple(phases), tuple(origins), source)
+        return cls(tuple(phases), tuple(origins), source, raw)
 
     def key_path(self, index: int, key: str = "") -> str:
         """Recipe key path of phase ``index``'s ``key`` (a generated phase points into its generator)."""
@@ -343,7 +349,7 @@ class Schedule:
             if origin.generator is not None and origin.index not in racks:
                 size = len(layout.orders[index])
                 racks[origin.index] = (size, self.phases[index].active_depth(size))
-        return Schedule.from_list(*self.source, racks=racks)
+        return Schedule._parse(*self.source, racks)
 
     def to_list(self) -> list[dict]:
         return [p.to_dict() for p in self.phases]
