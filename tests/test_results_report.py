@@ -150,3 +150,15 @@ def test_the_activation_cache_page_quotes_the_auto_off_overhead_of_the_json():
     verdict = "the target was missed" if not smollm2["pass"] else "the target was met"
     assert f"on SmolLM2 **{smollm2['value']:.2f}× ({smollm2['value']:.3f}): {verdict}**" in text
     assert f"other processes used {100 * data['other_cpu']:.0f}% of its CPU" in text
+
+
+def test_the_block_coordinate_page_quotes_the_ddp_json():
+    """The DDP paragraph of docs/stories/block-coordinate.md is `benchmarks/ddp.py`'s summary of the committed
+    benchmarks/results/ddp.json, word for word: its bucket sizes and step ratios have data behind them."""
+    spec = importlib.util.spec_from_file_location("ddp_benchmark", ROOT / "benchmarks" / "ddp.py")
+    ddp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp)
+    data = json.loads((ROOT / "benchmarks" / "results" / "ddp.json").read_text())
+    assert len(data["phases"]) == data["settings"]["layers"] // 2
+    page = " ".join((ROOT / "docs" / "stories" / "block-coordinate.md").read_text().split())
+    assert " ".join(ddp.summary(data).split()) in page
