@@ -144,3 +144,27 @@ def test_words_with_zero_low_bits_are_told_apart():
         before, after = tensor_checksum(words.view(torch.float32)), tensor_checksum(changed.view(torch.float32))
         assert before[2:4] == after[2:4]
         assert before != after, (first, step)
+
+
+def test_a_store_signed_with_the_former_checksum_is_rebuilt_not_served(tmp_path):
+    """Checksums are not written into checkpoints; the one place they persist is a memory-mapped activation store's
+    signature. A resumed run whose checksums differ from the store's (the former third sum) gets misses, never hits."""
+    import numpy as np
+
+    from hf_stackwise.cache.activations import ActivationStore, fingerprints
+
+    weights = torch.tensor([1.0, 4.0, 1.0])
+    signature = {"former": "3212836864,3212836864,0", "current": ",".join(map(str, tensor_checksum(weights)[2:]))}
+    assert signature["former"] != signature["current"]
+    ids = torch.arange(12).reshape(2, 6)
+    slots, fps = np.array([0, 1]), fingerprints({"input_ids": ids})
+    path = str(tmp_path / "store")
+    written = ActivationStore(("k",), 4, 6, 8, path)
+    written.sign(signature["former"])
+    written.write(slots, fps, torch.randn(2, 6, 8))
+    same = ActivationStore(("k",), 4, 6, 8, path)
+    same.sign(signature["former"])
+    assert same.match(slots, fps).all()  # the store reloads for the run that wrote it
+    resumed = ActivationStore(("k",), 4, 6, 8, path)
+    resumed.sign(signature["current"])
+    assert not resumed.match(slots, fps).any()  # another signature: emptied, rebuilt as the run goes
