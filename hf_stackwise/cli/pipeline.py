@@ -170,7 +170,6 @@ def load_config(recipe: Recipe):
         if ".cache" in os.path.normpath(path).split(os.sep):
             fix = "run `make assets` (it writes the shipped recipes' models into .cache/), or " + fix
         raise RecipeError(f"model.name_or_path: {path!r} does not exist; {fix}")
-    check_weights(recipe, path)
     try:
         config = AutoConfig.from_pretrained(path, **recipe.model.from_pretrained)
     except (OSError, ValueError, TypeError, KeyError) as err:
@@ -525,6 +524,7 @@ def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns a summary (eval losses, output folder). With ``training.push_to_hub``, the
     final save uploads the run's export (see :mod:`hf_stackwise.export.hub`). Stopped by SIGTERM, it returns
     ``preempted_at`` (the step its last checkpoint holds) instead."""
+    check_weights(recipe)  # only `train` needs weights: refused here, before the data or any weight loads
     prepared = prepare(recipe)
     trainer = build_trainer(prepared)
     trainer.add_callback(KeepRecipe(recipe))

@@ -198,22 +198,60 @@ WEIGHT_FILES = (
 )
 
 
-def check_weights(recipe, path: str) -> None:
-    """A local model folder (not ``from_scratch``) must hold weights: a config alone loads random ones or fails."""
-    if recipe.model.from_scratch or not os.path.isdir(path):
+def _cached_hub_files(recipe, repo_id: str, names: tuple[str, ...]) -> list[str] | None:
+    """Which of ``names`` the local HF cache holds for a Hub id; None when the Hub may still serve them (online)."""
+    import huggingface_hub
+
+    if not (huggingface_hub.is_offline_mode() or recipe.model.get("local_files_only")):
+        return None
+    subfolder = recipe.model.get("subfolder") or ""
+    found = []
+    for name in names:
+        try:
+            hit = huggingface_hub.try_to_load_from_cache(
+                repo_id,
+                f"{subfolder}/{name}" if subfolder else name,
+                cache_dir=recipe.model.get("cache_dir"),
+                revision=recipe.model.get("revision"),
+            )
+        except (ValueError, OSError):  # not a valid repo id: loading the config says so
+            return None
+        if isinstance(hit, str):
+            found.append(name)
+    return found
+
+
+def check_weights(recipe) -> None:
+    """The model (not ``from_scratch``) must have weights: a config alone loads random ones or fails. Only
+    ``train`` needs them (``plan`` and ``validate`` read the config); it runs this before anything loads. A local
+    folder is looked into; a Hub id offline (``HF_HUB_OFFLINE``, ``model.local_files_only``) is looked up in the
+    local HF cache; online the Hub is asked when the weights load."""
+    path = os.path.expanduser(recipe.model["name_or_path"])
+    if recipe.model.from_scratch:
         return
-    folder = os.path.join(path, recipe.model.get("subfolder") or "")
     gguf = recipe.model.get("gguf_file")
-    if gguf:
-        if not os.path.isfile(os.path.join(folder, gguf)):
-            raise RecipeError(f"model.gguf_file: {gguf!r} is not a file in {folder!r}; give the .gguf file's name")
+    names = (gguf,) if gguf else WEIGHT_FILES
+    if os.path.isdir(path):
+        folder = os.path.join(path, recipe.model.get("subfolder") or "")
+        found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+        where = folder if recipe.model.get("subfolder") else path
+    elif not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1:  # a Hub id
+        found = _cached_hub_files(recipe, path, names)
+        where = f"{path} (in the local Hugging Face cache, offline)"
+        if found is None:
+            return
+    else:
         return
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
-        key, where = ("model.subfolder", folder) if recipe.model.get("subfolder") else ("model.name_or_path", path)
-        raise RecipeError(
-            f"{key}: {where!r} has a config but no weights ({' / '.join(WEIGHT_FILES)}); point it at a complete "
-            "model folder, or set `model.from_scratch: true` to initialise the architecture"
-        )
+    if found:
+        return
+    if gguf:
+        raise RecipeError(f"model.gguf_file: {gguf!r} is not a file in {where!r}; give the .gguf file's name")
+    key = "model.subfolder" if recipe.model.get("subfolder") else "model.name_or_path"
+    raise RecipeError(
+        f"{key}: {where!r} has a config but no weights ({' / '.join(WEIGHT_FILES)}); `train` needs them (`plan` and "
+        "`validate` do not): point it at a complete model folder, download the weights while online, or set "
+        "`model.from_scratch: true` to initialise the architecture"
+    )
 
 
 def load_tokenizer(recipe, config, keys: tuple[str, ...]):
