@@ -1,13 +1,11 @@
 """The frozen-prefix activation cache: stores of hidden states at a cut, the replay modules, the trainer hooks.
 
 **Store.** One per (prefix blocks, row length): ``slots`` rows of ``[row length, hidden]`` in the dtype the hidden
-state has at the cut, pre-allocated in RAM while the stores fit in ``cache.max_memory``, else a memory-mapped file
-under ``cache.dir``. Each slot keeps a 16-byte BLAKE2b fingerprint of the inputs the prefix read (input ids,
-attention mask, position ids, token types, and so their length); a slot serves a row only when the fingerprint
-matches, so a stale slot is a miss, never a wrong hit. A store is signed with checksums of every parameter below
-the cut (embeddings included); at each phase start a signature mismatch (growth at or below the cut, a prefix
-that trained) empties it. A memory-mapped store writes its signature to a header file and is reloaded by a resumed
-run when the header matches.
+state has at the cut, pre-allocated in RAM while the stores fit in ``cache.max_memory``, else memory-mapped files
+under ``cache.dir`` (see :mod:`~hf_stackwise.cache.store`: fingerprints, signature and run identity, locks, checks
+on reload). At each phase start a signature mismatch (growth at or below the cut, a prefix that trained) empties a
+store, and the modules below the cut are scanned again (:mod:`~hf_stackwise.cache.hazards`): a hook registered
+since the decision turns the phase off (``auto``) or stops the run (``true``) before its first step.
 
 **Replay.** Inside the arrangement the trainer runs, the prefix positions hold :class:`PrefixPosition` modules
 wrapping the real blocks, so the model-level forward (causal mask, rotary embeddings, per-layer attention types,
