@@ -270,6 +270,32 @@ def test_the_predicted_hit_rate_matches_a_padding_collator(tmp_path, tokenizer):
     )
 
 
+@pytest.mark.parametrize("padding", [{}, {"pad_to_multiple_of": 8}, {"padding": "max_length", "max_length": 32}])
+def test_the_padding_repeat_rate_agrees_with_simulated_epochs(tokenizer, padding):
+    """Against a simulation of shuffled epochs (the share of visits whose padded length equals the row's previous)."""
+    import numpy as np
+    from transformers import DataCollatorWithPadding
+
+    from hf_stackwise.cache.rows import padding_repeat
+
+    data, batch = padded_rows(tokenizer), 4
+    lengths = np.array([len(r) for r in data["input_ids"]])
+    multiple = padding.get("pad_to_multiple_of", 1)
+    rng, last, same, visits = np.random.default_rng(0), {}, 0, 0
+    for _ in range(2000):
+        order = rng.permutation(len(lengths))
+        for start in range(0, len(order), batch):
+            rows_ = order[start : start + batch]
+            padded = padding.get("max_length") or -(-lengths[rows_].max() // multiple) * multiple
+            for r in rows_:
+                if r in last:
+                    same, visits = same + (last[r] == padded), visits + 1
+                last[r] = padded
+    repeat, note = padding_repeat(data, DataCollatorWithPadding(tokenizer, **padding), batch)
+    assert repeat == pytest.approx(same / visits, abs=0.01)
+    assert (repeat == 1.0) == ("max_length" in padding) and (note == "") == (repeat == 1.0)
+
+
 def test_the_end_of_training_summary_logs_no_hit_rate(tmp_path, token_dataset):
     trainer, _ = train(tmp_path, "run", rows(token_dataset), logging_steps=5)
     summary = trainer.state.log_history[-1]

@@ -3,8 +3,6 @@ repeat between visits when a padding collator pads it to the longest row of its 
 
 from __future__ import annotations
 
-from math import comb
-
 import numpy as np
 
 FINGERPRINTED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
@@ -86,18 +84,20 @@ def padding_repeat(dataset, collator, micro_batch: int) -> tuple[float, str]:
         probed = [_collated_length(collator, [dataset[firsts[int(length)]]]) for length in distinct]
         padded = np.array([p if p is not None else int(length) for p, length in zip(probed, distinct, strict=True)])
     total, mates = int(counts.sum()), max(0, micro_batch - 1)
-    cumulative = np.cumsum(counts)  # rows with length <= distinct[m]
+    others = (np.cumsum(counts) - 1).astype(float)  # for a row of length <= distinct[m]: other rows that short
+    at_most = np.ones(len(distinct))  # P(all mates <= distinct[m]): mates drawn without replacement
+    for t in range(min(mates, total - 1)):
+        at_most *= np.clip(others - t, 0, None) / (total - 1 - t)
+    order = np.argsort(padded, kind="stable")  # group equal padded lengths (monotone in the length anyway)
+    groups = np.searchsorted(np.unique(padded), padded[order])
     repeat = 0.0
     for i, count in enumerate(counts):
-        # batch-mates: mates distinct rows of the other total - 1; P(all of them <= distinct[m]) for m >= i
-        others = cumulative - 1
-        at_most = [comb(int(k), mates) / comb(total - 1, mates) if m >= i else 0.0 for m, k in enumerate(others)]
-        per_value: dict[int, float] = {}
-        for j in range(i, len(distinct)):
-            p_max = at_most[j] - (at_most[j - 1] if j > i else 0.0)
-            per_value[int(padded[j])] = per_value.get(int(padded[j]), 0.0) + p_max
-        repeat += count * sum(p * p for p in per_value.values())
-    repeat /= counts.sum()
+        p_max = np.diff(at_most, prepend=0.0)  # P(batch max = distinct[j]) for j > i ...
+        p_max[i] = at_most[i]  # ... and = the row's own length when every mate is as short or shorter
+        p_max[:i] = 0.0
+        grouped = np.bincount(groups, weights=p_max[order])
+        repeat += count * float(np.sum(grouped**2))
+    repeat = float(repeat / total)
     note = (
         f"rows of {len(distinct)} lengths are padded to the longest of their micro-batch of {micro_batch}, so a "
         f"row's inputs repeat in {repeat:.0%} of its visits"
