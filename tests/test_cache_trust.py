@@ -81,6 +81,7 @@ HAZARDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hazard", list(HAZARDS))
 def test_a_stochastic_hooked_or_read_prefix_is_off_with_auto_and_refused_with_true(tmp_path, token_dataset, hazard):
     """``auto`` turns the phase off with the reason and trains exactly like ``false``; ``true`` refuses."""
@@ -139,6 +140,7 @@ def store_files(folder) -> list[str]:
 SAVES = dict(save_strategy="steps", save_steps=6)
 
 
+@pytest.mark.slow
 def test_a_store_is_bound_to_the_compute_dtype_of_its_run(tmp_path, token_dataset):
     """A float32 run's store on disk is not reloaded into a bf16-autocast run resumed from its checkpoint (same
     prefix weights): the autocast run recomputes its rows and equals its uncached twin bitwise."""
@@ -163,6 +165,7 @@ class RunAnother(TrainerCallback):
             self.other = self.start()
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_a_cache_dir_at_once_never_read_each_others_slots(tmp_path, token_dataset):
     data = rows(token_dataset)
     off = train(tmp_path, "off", data, cache={"activations": False})
@@ -199,6 +202,7 @@ def damage(path: str, how: str) -> None:
             f.write(os.urandom(4096))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["short", "torn"])
 def test_a_damaged_store_is_rebuilt_or_missed_never_replayed(tmp_path, token_dataset, how):
     data = rows(token_dataset)
@@ -247,6 +251,7 @@ def padded_rows(tokenizer, n=32, seed=0):
     return Dataset.from_dict({"input_ids": ids, "label": [i % 2 for i in range(n)]})
 
 
+@pytest.mark.slow
 def test_the_predicted_hit_rate_matches_a_padding_collator(tmp_path, tokenizer):
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
