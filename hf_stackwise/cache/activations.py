@@ -354,12 +354,14 @@ class ActivationCacheMixin:
 
     def _cache_begin(self, resuming: bool) -> None:
         """At ``train()``: a resumed run may reload memory-mapped stores; ``overwrite_output_dir`` (a fresh run)
-        removes this process's store files left in the cache folder by an earlier run (not one held by a run)."""
+        removes the store files of this run's identity and process that an earlier run left in the cache folder (not
+        one a running run holds)."""
         self._cache_reload = resuming
+        self._stores, self._ram_bytes = {}, 0  # a store is opened (and locked) by the train() that uses it
         folder = self._cache_folder()
         if resuming or not self.args.overwrite_output_dir or not os.path.isdir(folder):
             return
-        tag = f"-{self._rank_tag()}"
+        tag = f"-{identity_key(self._cache_identity())}-{self._rank_tag()}"  # what this run would have reloaded
         for name in sorted(os.listdir(folder)):
             stem, _, ext = name.rpartition(".")
             if ext == "lock" and name.startswith("blocks") and tag in stem and not _held(os.path.join(folder, name)):
