@@ -11,10 +11,12 @@ the cut run as usual. The cache is *exact* (bit-identical training) when:
   router jitter, NEFTune noise) or carries a forward hook, and no output reads every layer (see ``hazards``);
 - a row's inputs repeat: masked tasks (``mlm``, ``diffusion``) draw a new mask every step, so they never hit.
 
-``auto`` turns the cache on where it is exact and each row is expected at least twice within the phase;
-``true`` turns it on wherever the phase has a frozen prefix and refuses (naming ``schedule[i]`` and the
-reason) where the prefix exists but cannot be exact; ``false`` never. Everything here is plain arithmetic on the
-schedule, the layout and a few model facts, so ``plan`` and the trainer share it.
+``auto`` turns the cache on where it is exact and the expected hit rate is at least 50% (each row expected twice
+within the phase, its inputs repeating between visits: a padding collator may change them); rows of unknown count
+or length leave it off (reason ``unknown``). ``true`` turns it on wherever the phase has a frozen prefix and refuses
+(naming ``schedule[i]`` and the reason) where the prefix exists but cannot be exact; ``false`` never. Everything
+here is plain arithmetic on the schedule, the layout and a few model facts (the trainer adds a scan of the modules
+below each cut, ``prefix_check``), so ``plan`` and the trainer share it.
 """
 
 from __future__ import annotations
