@@ -109,6 +109,18 @@ def test_outputs_of_every_layer_turn_the_cache_off(tmp_path, token_dataset):
         assert trainer.cache_decisions[0].reason.startswith(f"model.config.{key}: the outputs collect every layer")
 
 
+def test_config_keys_of_random_operations_are_hazards_and_head_keys_are_not():
+    from hf_stackwise.cache.hazards import config_hazard
+
+    for key in ("layerdrop", "activation_dropout", "router_jitter_noise", "drop_path_rate"):
+        config = tiny_config("llama")
+        setattr(config, key, 0.1)
+        assert config_hazard(config).startswith(f"model.config.{key}=0.1: the prefix is stochastic"), key
+    config = tiny_config("llama")
+    config.classifier_dropout = 0.1  # applied to the pooled output, above every cut
+    assert config_hazard(config) is None
+
+
 def test_neftune_with_true_is_refused_before_any_weight_loads(tmp_path, tiny_llama_dir, pydoc_files):
     from conftest import tiny_recipe, write_recipe
 
