@@ -463,7 +463,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
                     logs[f"grad_norm/{unit}"] = norm
                 self._grad_norms = {}
                 logs.update(self._data_logs(lr_step))
-                logs.update(self._cache_logs())
+                logs.update(self._cache_logs(logs))
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------
@@ -516,9 +516,13 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         checkpoint = self.prepare_output_dir(resume_from_checkpoint)
         self._phase_state = None
         self._weights_step = None
-        output = super().train(
-            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-        )
+        self._cache_begin(resuming=checkpoint is not None)
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            self._cache_end()
         if self.args.check_invariants and self._phase_state is not None:
             self._check_frozen_untouched()
         return output

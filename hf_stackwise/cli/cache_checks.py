@@ -3,8 +3,9 @@ the storage check, and ``plan``'s per-phase decisions (which count the training 
 
 from __future__ import annotations
 
-from ..cache.activations import check_storage, dataset_rows
+from ..cache.activations import check_storage
 from ..cache.policy import CacheData, CacheModel, decide
+from ..cache.rows import dataset_rows
 from ..data.loading import build_datasets
 from ..rack.adapters import plan_adapters
 from .preflight import TOKENIZER_KEYS, load_tokenizer
@@ -28,7 +29,10 @@ def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
         return
     layout = recipe.schedule.layout(base)
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
-    model = CacheModel.from_config(config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")))
+    neftune = recipe.training.get("neftune_noise_alpha")
+    model = CacheModel.from_config(
+        config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")), neftune_noise_alpha=neftune
+    )
     decide(
         recipe.schedule,
         bounds,
@@ -54,7 +58,8 @@ def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params
         return None
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
     sharded = bool(recipe.training.get("fsdp"))
-    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded=sharded)
+    neftune = recipe.training.get("neftune_noise_alpha")
+    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded, neftune)
     data = data_of(recipe, args, _count_rows(recipe, args, config))
     return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
 
@@ -77,7 +82,9 @@ def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_data
     if dtype == "auto":
         dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
-    model = CacheModel.from_config(config, (), 0, itemsize)
+    model = CacheModel.from_config(
+        config, (), 0, itemsize, neftune_noise_alpha=recipe.training.get("neftune_noise_alpha")
+    )
     layout = recipe.schedule.layout(base)
     data = data_of(recipe, args, dataset_rows(train_dataset))
     decisions = decide(
