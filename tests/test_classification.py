@@ -286,6 +286,35 @@ def test_minilm_classify_ulmfit_recipe_runs_briefly(tmp_path, tiny_bert_cls_dir,
     assert phases == {"head", "top", "all"} or summary["global_step"] < 8
 
 
+@pytest.mark.slow
+def test_the_ulmfit_recipe_repeats_bitwise_in_separate_processes(tmp_path, tiny_bert_cls_dir):
+    """The same recipe and seed in two fresh processes (different hash seeds) give the same weights, bit for bit:
+    the new classifier head is initialised while the model loads, so the seed must be set before that."""
+    overrides = ["--model.name_or_path", tiny_bert_cls_dir, "--training.max_steps", "6"]
+    overrides += ["--training.per_device_train_batch_size", "4", "--training.eval_steps", "3"]
+    overrides += ["--data.max_seq_length", "32", "--training.logging_steps", "1"]
+    recipe = os.path.join(ROOT, "recipes", "minilm", "classify_ulmfit.yaml")
+    runs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run-{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        cmd = [sys.executable, "-m", "hf_stackwise", "train", recipe, *overrides, "--training.output_dir", str(out)]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(out)
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(out / "model.safetensors")) for out in runs)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+    losses = [
+        [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        for out in runs
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 
