@@ -428,3 +428,11 @@ def test_plan_says_the_entry_shape_runs_once(tmp_path, tiny_llama_dir, pydoc_fil
     recipe = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule=SPAN, max_steps=20)
     plan = make_plan(load_recipe(write_recipe(tmp_path, recipe)))
     assert all("× b's linear, warmup 0.2 once over all its phases" in p.lr_text for p in plan.phases)
+
+
+def test_the_model_card_says_the_entry_shape_runs_once():
+    from hf_stackwise.report.card import phase_table
+
+    run = {"schedule": Schedule.from_list(SPAN).to_list(), "rack": {"boundaries": [0, 1, 2]}, "defaults": {}}
+    rows = [line for line in phase_table(run, 20).splitlines() if line.startswith("| b-")]
+    assert len(rows) == 4 and all("× b's linear, warm-up 0.2 over all its phases" in row for row in rows)
