@@ -404,6 +404,10 @@ def test_a_generator_span_with_bad_kwargs_names_the_entry():
         Schedule.from_list(raw).resolve(20)
     with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each: "):
         Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"until": 0.5}}}])
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each\.warmup: 2 is not a fraction"):
+        Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"warmup": 2}}}])
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each\.warmup: 2 is not a fraction"):
+        Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"warmup": 2}}}])
 
 
 class LearningRates(TrainerCallback):

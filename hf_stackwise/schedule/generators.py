@@ -22,6 +22,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from .rates import parse_rate_fields
+
 GENERATORS = {
     "cycle": {"stacks": "all", "order": "descending", "k": 1, "rounds": 1, "seed": 0, "each": None},
     "sample": {"pool": "all", "k": 2, "every": 0.05, "seed": 0, "each": None},
@@ -142,6 +144,8 @@ def _expand_one(entry: dict, kind: str, index: int, start: float, rack, problems
             f"{spec_path}.each: {each!r} is not a mapping of {', '.join(SPAN_KEYS)} (each generated phase's own "
             "rate shape; the entry's own keys run once over its whole span)"
         )
+        return None
+    if each and parse_rate_fields(each, f"{spec_path}.each", problems) and len(problems) > before:
         return None
     groups = _cycle(pool, spec) if kind == "cycle" else _sample(pool, spec, until - start)
     fields = {k: v for k, v in entry.items() if k not in (kind, "name", "until", *SPAN_KEYS)}
