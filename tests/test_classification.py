@@ -306,7 +306,7 @@ def test_lora_phases_train_the_head_as_modules_to_save_and_export_a_plain_classi
     from hf_stackwise.export.folder import export, merge_into
 
     model_dir = tiny_bert_cls_dir if family == "bert" else tiny_llama_dir
-    raw = cls_recipe(tmp_path, model_dir, labelled, LORA_PHASES, logging_steps=1)
+    raw = cls_recipe(tmp_path, model_dir, labelled, LORA_PHASES, eval_strategy="no")
     prepared = run.prepare(validate_recipe(raw))
     trainer = run.build_trainer(prepared)
     head = "classifier" if family == "bert" else "score"
@@ -338,14 +338,14 @@ def test_the_ulmfit_recipe_repeats_bitwise_in_separate_processes(tmp_path, tiny_
     overrides += ["--training.per_device_train_batch_size", "4", "--training.eval_steps", "3"]
     overrides += ["--data.max_seq_length", "32", "--training.logging_steps", "1"]
     recipe = os.path.join(ROOT, "recipes", "minilm", "classify_ulmfit.yaml")
-    runs = []
-    for hash_seed in ("1", "2"):
-        out = tmp_path / f"run-{hash_seed}"
+    runs, procs = [tmp_path / "run-1", tmp_path / "run-2"], []
+    for hash_seed, out in zip(("1", "2"), runs, strict=True):  # both at once: one core each
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         cmd = [sys.executable, "-m", "hf_stackwise", "train", recipe, *overrides, "--training.output_dir", str(out)]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs.append(out)
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
     from safetensors.torch import load_file
 
     first, second = (load_file(str(out / "model.safetensors")) for out in runs)
