@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -175,6 +175,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
             self.adapter_plan = plan_adapters(schedule, args.adapters, self.layout)
             check_full_blocks_not_quantized(model, base_rack, schedule)
             disable_cpu_repack(model)
+            set_seed(args.seed)  # the adapters' random init, before the Trainer seeds: the same in every process
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
         super().__init__(model=model, args=args, **kwargs)

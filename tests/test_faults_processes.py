@@ -1,7 +1,8 @@
 """Faults in real processes: `hf-stackwise train` killed with SIGKILL at chosen moments (while a checkpoint is being
 written, at a phase boundary, at random times) and resumed with `--training.resume_from_checkpoint true` ends
 bitwise equal to the uninterrupted run; SIGTERM stops the CLI after a complete checkpoint of the current step (exit
-143, well within a grace period), also under torchrun with 2 ranks (signal to torchrun, or to one rank only)."""
+143, well within a grace period), also with 2 ranks (signal to torchrun, to one rank only, or to `accelerate
+launch`)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,30 @@ def cli(recipe: str, *extra: str) -> list[str]:
 def torchrun(recipe: str, *extra: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return launcher + ["-m", "hf_stackwise", "train", recipe, *extra]
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def accelerate_launch(recipe: str, *extra: str) -> list[str]:
+    """Two CPU processes under `accelerate launch` (`--cpu` would run one; `--multi_gpu` with `use_cpu` runs two)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    return launcher + ["-m", "hf_stackwise", "train", recipe, "--training.use_cpu", "true", *extra]
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -296,11 +321,17 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(uninterrupted, tiny
     expected = final_weights(tmp / "ddp-whole")
     recipe = fault_recipe(tmp, tiny_llama_dir, pydoc_files[0], "ddp", per_device_train_batch_size=2, save_steps=100)
     report, first = [], 0
-    # SIGTERM to torchrun (it forwards it to both ranks), then to rank 1 only: all ranks stop at the same step
-    for target, argv in (("torchrun", torchrun(recipe)), ("rank 1", torchrun(recipe, *RESUME))):
+    # SIGTERM to torchrun (it forwards it to both ranks), then to rank 1 only, then to `accelerate launch` (it runs
+    # torch's elastic launcher in its own process, which forwards it): all ranks stop at the same step
+    targets = [
+        ("torchrun", torchrun(recipe)),
+        ("rank 1", torchrun(recipe, *RESUME)),
+        ("accelerate launch", accelerate_launch(recipe, *RESUME)),
+    ]
+    for target, argv in targets:
         run = launch_two_ranks(argv)
         wait_until_step(run, 4 if target == "torchrun" else first + 3)
-        pid = run.proc.pid if target == "torchrun" else rank_pid(run.proc.pid, 1)
+        pid = rank_pid(run.proc.pid, 1) if target == "rank 1" else run.proc.pid
         sent = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         run.finish()
@@ -314,8 +345,9 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(uninterrupted, tiny
         assert out.count("SIGTERM: stopping after step") == 1 and step < STEPS  # rank 0 logs, for both ranks
         codes = sorted(set(re.findall(r"exitcode *: (-?[0-9]+)", out)))  # what torchrun reports of failed ranks
         assert codes in ([], ["143"]), codes
+        assert step > first  # this launch trained (and resumed from the last one's checkpoint)
         report.append(
-            f"SIGTERM to {target}: both ranks saved step {step}, exit after {seconds:.2f} s (torchrun status "
+            f"SIGTERM to {target}: both ranks saved step {step}, exit after {seconds:.2f} s (launcher status "
             f"{run.proc.returncode}, ranks {codes or 'not reported'})"
         )
         first = step

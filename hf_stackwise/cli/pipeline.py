@@ -468,8 +468,10 @@ def load_model(prepared: Prepared):
     if quantization:
         kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
     model_class = auto_model_class(recipe)
-    if recipe.model.from_scratch:  # the architecture's own initialisation, seeded by training.seed
-        set_seed(prepared.args.seed)
+    # Weights the checkpoint lacks (a new classifier head, or the whole model from scratch) are initialised
+    # while loading, before the Trainer seeds anything: seed them by training.seed, or two runs differ.
+    set_seed(prepared.args.seed)
+    if recipe.model.from_scratch:  # the architecture's own initialisation
         return model_class.from_config(prepared.config, **({} if dtype == "auto" else {"dtype": dtype}))
     if recipe.model.config or classifies(recipe):  # overrides, or the label set
         kwargs["config"] = prepared.config

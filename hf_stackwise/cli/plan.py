@@ -317,6 +317,12 @@ def _lr_text(phase: Phase, base_lr: float) -> tuple[float, str]:
         text += f", warmup {phase.warmup:g}"
     if phase.layer_lr_decay != 1.0:
         text += f", decay {phase.layer_lr_decay:g}"
+    if phase.span is not None:  # a generator entry's shape runs once over all its phases
+        span = phase.span
+        text += f" × {span['entry']}'s {span['lr_schedule']}" + (
+            f", warmup {span['warmup']:g}" if span["warmup"] else ""
+        )
+        text += " once over all its phases"
     return lr, text
 
 

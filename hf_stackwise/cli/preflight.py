@@ -87,6 +87,11 @@ def check_optimizer(args, schedule=None) -> list[str]:
     from transformers.trainer_optimizer import is_optimizer_factory
 
     name = _name(args.optim)
+    from ..optimizers import mode_switching_problem
+
+    switching = mode_switching_problem(name, "training.optim")  # refused by name: the package may be missing
+    if switching:
+        return [switching]
     cannot = (
         f"training.optim: {name!r} builds its own parameter groups (or takes the whole model), which a phase "
         "schedule cannot drive; use an AdamW variant (adamw_torch), SGD, Adafactor, RMSprop, Lion or another "

@@ -58,7 +58,17 @@ class SavingMixin:
             # "arranged": the folder's model holds exactly phase.blocks, in that order; "physical": every block
             # in storage order (or, in adapter runs, the trained tensors of stackwise_trainable.safetensors)
             "weights": "physical" if checkpoint or self.adapter_plan else "arranged",
+            **self._classifier_manifest(),
         }
+
+    def _classifier_manifest(self) -> dict:
+        """A classifier's label set and pad id: what an adapter run's export needs to rebuild its head."""
+        model = self._base_model()
+        if not type(model).__name__.endswith("ForSequenceClassification"):
+            return {}
+        config = model.config
+        labels = {str(i): name for i, name in config.id2label.items()}
+        return {"classifier": {"id2label": labels, "pad_token_id": config.pad_token_id}}
 
     def _stores_function(self) -> bool:
         """Whether the blocks in storage order are the function the producing phase runs (no growth, full depth)."""

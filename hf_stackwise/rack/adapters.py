@@ -71,6 +71,15 @@ def resolve_targets(plan: dict[str, dict], blocks: nn.ModuleList) -> dict[str, l
     return targets
 
 
+def classifier_modules(model: nn.Module) -> list[str] | None:
+    """A sequence classifier's head modules (``classifier``, ``score``: its top-level modules besides the backbone
+    that hold weights), which train as PEFT's ``modules_to_save``; None for other models."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    backbone = getattr(model, "base_model_prefix", "")
+    return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())] or None
+
+
 def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
     """Wrap ``model`` in a PeftModel carrying every planned adapter, all active."""
     from peft import LoraConfig, get_peft_model
@@ -78,8 +87,13 @@ def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
     targets = resolve_targets(plan, model.get_submodule(layers_path))
     pattern = layers_path.rpartition(".")[2]
     peft_model = None
-    for name, cfg in plan.items():
+    heads = classifier_modules(model)
+    # the classifier's copy belongs to the first adapter created: sorted, so the export (which reads the plan back
+    # from JSON) names it as training did
+    for name in sorted(plan) if heads else plan:
+        cfg = plan[name]
         config = LoraConfig(
+            modules_to_save=heads if peft_model is None else None,  # once: one trained copy of the classifier
             r=cfg["r"],
             lora_alpha=cfg["alpha"],
             lora_dropout=cfg["dropout"],

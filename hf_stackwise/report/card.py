@@ -67,6 +67,9 @@ def phase_table(run: dict, total_steps: int | None) -> str:
             lr_text += f", warm-up {phase.warmup:g}"
         if phase.layer_lr_decay != 1.0:
             lr_text += f", layer decay {phase.layer_lr_decay:g}"
+        if phase.span is not None:  # a generator entry's shape, once over all its phases
+            warm = f", warm-up {phase.span['warmup']:g}" if phase.span["warmup"] else ""
+            lr_text += f" × {phase.span['entry']}'s {phase.span['lr_schedule']}{warm} over all its phases"
         depth = phase.active_depth(num_stacks)
         active = f"0–{depth - 1}" if depth > 1 else "0"
         rows.append(

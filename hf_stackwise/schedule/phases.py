@@ -21,9 +21,15 @@ from .data_fields import (  # noqa: F401  (re-exported)
     parse_data_fields,
     phase_defaults,
 )
-from .generators import Origin, expand, generator_of
+from .generators import SPAN_KEYS, Origin, expand, generator_of
 from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
-from .rates import LR_SCHEDULES, parse_rate_fields, phase_step_kwargs  # noqa: F401  (re-exported)
+from .rates import (  # noqa: F401  (re-exported)
+    LR_SCHEDULES,
+    lr_shape_problems,
+    parse_rate_fields,
+    phase_step_kwargs,
+    shape_factor,
+)
 
 TRAIN_KEYWORDS = ("top", "all", "none", GROW_KEYWORD)
 LIST_KEYWORDS = ("top", GROW_KEYWORD)  # allowed inside a list of stack indices: `train: [top]`, `[2, new]`
@@ -145,6 +151,8 @@ class Phase:
     mask_rate: float | tuple[float, float] | None = None  # a rate, or a (start, end) ramp over the phase
     mask_schedule: str = "linear"  # shape of a mask_rate ramp: linear | cosine
     data: dict | None = None  # mixture weights over the datasets named in `data.datasets`
+    # a generator entry's rate shape, run once over all the phases it generated: {entry, warmup, lr_schedule, ...}
+    span: dict | None = None
 
     def active_depth(self, num_stacks: int) -> int:
         """Number of stacks that run in this phase (``num_stacks``: the rack's size in this phase)."""
@@ -198,6 +206,8 @@ class Phase:
         data["grow"] = self.grow.to_dict() if self.grow is not None else None
         if isinstance(self.mask_rate, tuple):
             data["mask_rate"] = list(self.mask_rate)
+        if self.span is None:  # only generated phases carry it: other schedules keep their fingerprint
+            del data["span"]
         return data
 
 
@@ -207,7 +217,7 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         problems.append(f"{path}: expected a mapping of phase fields, got {type(raw).__name__}")
         return None
     for key in raw:
-        if key not in PHASE_KEYS:
+        if key not in PHASE_KEYS and key != "span":  # `span` is written by a generator (see generators.py)
             problems.append(f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}")
     values: dict = {"name": raw.get("name", f"phase{index}")}
     if not isinstance(values["name"], str) or not values["name"]:
@@ -288,7 +298,19 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         optimizer_state = "keep"
     values["optimizer_state"] = optimizer_state
     values.update(parse_data_fields(raw, path, problems))
+    values["span"] = _parse_span(raw.get("span"), path.split(".")[0], problems)
     return Phase(**values)
+
+
+def _parse_span(raw, path: str, problems: list[str]) -> dict | None:
+    """A generated phase's ``span``: its entry's name and rate shape, checked like a phase's (under the entry)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("entry"), str):
+        problems.append(f"{path}.span: {raw!r} is not a generator entry's rate shape")
+        return None
+    shape = parse_rate_fields(raw, path, problems)
+    return {"entry": raw["entry"], **{key: shape[key] for key in SPAN_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -525,54 +547,39 @@ class ResolvedSchedule:
         return self._cache[key]
 
     def check_lr_shapes(self) -> None:
-        """Phases with ``lr_schedule_kwargs`` give a finite, non-negative rate over their steps at this run length
-        (e.g. ``num_decay_steps`` no longer than the phase)."""
-        problems = []
-        for index, phase in enumerate(self.schedule.phases):
-            if not phase.lr_schedule_kwargs:
-                continue
-            start, end = self.bounds[index]
-            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, end - start)
-            long = [k for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_steps") and v > end - start]
-            if long:
-                problems.append(
-                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the "
-                    f"phase has {end - start} at this run length; give fewer steps or a fraction (e.g. 0.2)"
-                )
-                continue
-            probes = sorted({start, (start + end) // 2, end - 1, *range(start, min(end, start + 3))})
-            try:
-                factors = [self.lr_factor(step) for step in probes]
-            except (ValueError, TypeError, ZeroDivisionError) as err:
-                problems.append(f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {err}")
-                continue
-            bad = [f for f in factors if not (f >= 0 and f < float("inf"))]
-            if bad:
-                problems.append(
-                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {phase.lr_schedule!r} gives a rate factor "
-                    f"of {bad[0]} over this phase's {end - start} steps; check that step counts fit the phase"
-                )
+        """Phases (and generator spans) with ``lr_schedule_kwargs`` give a finite, non-negative rate over their steps
+        at this run length (e.g. ``num_decay_steps`` no longer than the phase)."""
+        problems = lr_shape_problems(self)
         if problems:
             raise RecipeError(problems)
+
+    def span_bounds(self, index: int) -> tuple[int, int] | None:
+        """Steps ``[start, end)`` of the generator entry phase ``index`` came from, when that entry has a rate shape
+        (its consecutive phases with the same ``span``); None otherwise."""
+        span = self.schedule.phases[index].span
+        if span is None:
+            return None
+        first = last = index
+        phases = self.schedule.phases
+        while first > 0 and phases[first - 1].span == span:
+            first -= 1
+        while last + 1 < len(phases) and phases[last + 1].span == span:
+            last += 1
+        return self.bounds[first][0], self.bounds[last][1]
 
     def lr_factor(self, step: int, base_lr: float = 1.0) -> float:
         """Shape of the learning rate inside the phase of ``step``: its ``warmup``, then its ``lr_schedule``, as
         transformers computes them over the phase's steps (``base_lr``: the rate a phase without
-        ``learning_rate`` uses, which absolute kwargs such as ``min_lr`` are relative to)."""
+        ``learning_rate`` uses, which absolute kwargs such as ``min_lr`` are relative to); a generated phase's
+        factor is multiplied by its entry's shape over the entry's whole span."""
         index = self.phase_index(step)
         phase = self.schedule.phases[index]
-        start, end = self.bounds[index]
-        length = end - start
-        position = min(step, end - 1) - start
         peak = phase.learning_rate if phase.learning_rate is not None else base_lr
-        key = (index, peak)
-        if key not in self._factors:
-            from .lr_schedules import phase_factor
-
-            warmup_steps = min(round(phase.warmup * length), length - 1)  # always leave a step at full rate
-            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, length)
-            self._factors[key] = phase_factor(phase.lr_schedule, kwargs, warmup_steps, length, peak)
-        return self._factors[key](position)
+        factor = shape_factor(self._factors, ("phase", index, peak), phase, self.bounds[index], step, peak)
+        span = self.span_bounds(index)
+        if span is not None:
+            factor *= shape_factor(self._factors, ("span", span, peak), phase.span, span, step, peak)
+        return factor
 
     def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int | tuple[int, ...]) -> float:
         """Learning rate of ``unit`` at ``step``; 0 for a unit that does not train then.
