@@ -374,6 +374,7 @@ class ActivationCacheMixin:
             sum(p.numel() for _, p in units.get(HEAD, [])),
             first.element_size() if first is not None else 4,
             sharded=bool(self.is_fsdp_enabled),
+            lm_head=self._base_model().get_output_embeddings() is not None,
         )
 
     def cache_data(self) -> CacheData:

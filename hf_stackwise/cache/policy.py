@@ -107,15 +107,23 @@ class CacheModel:
 
     @classmethod
     def from_config(
-        cls, config, block_params: tuple[int, ...], head_params: int, dtype_bytes: int, sharded: bool = False
+        cls,
+        config,
+        block_params: tuple[int, ...],
+        head_params: int,
+        dtype_bytes: int,
+        sharded: bool = False,
+        lm_head: bool = True,
     ) -> CacheModel:
+        """``lm_head``: the output layer is a language-model head (only one can be tied to the input embeddings;
+        a classifier is not, whatever ``tie_word_embeddings`` says)."""
         text = getattr(config, "get_text_config", lambda: config)()
         return cls(
             block_params=tuple(block_params),
             head_params=head_params,
             hidden=getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0),
             dtype_bytes=dtype_bytes,
-            tied=bool(getattr(text, "tie_word_embeddings", False)),
+            tied=lm_head and bool(getattr(text, "tie_word_embeddings", False)),
             dropout=model_dropout(text),
             sharded=sharded,
         )
@@ -220,7 +228,7 @@ def decide(
     """One decision per phase; ``activations: true`` raises a RecipeError for every phase it cannot serve exactly.
     ``adapters``: the run's LoRA adapter plan (:func:`hf_stackwise.rack.adapters.plan_adapters`), if any."""
     units_per_phase = schedule.phase_units(base)
-    problems: list[str] = []
+    problems: dict[str, list[int]] = {}  # reason → the phases it refuses (a model-wide reason is said once)
     decisions: list[PhaseCache] = []
     for i, phase in enumerate(schedule.phases):
         units, order = units_per_phase[i], layout.orders[i]
@@ -232,7 +240,7 @@ def decide(
         if blocked or "LoRA" in stop and not cut_stacks:
             reason = blocked or stop
             if settings.activations is True:
-                problems.append(f"schedule[{i}]: {reason}; set `cache.activations: auto` or false")
+                problems.setdefault(reason, []).append(i)
             decisions.append(PhaseCache(i, False, reason=reason))
             continue
         if not cut_stacks:
@@ -240,7 +248,12 @@ def decide(
             continue
         decisions.append(_sized(i, phase, units, order, cut_stacks, layout, bounds, model, data))
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(
+            [
+                f"{', '.join(f'schedule[{i}]' for i in phases)}: {reason}; set `cache.activations: auto` or false"
+                for reason, phases in problems.items()
+            ]
+        )
     return _carry_and_fill(decisions, settings)
 
 
