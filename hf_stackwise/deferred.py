@@ -11,6 +11,7 @@ through to it. ``importlib.util.find_spec("bitsandbytes")`` still answers withou
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -65,3 +66,39 @@ def bitsandbytes_loaded() -> bool:
     """Whether the real bitsandbytes has been imported (a 4-bit layer can exist only then)."""
     module = sys.modules.get(NAME)
     return module is not None and not isinstance(module, _Deferred)
+
+
+@contextlib.contextmanager
+def without_bitsandbytes():
+    """While no 4-bit layer exists (bitsandbytes not imported): PEFT's LoRA dispatch sees no bitsandbytes, so
+    attaching adapters to a full-precision model does not import it (``peft.import_utils.is_bnb_4bit_available``
+    reads ``bnb.nn``). PEFT's cached answers are primed for the block and cleared after it."""
+    if bitsandbytes_loaded():
+        yield
+        return
+    try:
+        from peft import import_utils
+    except ImportError:
+        yield
+        return
+    checks = [getattr(import_utils, name, None) for name in ("is_bnb_available", "is_bnb_4bit_available")]
+    checks = [check for check in checks if hasattr(check, "cache_clear")]
+    saved = sys.modules.get(NAME, _MISSING)
+    try:
+        sys.modules[NAME] = None  # importlib.util.find_spec answers None: "not installed", for this block only
+        for check in checks:
+            check.cache_clear()
+            check()
+    finally:
+        if saved is _MISSING:
+            del sys.modules[NAME]
+        else:
+            sys.modules[NAME] = saved
+    try:
+        yield
+    finally:
+        for check in checks:
+            check.cache_clear()
+
+
+_MISSING = object()
