@@ -72,16 +72,28 @@ def test_importing_the_trainer_defers_bitsandbytes():
     and the first real use imports the real package."""
     script = textwrap.dedent(
         """
-        import sys, importlib.util
+        import sys, importlib.util, warnings
         import hf_stackwise
         from hf_stackwise.trainer import StackwiseTrainer
         import peft.helpers
         from hf_stackwise.deferred import bitsandbytes_loaded
         assert "bitsandbytes" in sys.modules and not bitsandbytes_loaded()
         assert importlib.util.find_spec("bitsandbytes") is not None and not bitsandbytes_loaded()
+        # LoRA on a full-precision base: PEFT's dispatch would read bitsandbytes.nn; it does not need to
+        from transformers import AutoModelForCausalLM, LlamaConfig
+        from hf_stackwise.rack.adapters import attach_adapters
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2)
+        lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "blocks": [2, 3]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # PEFT's read of a deprecated property stays quiet
+            model = attach_adapters(AutoModelForCausalLM.from_config(config), {"stack_1": lora}, "model.layers")
+        assert any("lora_A" in n for n, _ in model.named_parameters()) and not bitsandbytes_loaded()
+        from peft.import_utils import is_bnb_4bit_available
         linear4bit = peft.helpers.bnb.nn.Linear4bit  # a holder of the stand-in reads through to the real package
         import bitsandbytes
         assert bitsandbytes_loaded() and bitsandbytes.nn.Linear4bit is linear4bit
+        assert is_bnb_4bit_available()  # PEFT's cached answer was not left at "unavailable"
         print("ok")
         """
     )
