@@ -364,3 +364,33 @@ def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[s
             f"{name:<14} {'on' if d.on else 'off':<5} {cut:<22} {hit:>8} {size:>12} {ratio:>6}  {d.reason}".rstrip()
         )
     return lines
+
+
+def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batch: bool = False) -> list[float | None]:
+    """Expected hit rate per rank of each cached phase under DDP on ``world`` ranks (None where the cache is off).
+    Each rank keeps its own store, and the sampler deals a row to a rank afresh each epoch, so a visit hits only if
+    the same rank stored the row before. Of a row's ``s`` earlier visits (stored by the cached phases just before,
+    as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all ranks together, ``N (q^s - q^(s+v))`` are a
+    rank's first, with ``q = 1 - 1/N``; every other visit hits. With the plan's per-device batch, s and v are N times
+    the one-process figures (N times the rows per step); with ``same_global_batch`` they are the same (the second
+    epoch then hits about 1/N of its rows)."""
+    q = 1.0 - 1.0 / world
+    rates: list[float | None] = []
+    for i, d in enumerate(decisions):
+        if not (d.on and d.cut):
+            rates.append(None)
+            continue
+        if world == 1:
+            rates.append(d.hit_rate)
+            continue
+        seen = 0.0
+        for prev in reversed(decisions[:i]):
+            if prev.on and prev.cut and (prev.key() == d.key() or _fills(prev, d)):
+                seen += prev.visits
+            else:
+                break
+        scale = 1 if same_global_batch else world
+        s, v = seen * scale, d.visits * scale
+        firsts = world * (q**s - q ** (s + v))
+        rates.append(max(0.0, 1.0 - firsts / v) if v else 0.0)
+    return rates
