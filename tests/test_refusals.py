@@ -82,3 +82,23 @@ def test_find_unused_parameters_false_is_refused_in_validate_for_a_model_that_sk
     layerdrop = tiny_config("bert")
     layerdrop.layerdrop = 0.1
     assert find_unused_parameters(None, layerdrop) is True
+
+
+def test_a_yaml_boolean_for_embeddings_says_to_write_train_or_freeze(tmp_path):
+    """`embeddings: yes` is a YAML 1.1 boolean; the message names the words the key takes."""
+    from hf_stackwise.errors import RecipeError
+    from hf_stackwise.recipe.loader import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model: {name_or_path: some/model}\n"
+        "data: {train: {path: text, data_files: train.txt}}\n"
+        "schedule:\n  - {name: all, until: 1.0, train: all, embeddings: yes, learning_rate: 1e-5}\n"
+        "training: {output_dir: run, max_steps: 4}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(str(path))
+    assert info.value.problems == [
+        "schedule[0].embeddings: True: YAML reads yes/no/on/off/true/false as a boolean; write `embeddings: train` "
+        "or `embeddings: freeze`"
+    ]  # and `learning_rate: 1e-5` is a number, not a second problem
