@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .cache.activations import ActivationCacheMixin
 from .data.trainer_mixin import DataPlaneMixin
-from .distributed.ddp import ddp_wrapper, register_trainable
+from .distributed.ddp import ddp_wrapper, find_unused_parameters, register_trainable
 from .distributed.sharding import (
     check_sharding,
     is_fsdp2,
@@ -128,12 +128,20 @@ class StackwiseArguments(TrainingArguments):
         },
     )
 
+    # Parameters transformers has, with a default that depends on the machine
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin batches in page-locked memory. Default: where an accelerator exists (never on CPU)."},
+    )
+
     activation_cache: dict | None = field(
         default=None,
         metadata={"help": "The recipe's `cache:` section: activations (auto|true|false), max_memory, dir."},
     )
 
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:  # torch warns on every dataloader that pins without an accelerator
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         super().__post_init__()
         if self.schedule is None:
             self.schedule = [{"name": "all", "until": 1.0, "train": "all"}]
@@ -146,9 +154,7 @@ class StackwiseArguments(TrainingArguments):
                 f"training.nonfinite: {self.nonfinite!r} / training.max_skipped_steps: {self.max_skipped_steps!r}; "
                 "use `stop` or `skip`, and a limit >= 0"
             )
-        if self.ddp_find_unused_parameters is None:
-            # Frozen or inactive stacks produce no gradient: DDP must look for unused parameters.
-            self.ddp_find_unused_parameters = True
+        # ddp_find_unused_parameters: None is decided by StackwiseTrainer from the model (distributed.ddp)
 
 
 class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
@@ -178,6 +184,10 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
             set_seed(args.seed)  # the adapters' random init, before the Trainer seeds: the same in every process
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
+        # DDP's reducer holds each phase's trainable set (distributed.ddp): search for unused parameters only
+        # where the model itself may skip some (MoE, layer drop)
+        config = getattr(model, "config", None)
+        args.ddp_find_unused_parameters = find_unused_parameters(args.ddp_find_unused_parameters, config)
         super().__init__(model=model, args=args, **kwargs)
         if args.fsdp and not self.is_fsdp_enabled:
             logger.warning("training.fsdp: accelerate runs DDP here (no accelerator: `use_cpu`), not sharded")
@@ -185,11 +195,6 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         self._base = base_rack.sizes  # the schedule's view of the model as loaded: blocks per base stack
         self._base_topology = base_rack.topology()
         self.rack = Rack(self.model, layers, self.layout.boundaries)
-        if args.ddp_find_unused_parameters is False and len(self.schedule.phases) > 1:
-            raise RecipeError(
-                "training.ddp_find_unused_parameters: false, but the schedule changes which parameters get "
-                "gradients; leave it unset (true)"
-            )
         self.resolved: ResolvedSchedule | None = (
             self.schedule.resolve(args.max_steps) if args.max_steps and args.max_steps > 0 else None
         )

@@ -191,9 +191,14 @@ INVALID = [
     (one_phase(train={"top": 1}), "schedule[0].train: {'top': 1} is not a list of stack indices", ""),
     # embeddings / head
     (one_phase(embeddings="yes"), "schedule[0].embeddings: 'yes' is not one of ('train', 'freeze')", ""),
-    (one_phase(embeddings=True), "schedule[0].embeddings: True is not one of ('train', 'freeze')", ""),
+    (
+        one_phase(embeddings=True),  # `embeddings: yes` in YAML 1.1
+        "schedule[0].embeddings: True: YAML reads yes/no/on/off/true/false as a boolean; write `embeddings: train` "
+        "or `embeddings: freeze`",
+        "",
+    ),
     (one_phase(head="frozen"), "schedule[0].head: 'frozen' is not one of ('train', 'freeze')", ""),
-    (one_phase(head=False), "schedule[0].head: False is not one of ('train', 'freeze')", ""),
+    (one_phase(head=False), "schedule[0].head: False: YAML reads yes/no/on/off/true/false as a boolean; write", ""),
     # learning_rate
     (one_phase(learning_rate=-1e-3), "schedule[0].learning_rate: -0.001 is not a non-negative number", ""),
     (one_phase(learning_rate="1e-3"), "schedule[0].learning_rate: '1e-3' is not a non-negative number", ""),
@@ -244,8 +249,9 @@ def test_unknown_phase_field_lists_the_known_fields():
     problems = problems_of([{"until": 1.0, "unti": 0.5}])
     assert len(problems) == 1
     assert problems[0].startswith("schedule[0].unti: unknown phase field; known fields are ")
-    listed = problems[0].split("known fields are ", 1)[1].split(", ")
-    assert listed == list(PHASE_KEYS)
+    fields, generators = problems[0].split("known fields are ", 1)[1].split(", and an entry of its own ")
+    assert fields.split(", ") == list(PHASE_KEYS)
+    assert generators == "may generate phases with cycle or sample"  # the generator entries are fields too
 
 
 def test_all_problems_are_reported_together():

@@ -245,6 +245,7 @@ class ActivationCacheMixin:
             first.element_size() if first is not None else 4,
             sharded=bool(self.is_fsdp_enabled),
             neftune_noise_alpha=self.args.neftune_noise_alpha,
+            lm_head=self._base_model().get_output_embeddings() is not None,
         )
 
     def cache_data(self) -> CacheData:

@@ -109,14 +109,17 @@ class CacheModel:
         dtype_bytes: int,
         sharded: bool = False,
         neftune_noise_alpha: float | None = None,
+        lm_head: bool = True,
     ) -> CacheModel:
+        """``lm_head``: the output layer is a language-model head (only one can be tied to the input embeddings;
+        a classifier is not, whatever ``tie_word_embeddings`` says)."""
         text = getattr(config, "get_text_config", lambda: config)()
         return cls(
             block_params=tuple(block_params),
             head_params=head_params,
             hidden=getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0),
             dtype_bytes=dtype_bytes,
-            tied=bool(getattr(text, "tie_word_embeddings", False)),
+            tied=lm_head and bool(getattr(text, "tie_word_embeddings", False)),
             hazard=settings_hazard(neftune_noise_alpha) or config_hazard(config),
             sharded=sharded,
         )
@@ -214,7 +217,7 @@ def decide(
     ``adapters``: the run's LoRA adapter plan (:func:`hf_stackwise.rack.adapters.plan_adapters`), if any;
     ``prefix_check``: physical prefix blocks → why the modules below that cut are not replayable, or None."""
     units_per_phase = schedule.phase_units(base)
-    problems: list[str] = []
+    problems: dict[str, list[int]] = {}  # reason → the phases it refuses (a model-wide reason is said once)
     decisions: list[PhaseCache] = []
     for i, phase in enumerate(schedule.phases):
         units, order = units_per_phase[i], layout.orders[i]
@@ -228,7 +231,7 @@ def decide(
         if blocked or "LoRA" in stop and not cut_stacks:
             reason = blocked or stop
             if settings.activations is True:
-                problems.append(f"schedule[{i}]: {reason}; set `cache.activations: auto` or false")
+                problems.setdefault(reason, []).append(i)
             decisions.append(PhaseCache(i, False, reason=reason))
             continue
         if not cut_stacks:
@@ -236,7 +239,12 @@ def decide(
             continue
         decisions.append(_sized(i, phase, units, order, cut_stacks, layout, bounds, model, data))
     if problems:
-        raise RecipeError(problems)
+        raise RecipeError(
+            [
+                f"{', '.join(f'schedule[{i}]' for i in phases)}: {reason}; set `cache.activations: auto` or false"
+                for reason, phases in problems.items()
+            ]
+        )
     return _carry_and_fill(decisions, settings, data)
 
 
@@ -356,3 +364,33 @@ def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[s
             f"{name:<14} {'on' if d.on else 'off':<5} {cut:<22} {hit:>8} {size:>12} {ratio:>6}  {d.reason}".rstrip()
         )
     return lines
+
+
+def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batch: bool = False) -> list[float | None]:
+    """Expected hit rate per rank of each cached phase under DDP on ``world`` ranks (None where the cache is off).
+    Each rank keeps its own store, and the sampler deals a row to a rank afresh each epoch, so a visit hits only if
+    the same rank stored the row before. Of a row's ``s`` earlier visits (stored by the cached phases just before,
+    as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all ranks together, ``N (q^s - q^(s+v))`` are a
+    rank's first, with ``q = 1 - 1/N``; every other visit hits. With the plan's per-device batch, s and v are N times
+    the one-process figures (N times the rows per step); with ``same_global_batch`` they are the same (the second
+    epoch then hits about 1/N of its rows)."""
+    q = 1.0 - 1.0 / world
+    rates: list[float | None] = []
+    for i, d in enumerate(decisions):
+        if not (d.on and d.cut):
+            rates.append(None)
+            continue
+        if world == 1:
+            rates.append(d.hit_rate)
+            continue
+        seen = 0.0
+        for prev in reversed(decisions[:i]):
+            if prev.on and prev.cut and (prev.key() == d.key() or _fills(prev, d)):
+                seen += prev.visits
+            else:
+                break
+        scale = 1 if same_global_batch else world
+        s, v = seen * scale, d.visits * scale
+        firsts = world * (q**s - q ** (s + v))
+        rates.append(max(0.0, 1.0 - firsts / v) if v else 0.0)
+    return rates

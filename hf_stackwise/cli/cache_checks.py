@@ -11,6 +11,11 @@ from ..rack.adapters import plan_adapters
 from .preflight import TOKENIZER_KEYS, load_tokenizer
 
 
+def lm_head(recipe) -> bool:
+    """Whether the run's output layer is a language-model head (a classifier is never tied to the embeddings)."""
+    return recipe.data.task != "classification"
+
+
 def data_of(recipe, args, rows: int | None) -> CacheData:
     """The decision's data view of a recipe (``rows``: training rows, if known)."""
     plane = recipe.data.plane
@@ -30,8 +35,9 @@ def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
     layout = recipe.schedule.layout(base)
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
     neftune = recipe.training.get("neftune_noise_alpha")
+    sharded = bool(recipe.training.get("fsdp"))
     model = CacheModel.from_config(
-        config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")), neftune_noise_alpha=neftune
+        config, (), 0, 4, sharded=sharded, neftune_noise_alpha=neftune, lm_head=lm_head(recipe)
     )
     decide(
         recipe.schedule,
@@ -59,7 +65,7 @@ def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
     sharded = bool(recipe.training.get("fsdp"))
     neftune = recipe.training.get("neftune_noise_alpha")
-    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded, neftune)
+    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded, neftune, lm_head(recipe))
     data = data_of(recipe, args, _count_rows(recipe, args, config))
     return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
 
@@ -83,7 +89,12 @@ def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_data
         dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
     model = CacheModel.from_config(
-        config, (), 0, itemsize, neftune_noise_alpha=recipe.training.get("neftune_noise_alpha")
+        config,
+        (),
+        0,
+        itemsize,
+        neftune_noise_alpha=recipe.training.get("neftune_noise_alpha"),
+        lm_head=lm_head(recipe),
     )
     layout = recipe.schedule.layout(base)
     data = data_of(recipe, args, dataset_rows(train_dataset))

@@ -30,6 +30,7 @@ from ..data import classification
 from ..data.loading import build_datasets, build_sources
 from ..data.mixture import MixtureDataset
 from ..data.sft import build_sft_datasets, check_causal, sft_config_fields
+from ..distributed.ddp import find_unused_parameters
 from ..distributed.sharding import check_sharding
 from ..errors import StackwiseError
 from ..persist.checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
@@ -358,6 +359,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     sizes = stack_sizes(topology["boundaries"])
     # FSDP2 / FSDP1 / DeepSpeed (recipe or accelerate config): refused, with the reason, where they would be wrong
     check_sharding(recipe.training, recipe.schedule, sizes, bool(recipe.model.quantization))
+    find_unused_parameters(recipe.training.get("ddp_find_unused_parameters"), config)  # refuses an unsafe `false`
     args = build_arguments(recipe)
     check_lengths(recipe, config)
     resolved = None
@@ -522,6 +524,15 @@ class KeepRecipe(TrainerCallback):
                 f.write(self.text)
 
 
+def final_eval(state, args) -> dict | None:
+    """The eval the loop already logged of the weights the run ends with, if any: the one at the last step, or
+    at the best step when the best checkpoint was loaded back (the last log entry is always the train summary)."""
+    step = state.global_step
+    if args.load_best_model_at_end and state.best_model_checkpoint and state.best_global_step:
+        step = state.best_global_step
+    return next((h for h in reversed(state.log_history) if "eval_loss" in h and h.get("step") == step), None)
+
+
 def train(recipe: Recipe) -> dict:
     """Run a recipe end to end; returns a summary (eval losses, output folder). With ``training.push_to_hub``, the
     final save uploads the run's export (see :mod:`hf_stackwise.export.hub`). Stopped by SIGTERM, it returns
@@ -535,8 +546,10 @@ def train(recipe: Recipe) -> dict:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a launcher relaying SIGTERM again must not cut the exit short
         return {"output_dir": prepared.args.output_dir, "preempted_at": trainer.preemption.stopped_at}
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    last = trainer.state.log_history[-1] if trainer.state.log_history else {}
-    if prepared.eval_dataset is not None and not (evals and "eval_loss" in last):
+    done = final_eval(trainer.state, trainer.args)
+    if done is not None:  # evaluate once: the loop evaluated the final weights already
+        evals.append(done["eval_loss"])
+    elif prepared.eval_dataset is not None:
         final = trainer.evaluate()  # no eval_loss when every eval batch was dropped (dataloader_drop_last)
         evals += [final["eval_loss"]] if "eval_loss" in final else []
     output_dir = prepared.args.output_dir
@@ -555,6 +568,7 @@ def train(recipe: Recipe) -> dict:
         "model_class": auto_model_class(prepared.recipe).__name__,
         "hub_model_id": trainer.hub_model_id,
         "global_step": trainer.state.global_step,
+        "total_steps": trainer.resolved.total_steps,  # more than global_step when a callback stopped the run
         "eval_loss_first": evals[0] if evals else None,
         "eval_loss_last": evals[-1] if evals else None,
         "trace": trainer.resolved.trace(trainer.base_sizes),

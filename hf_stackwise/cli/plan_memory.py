@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+from ..cache.policy import per_rank_hit_rates
 from ..schedule.phases import stack_unit
 from .plan import MIB, Plan, _mib
 
@@ -125,7 +126,31 @@ def format_per_rank(plan: Plan, world: int) -> str:
             f"{row['phase']:<14} {_mib(f['weights']):>10} {_mib(f['gathered']):>10} {_mib(f['gradients']):>10} "
             f"{_mib(f['optimizer']):>10} {_mib(f['activations']):>12} {_mib(f['total']):>10}"
         )
+    lines += format_cache_per_rank(plan, world)
     ddp_peak = max(r["ddp"]["total"] for r in rows)
     fsdp_peak = max(r["fsdp2"]["total"] for r in rows)
     lines.append(f"peak per rank: DDP {ddp_peak / MIB:,.1f} MiB, FSDP2 {fsdp_peak / MIB:,.1f} MiB")
     return "\n".join(lines)
+
+
+def format_cache_per_rank(plan: Plan, world: int) -> list[str]:
+    """The activation cache under DDP: one store per rank, so a row hits only on the rank that stored it."""
+    decisions = [p.cache for p in plan.phases]
+    if not any(d is not None and d.on and d.cut for d in decisions):
+        return []
+    rates = per_rank_hit_rates(decisions, world)
+    same = per_rank_hit_rates(decisions, world, same_global_batch=True)
+    batch = plan.batch_size
+    lines = [
+        "",
+        f"activation cache per rank on {world} ranks, DDP: one store per rank, and the sampler deals a row to a rank "
+        "afresh each epoch, so it hits only where that rank stored it",
+        f"{'phase':<14} {'cache':<5} {f'hit rate per rank, batch {batch} each':>32} "
+        f"{f'same, global batch {batch}':>24} {'one process':>12}",
+    ]
+    for phase, d, rate, fixed in zip(plan.phases, decisions, rates, same):
+        if rate is None:
+            lines.append(f"{phase.name:<14} {'off':<5}")
+            continue
+        lines.append(f"{phase.name:<14} {'on':<5} {rate:>32.0%} {fixed:>24.0%} {d.hit_rate:>12.0%}")
+    return lines

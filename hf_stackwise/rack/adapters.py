@@ -8,8 +8,11 @@ Phases only flip which adapters' parameters train (the superset rule: all are in
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
+from ..deferred import without_bitsandbytes
 from ..schedule.layout import Layout
 from ..schedule.phases import DEFAULT_LORA, LORA_KEYS, TRUNK_ADAPTER, RecipeError, Schedule
 
@@ -101,9 +104,12 @@ def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
             layers_to_transform=cfg["blocks"],
             layers_pattern=pattern,
         )
-        if peft_model is None:
-            peft_model = get_peft_model(model, config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
+        with without_bitsandbytes(), warnings.catch_warnings():  # a full-precision base: no bitsandbytes import
+            # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: not the user's doing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if peft_model is None:
+                peft_model = get_peft_model(model, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
     peft_model.base_model.set_adapter(list(plan))
     return peft_model

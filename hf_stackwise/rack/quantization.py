@@ -12,6 +12,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from ..deferred import bitsandbytes_loaded
 from ..schedule.layout import stack_sizes
 from ..schedule.phases import RecipeError, Schedule, stack_unit
 
@@ -75,8 +76,8 @@ def bnb_config(settings: dict, skip_modules: list[str]):
 def disable_cpu_repack(model: nn.Module) -> int:
     """Work around bitsandbytes 0.50.2 on AVX512-BF16 CPUs: an eval forward without grad repacks every Linear4bit
     for a gemv kernel, after which gradients through the base, merges and saves go wrong. Returns the count."""
-    if not getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
-        return 0
+    if not bitsandbytes_loaded() or (not getattr(model, "is_quantized", False) and not hasattr(model, "peft_config")):
+        return 0  # no 4-bit layer can exist before bitsandbytes is imported (hf_stackwise.deferred)
     import bitsandbytes as bnb
 
     count = 0
@@ -89,7 +90,7 @@ def disable_cpu_repack(model: nn.Module) -> int:
 
 def check_full_blocks_not_quantized(model: nn.Module, rack, schedule: Schedule) -> None:
     """A stack trained with `adapter: full` must hold real (not 4-bit) weights."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not bitsandbytes_loaded():
         return
     import bitsandbytes as bnb
 

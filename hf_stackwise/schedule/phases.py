@@ -21,7 +21,7 @@ from .data_fields import (  # noqa: F401  (re-exported)
     parse_data_fields,
     phase_defaults,
 )
-from .generators import SPAN_KEYS, Origin, expand, generator_of
+from .generators import GENERATORS, SPAN_KEYS, Origin, expand, generator_of
 from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
 from .rates import (  # noqa: F401  (re-exported)
     LR_SCHEDULES,
@@ -218,7 +218,10 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         return None
     for key in raw:
         if key not in PHASE_KEYS and key != "span":  # `span` is written by a generator (see generators.py)
-            problems.append(f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}")
+            problems.append(
+                f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}, and an entry of its "
+                f"own may generate phases with {' or '.join(GENERATORS)}"
+            )
     values: dict = {"name": raw.get("name", f"phase{index}")}
     if not isinstance(values["name"], str) or not values["name"]:
         problems.append(f"{path}.name: {values['name']!r} is not a non-empty string")
@@ -268,7 +271,13 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
 
     for key in (EMBEDDINGS, HEAD):
         value = raw.get(key)
-        if value is not None and value not in TRAIN_OR_FREEZE:
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off/true/false as booleans
+            problems.append(
+                f"{path}.{key}: {value!r}: YAML reads yes/no/on/off/true/false as a boolean; write "
+                f"`{key}: train` or `{key}: freeze`"
+            )
+            value = None
+        elif value is not None and value not in TRAIN_OR_FREEZE:
             problems.append(f"{path}.{key}: {value!r} is not one of {TRAIN_OR_FREEZE}")
             value = None
         values[key] = value
