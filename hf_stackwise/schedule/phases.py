@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
+from .autofreeze import AutoFreeze, check_adapters, check_phase, parse_autofreeze
 from .data_fields import (  # noqa: F401  (re-exported)
     MASK_SCHEDULES,
     MASKED_TASKS,
@@ -51,6 +52,7 @@ PHASE_KEYS = (
     "mask_rate",
     "mask_schedule",
     "data",
+    "autofreeze",
 )
 OPTIMIZER_STATES = ("keep", "reset", "release_idle")
 ADAPTER_MODES = ("full", "lora")
@@ -145,6 +147,7 @@ class Phase:
     mask_rate: float | tuple[float, float] | None = None  # a rate, or a (start, end) ramp over the phase
     mask_schedule: str = "linear"  # shape of a mask_rate ramp: linear | cosine
     data: dict | None = None  # mixture weights over the datasets named in `data.datasets`
+    autofreeze: AutoFreeze | None = None  # trainable stacks freeze bottom-up when they converge (see .autofreeze)
 
     def active_depth(self, num_stacks: int) -> int:
         """Number of stacks that run in this phase (``num_stacks``: the rack's size in this phase)."""
@@ -198,6 +201,7 @@ class Phase:
         data["grow"] = self.grow.to_dict() if self.grow is not None else None
         if isinstance(self.mask_rate, tuple):
             data["mask_rate"] = list(self.mask_rate)
+        data["autofreeze"] = self.autofreeze.to_dict() if self.autofreeze is not None else None
         return data
 
 
@@ -288,6 +292,11 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         optimizer_state = "keep"
     values["optimizer_state"] = optimizer_state
     values.update(parse_data_fields(raw, path, problems))
+    values["autofreeze"] = parse_autofreeze(raw.get("autofreeze"), f"{path}.autofreeze", problems)
+    if values["autofreeze"] is not None and values["train"] == "none":
+        problems.append(f"{path}.autofreeze: the phase trains no stack (`train: none`), so nothing could freeze")
+    if values["autofreeze"] is not None:
+        problems += check_adapters(values["adapter"], values["trunk"], f"{path}.autofreeze")
     return Phase(**values)
 
 
@@ -406,6 +415,9 @@ class Schedule:
                     )
                 if beyond:
                     continue
+            if phase.autofreeze is not None:
+                trainable = phase.trainable_stacks(num_stacks, new)
+                problems += check_phase(phase.autofreeze, trainable, depth, f"{path}.autofreeze")
             if not phase.trainable_units(num_stacks, layout.orders[index], new):
                 problems.append(
                     f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
