@@ -255,3 +255,28 @@ def test_cache_on_at_the_deeper_cut_is_bitwise_equal(tmp_path, rows, uncached):
     now = weights(cached)
     for name, value in final.items():
         assert torch.equal(now[name], value), name
+
+
+# ---- 2-rank DDP (torchrun, gloo): one launch ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_same_decisions_and_match_one_process(tmp_path):
+    import json
+
+    from test_ddp import run_worker_pair
+
+    two, one = run_worker_pair(tmp_path, "autofreeze")
+    rank0, rank1, single = (torch.load(p) for p in (two / "rank0.pt", two / "rank1.pt", one / "rank0.pt"))
+    runs = [json.loads(p.read_text()) for p in (two / "trace0.json", two / "trace1.json", one / "trace0.json")]
+    assert [r["world_size"] for r in runs] == [2, 2, 1]
+    decisions = [r["freeze_decisions"] for r in runs]
+    assert decisions[0], "no stack froze"
+    assert decisions[0] == decisions[1]  # statistics all-reduced: bitwise the same on both ranks
+    assert [(d["step"], d["stacks"]) for d in decisions[0]] == [(d["step"], d["stacks"]) for d in decisions[2]]
+    for ddp, alone in zip(decisions[0], decisions[2], strict=True):
+        torch.testing.assert_close(ddp["changes"], alone["changes"], rtol=1e-4, atol=0)
+    assert runs[0]["trace"] == runs[1]["trace"] == runs[2]["trace"]  # the parameters' own requires_grad flags
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)
