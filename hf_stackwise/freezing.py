@@ -34,6 +34,25 @@ logger = logging.get_logger(__name__)
 MANIFEST_KEY = "autofreeze"  # in stackwise_state.json: one tracker per autofreeze phase that has started
 
 
+def frozen_state(state, positions):
+    """``state`` (a :class:`~hf_stackwise.schedule.phases.PhaseState`) with the stacks at rack ``positions`` frozen,
+    and the embeddings with them (they freeze with the bottom stack)."""
+    positions = set(positions)
+    if not positions:
+        return state
+    units = {stack_unit(state.order[p]) for p in positions} | {EMBEDDINGS}
+    return replace(
+        state,
+        trainable_stacks=tuple(p for p in state.trainable_stacks if p not in positions),
+        trainable_units=state.trainable_units - units,
+    )
+
+
+def deepest_state(phase, state):
+    """The phase's rack at its deepest allowed freeze (every stack below the lowest ``keep`` stack frozen)."""
+    return frozen_state(state, phase.autofreeze.freezable(state.trainable_stacks, state.active_depth))
+
+
 class AutoFreezeMixin:
     """Trainer hooks (see :class:`~hf_stackwise.trainer.StackwiseTrainer`): decisions, statistics, record, cache."""
 
@@ -72,17 +91,7 @@ class AutoFreezeMixin:
         decision = tracker.step(settings, step, freezable)
         if decision is not None and self.is_world_process_zero():
             logger.info(f"[hf_stackwise] autofreeze in phase {state.name!r}: {decision.describe()}")
-        positions = set(tracker.frozen_positions(step))
-        if not positions:
-            return state
-        units = {stack_unit(state.order[p]) for p in positions}
-        if EMBEDDINGS in state.trainable_units:
-            units.add(EMBEDDINGS)  # the embeddings freeze with the bottom stack
-        return replace(
-            state,
-            trainable_stacks=tuple(p for p in state.trainable_stacks if p not in positions),
-            trainable_units=state.trainable_units - units,
-        )
+        return frozen_state(state, tracker.frozen_positions(step))
 
     def _autofreeze_observe(self) -> None:
         """Feed this step's squared gradient norm per still-training stack to the phase's tracker (all ranks)."""

@@ -257,6 +257,62 @@ def test_cache_on_at_the_deeper_cut_is_bitwise_equal(tmp_path, rows, uncached):
         assert torch.equal(now[name], value), name
 
 
+def test_plot_draws_and_the_card_lists_the_freezes(tmp_path, uncached):
+    from hf_stackwise.persist.checkpoint import MANIFEST_NAME, read_json
+    from hf_stackwise.report.card import build_card
+    from hf_stackwise.report.plots import freeze_points, plot_run, plot_timeline
+
+    out, _, trainer = uncached
+    decisions = trainer.freeze_decisions()
+    assert freeze_points(str(out)) == decisions  # from the last checkpoint's stackwise_state.json
+    written = plot_run(str(out), str(tmp_path / "plots"))
+    without = plot_timeline(trainer.schedule, trainer.base_sizes, str(tmp_path / "plain.png"), 3e-4, STEPS)
+    with open(written[0], "rb") as a, open(without, "rb") as b:
+        assert a.read() != b.read()  # the freeze lines and greyed stacks are drawn
+    manifest = read_json(str(out / f"checkpoint-{STEPS}" / MANIFEST_NAME))
+    (tmp_path / "export").mkdir()
+    card = build_card(str(out / f"checkpoint-{STEPS}"), str(tmp_path / "export"), manifest)
+    assert "## Adaptive freezing" in card
+    for d in decisions:
+        stacks = ", ".join(map(str, d["stacks"]))
+        assert f"| auto | {d['step']} | {stacks} | " in card
+
+
+# ---- plan ---------------------------------------------------------------------------------------------------
+
+
+def test_plan_shows_memory_with_no_freeze_and_at_the_deepest_freeze(tmp_path, pydoc_files, capsys):
+    """An autofreeze phase costs, before any freeze, what the same phase without autofreeze costs, and at its deepest
+    freeze what a hand-written phase training only the kept stacks costs (the formula test_plan checks against real
+    runs)."""
+    from conftest import build_tokenizer
+    from test_plan import write
+
+    from hf_stackwise.cli.commands import main
+    from hf_stackwise.cli.plan import make_plan
+    from hf_stackwise.recipe.loader import load_recipe
+
+    folder = tmp_path / "model"
+    tiny_causal_lm("llama", layers=8).save_pretrained(folder)  # 4 stacks of 2 blocks in the plan tests' recipe
+    build_tokenizer().save_pretrained(folder)
+    for name in ("auto", "plain", "top", "again"):
+        (tmp_path / name).mkdir()
+    auto = {"name": "auto", "until": 1.0, "train": "all", "optimizer_state": "release_idle", "autofreeze": {}}
+    plain = {"name": "plain", "until": 1.0, "train": "all", "optimizer_state": "release_idle"}
+    top = {"name": "top", "until": 1.0, "train": [3], "head": "train", "optimizer_state": "release_idle"}
+    plans = [
+        make_plan(load_recipe(write(tmp_path / name, str(folder), pydoc_files[0], [phase])))
+        for name, phase in (("auto", auto), ("plain", plain), ("top", top))
+    ]
+    adaptive = plans[0].phases[0]
+    assert adaptive.memory == plans[1].phases[0].memory
+    assert adaptive.frozen_memory == plans[2].phases[0].memory
+    assert adaptive.frozen_memory["total"] < adaptive.memory["total"]
+    assert main(["plan", write(tmp_path / "again", str(folder), pydoc_files[0], [auto])]) == 0
+    out = capsys.readouterr().out
+    assert "stacks full (adaptive)" in out and "(auto at its deepest autofreeze)" in out
+
+
 # ---- 2-rank DDP (torchrun, gloo): one launch ---------------------------------------------------------------
 
 
