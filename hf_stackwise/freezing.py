@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
-from .cache.activations import Replay
-from .cache.adaptive import deeper_cut
+from .cache.adaptive import DeepeningReplay, deeper_cut
 from .distributed.sharding import is_fsdp2, local
 from .metrics import grad_scale
 from .schedule.autofreeze import FreezeTracker
@@ -58,6 +57,7 @@ class AutoFreezeMixin:
 
     def _init_autofreeze(self) -> None:
         self._trackers: dict[int, FreezeTracker] = {}
+        self._shallow_rows = [0]  # rows the cache served from a shallower store after a freeze (this process)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._trackers = {}
@@ -113,10 +113,15 @@ class AutoFreezeMixin:
         tracker.observe({p: float(v) / scale for p, v in zip(positions, squares.tolist(), strict=True)})
 
     def _autofreeze_logs(self) -> dict:
-        """``autofreeze/frozen_stacks``: stacks frozen by the current phase's decisions so far."""
+        """``autofreeze/frozen_stacks``: stacks frozen by the current phase's decisions so far; a frozen unit's
+        ``learning_rate/<unit>`` is 0, as for any unit its phase does not train."""
         state = self._phase_state
         tracker = self._trackers.get(state.index) if state is not None else None
-        return {} if tracker is None else {"autofreeze/frozen_stacks": len(tracker.frozen_positions())}
+        if tracker is None:
+            return {}
+        phase_units = self.resolved.state_at(tracker.start, self._base).trainable_units
+        logs = {f"learning_rate/{unit}": 0.0 for unit in sorted(phase_units - state.trainable_units)}
+        return {**logs, "autofreeze/frozen_stacks": len(tracker.frozen_positions())}
 
     def _manifest(self, checkpoint: bool = False) -> dict:
         manifest = super()._manifest(checkpoint)
@@ -159,4 +164,4 @@ class AutoFreezeMixin:
         stores = {decision.cut: self._store(decision.prefix, decision)}
         for prefix in decision.fills:
             stores[len(prefix)] = self._store(prefix, decision)
-        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts)
+        self._replay = DeepeningReplay(decision, self.rack.blocks, stores, self._cache_counts, self._shallow_rows)

@@ -230,6 +230,8 @@ def test_decisions_are_recorded_in_every_checkpoint_and_logged(uncached):
     frozen = {h["step"]: h["autofreeze/frozen_stacks"] for h in trainer.state.log_history if "loss" in h}
     count = len(trainer.freeze_decisions()[0]["stacks"])
     assert (frozen[first], frozen[first + 1]) == (0, count)  # the log of step `first` is written before it runs
+    logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert logs[first + 1]["learning_rate/stack_0"] == 0.0 and logs[first]["learning_rate/stack_0"] > 0
 
 
 @pytest.mark.parametrize("step", [4, 12], ids=["before-first-decision", "after-first-decision"])
@@ -254,6 +256,23 @@ def test_cache_on_at_the_deeper_cut_is_bitwise_equal(tmp_path, rows, uncached):
     assert stats["hits"] > 0, stats  # rows replayed at the cut after stacks 0-1 (and later 0-2) froze
     now = weights(cached)
     for name, value in final.items():
+        assert torch.equal(now[name], value), name
+
+
+def test_a_cut_that_deepens_reuses_the_shallower_store_and_changes_no_bit(tmp_path, rows):
+    """Stack 0 frozen from the start (a static cut the cache fills), stacks 1-2 freeze adaptively: after a freeze,
+    rows stored at the shallower cut start there; weights equal the uncached run's."""
+    schedule = [{**SCHEDULE[0], "train": [1, 2, 3], "head": "train"}]
+    runs = []
+    for cache in (False, True):
+        trainer = make_trainer(tmp_path / str(cache), rows, cache=cache, schedule=schedule, save_strategy="no")
+        trainer.train()
+        runs.append(trainer)
+    off, on = runs
+    assert off.freeze_decisions() and on.freeze_decisions() == off.freeze_decisions()
+    assert on.cache_stats()["hits"] > 0 and on._shallow_rows[0] > 0
+    now = weights(on)
+    for name, value in weights(off).items():
         assert torch.equal(now[name], value), name
 
 

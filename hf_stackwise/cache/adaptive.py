@@ -4,6 +4,7 @@ phase. Kept apart from the per-phase decisions, which it only reads."""
 
 from __future__ import annotations
 
+from .activations import Replay
 from .policy import CacheData, CacheModel, CacheSettings, PhaseCache, _replace, _sized, blocker, frozen_prefix
 
 
@@ -41,3 +42,44 @@ def deeper_cut(
     shallower = [static.prefix, *static.fills] if static.on else []
     fills = tuple(p for p in dict.fromkeys(shallower) if 0 < len(p) < decision.cut)
     return _replace(decision, hit_rate=hit, fills=fills)
+
+
+class DeepeningReplay(Replay):
+    """The replay after a freeze deepened the cut: a batch whose rows are not all in the new cut's store but all in a
+    shallower store of the phase (its own cut from before the freeze) starts there — the blocks below that cut pass
+    the hidden state through, the stored state comes out at it, and the blocks up to the new cut run (under
+    ``no_grad``) and fill the new store. Exact: the shallower store was computed by the same frozen blocks (its
+    signature checks them) in the same dtype. ``shallow``: a one-element list counting the rows served that way."""
+
+    def __init__(self, decision: PhaseCache, blocks, stores: dict, counts: list, shallow: list):
+        super().__init__(decision, blocks, stores, counts)
+        self.shallow = shallow
+        self.start = 0
+        self._taken = False
+
+    def begin(self) -> None:
+        if self._taken:  # `run` looked this batch up already
+            self._taken = False
+            return
+        super().begin()
+        self.start = 0
+        if self.hit or self.slots is None:
+            return
+        for cut in sorted((c for c in self.record if c < self.cut), reverse=True):
+            store = self.record[cut]
+            if store.data is not None and store.match(self.slots, self.fps).all():
+                self.start = cut
+                self.shallow[0] += len(self.slots)
+                return
+
+    def run(self, position: int, block, hidden, args, kwargs):
+        if position == 0:
+            self._taken = False
+            self.begin()
+            self._taken = True
+        if not self.hit and self.start and position < self.start:
+            if position < self.start - 1:
+                return (hidden,) if self.tuple_output else hidden
+            stored = self.record[self.start].read(self.slots, hidden.shape[1], hidden.device)
+            return (stored,) if self.tuple_output else stored
+        return super().run(position, block, hidden, args, kwargs)
