@@ -119,6 +119,14 @@ def test_bad_autofreeze_is_refused_naming_the_key(phase, expected):
     assert expected in str(info.value)
 
 
+def test_a_phase_too_short_for_any_decision_is_refused_at_its_run_length():
+    schedule = Schedule.from_list([{"until": 1.0, "autofreeze": {"every": 2, "warmup": 2}}])
+    assert schedule.phases[0].autofreeze.first_decision(20) == 4  # two intervals of 2 steps, warm-up 2 behind it
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.autofreeze\.every: phase 'phase0' has 4 steps"):
+        schedule.resolve(4)
+    schedule.resolve(5)
+
+
 @pytest.mark.usefixtures("no_weights")
 def test_the_cli_refuses_bad_autofreeze_before_any_weight_loads(tmp_path, tiny_llama_dir, pydoc_files, capsys):
     schedule = [{"name": "af", "until": 1.0, "train": ["top"], "autofreeze": {"every": 2}}]

@@ -65,6 +65,21 @@ class AutoFreeze:
         """(steps between decisions, warm-up steps) in a phase of ``length`` steps."""
         return phase_steps(self.every, length), phase_steps(self.warmup, length)
 
+    def first_decision(self, length: int) -> int | None:
+        """Steps into a phase of ``length`` steps of the first decision that can freeze (two intervals and the warm-up
+        behind it); None when the phase is too short for any."""
+        every, warmup = self.steps(length)
+        first = max(2, -(-warmup // every)) * every
+        return first if first < length else None
+
+    def check_length(self, length: int, path: str, name: str) -> list[str]:
+        if self.first_decision(length) is not None:
+            return []
+        return [
+            f"{path}.every: phase {name!r} has {length} steps at this run length, too few for a decision after the "
+            "warm-up and two intervals; lower `every` or `warmup`, or lengthen the phase"
+        ]
+
     def keep_positions(self, depth: int) -> frozenset[int]:
         return frozenset(depth - 1 if k == "top" else k for k in self.keep)
 

@@ -460,6 +460,8 @@ class Schedule:
                     f"{path}: phase {phase.name!r} gets no optimizer step at {total_steps} "
                     f"total steps (ends at step {end}); raise `training.max_steps` or widen the phase"
                 )
+            if phase.autofreeze is not None and end > start:
+                problems += phase.autofreeze.check_length(end - start, self.key_path(index, "autofreeze"), phase.name)
             bounds.append((start, end))
             start = max(start, end)
         if problems:
