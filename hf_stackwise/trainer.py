@@ -42,6 +42,7 @@ from .distributed.sharding import (
 )
 from .export.saving import SavingMixin
 from .faults import NONFINITE_POLICIES, FaultTolerance
+from .freezing import AutoFreezeMixin
 from .metrics import grad_scale, unit_grad_norms
 from .optimizers import check_cls_and_kwargs, check_release_idle, check_user_optimizers, release_idle_state
 from .persist.checkpoint import (
@@ -157,7 +158,7 @@ class StackwiseArguments(TrainingArguments):
         # ddp_find_unused_parameters: None is decided by StackwiseTrainer from the model (distributed.ddp)
 
 
-class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
+class StackwiseTrainer(FaultTolerance, AutoFreezeMixin, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -213,6 +214,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         self._weights_step: int | None = None  # set when the best checkpoint's weights are loaded at the end
         self._init_data_plane()
         self._init_activation_cache()
+        self._init_autofreeze()
         self._init_faults()
 
     # ---- the rack's parameters -------------------------------------------------------------
@@ -309,10 +311,12 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
     # ---- phases -------------------------------------------------------------------------------
 
     def _apply_phase(self, step: int) -> None:
-        """Make the rack match the phase of ``step``; a no-op inside a phase."""
-        state = self.resolved.state_at(step, self._base)
-        if self._phase_state is not None and state.index == self._phase_state.index:
+        """Make the rack match the phase of ``step`` (less what ``autofreeze`` froze by then); a no-op otherwise."""
+        state = self._autofreeze(step, self.resolved.state_at(step, self._base))
+        applied = self._phase_state
+        if applied is not None and state.index == applied.index and state.trainable_units == applied.trainable_units:
             return
+        freeze = applied is not None and state.index == applied.index  # an autofreeze decision inside the phase
         fsdp2 = is_fsdp2(self.accelerator)
         if fsdp2:  # transitions act on the sharded parameters (accelerate swapped them in at prepare)
             reshard(self.model)
@@ -321,7 +325,10 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         verified = self._check_frozen_untouched() if self.args.check_invariants else {}
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
-        if step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
+        if freeze:  # `release_idle` frees the frozen stacks' state; `keep` / `reset` keep it (they act at phase start)
+            if phase.optimizer_state == "release_idle":
+                release_idle_state(self.optimizer, state.trainable_units)
+        elif step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
             self._grow(state.grown, step)
             if state.grown:
                 verified = {}  # growth wrote into blocks that were frozen: checksum them again
@@ -423,8 +430,10 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
             loss = super().training_step(model, inputs, num_items_in_batch)
         for _, param in self._frozen:
             param.grad = None
-        if self.accelerator.sync_gradients and self._is_logging_step():
-            self._grad_norms = self._unit_grad_norms()
+        if self.accelerator.sync_gradients:
+            self._autofreeze_observe()
+            if self._is_logging_step():
+                self._grad_norms = self._unit_grad_norms()
         return loss
 
     def _is_logging_step(self) -> bool:
@@ -470,6 +479,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
                 self._grad_norms = {}
                 logs.update(self._data_logs(lr_step))
                 logs.update(self._cache_logs(logs))
+                logs.update(self._autofreeze_logs())
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------

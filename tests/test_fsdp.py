@@ -92,6 +92,27 @@ def test_fsdp2_sgd_matches_one_process_and_adamw_matches_ddp(runs):
 
 
 @pytest.mark.slow
+def test_fsdp2_autofreeze_decides_alike_on_every_rank_and_matches_one_process(runs):
+    """Gradient statistics from the shards, summed over the ranks: both ranks take the one-process decisions, and the
+    frozen stack stays bit-identical from its freeze step under FSDP2."""
+    ranks = [info(runs, "autofreeze", r) for r in (0, 1)]
+    alone = info(runs, "single_autofreeze")
+    assert ranks[0]["fsdp"] and ranks[0]["freeze_decisions"], "no stack froze"
+    assert ranks[0]["freeze_decisions"] == ranks[1]["freeze_decisions"]
+    assert [(d["step"], d["stacks"]) for d in ranks[0]["freeze_decisions"]] == [
+        (d["step"], d["stacks"]) for d in alone["freeze_decisions"]
+    ]
+    assert ranks[0]["trace"] == ranks[1]["trace"] == alone["trace"]
+    sharded, single = weights(runs, "autofreeze"), weights(runs, "single_autofreeze")
+    assert max_diff(sharded["final"], single["final"]) <= 1e-5  # as the SGD case above
+    first = ranks[0]["freeze_decisions"][0]
+    for stack in first["stacks"]:
+        for name, value in sharded["final"].items():
+            if name.startswith(f"model.layers.{stack}."):  # steps[k]: the weights after step k (0-based)
+                assert torch.equal(value, sharded["steps"][first["step"] - 1][name]), name
+
+
+@pytest.mark.slow
 def test_fsdp2_evaluations_between_steps_change_nothing(runs):
     """`eval_on_start` and evaluations every 3 steps leave the root and head unsharded after their forward (one
     right before the transition at step 6, which reshards before flipping `requires_grad`): the run is bitwise the

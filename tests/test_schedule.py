@@ -579,6 +579,7 @@ CHANGED = {
     "mask_rate": 0.3,
     "mask_schedule": "cosine",  # with a `mask_rate` ramp, below
     "data": {"general": 1.0},
+    "autofreeze": {"every": 5},  # with `adapter: full` and `trunk: frozen`, below
 }
 
 
@@ -606,6 +607,8 @@ def test_fingerprint_changes_with_every_field():
             raw.append({"name": "tail", "until": 1.0})
         if key == "lora":
             raw[0]["adapter"] = "lora"
+        if key == "autofreeze":
+            raw[0].update(adapter="full", trunk="frozen", lora=None)
         if key == "mask_schedule":
             raw[0]["mask_rate"] = [0.15, 0.5]
         if key == "lr_schedule_kwargs":  # differs from the `lr_schedule: cosine` case by the kwargs alone

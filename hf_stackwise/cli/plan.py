@@ -144,6 +144,7 @@ class PhasePlan:
     data: dict
     memory: dict[str, float] = field(default_factory=dict)
     cache: object = None  # hf_stackwise.cache.policy.PhaseCache: the activation cache's decision
+    frozen_memory: dict | None = None  # autofreeze: the memory at the deepest allowed freeze
 
 
 @dataclass
@@ -300,6 +301,8 @@ def _releases(schedule) -> bool:
 
 def _mode(phase: Phase, num_stacks: int, new: tuple[int, ...] = ()) -> str:
     parts = [f"stacks {phase.adapter}" if phase.trainable_stacks(num_stacks, new) else "no stack"]
+    if phase.autofreeze is not None:
+        parts[0] += " (adaptive)"
     if phase.grow is not None:
         parts.insert(0, f"grow {phase.grow.op}")
     parts.append(f"trunk {phase.trunk}")
@@ -354,6 +357,7 @@ def resolve_steps(recipe: Recipe, args, config, known):
 
 def make_plan(recipe: Recipe) -> Plan:
     """Resolve the recipe against the model's config (no weights, no data unless epochs need it, nothing written)."""
+    from ..freezing import deepest_state
     from ..rack.adapters import resolve_targets
     from ..rack.growth import allocate
     from ..schedule.layout import stack_sizes
@@ -406,26 +410,35 @@ def make_plan(recipe: Recipe) -> Plan:
         if phase.optimizer_state in ("reset", "release_idle"):  # reset: all freed; release_idle: the idle units'
             trained_so_far = set()  # (either way only this phase's units hold state from its first step on)
         trained_so_far |= set(state.trainable_units)
-        optimized = tensors_of(trained_so_far)
         data = _phase_data(phase, recipe)
         seq = data["max_seq_length"]
-        activations = (
-            batch
-            * seq
-            * _activation_bytes_per_token(
-                dims,
-                seq,
-                act,
-                state.trainable_units,
-                [(s, layout.stack_blocks(s)) for s in state.order],
-                ranks,
-                checkpointing,
+
+        def memory_of(state, trained, seq=seq) -> dict:
+            activations = (
+                batch
+                * seq
+                * _activation_bytes_per_token(
+                    dims,
+                    seq,
+                    act,
+                    state.trainable_units,
+                    [(s, layout.stack_blocks(s)) for s in state.order],
+                    ranks,
+                    checkpointing,
+                )
             )
-        )
-        grads = sum(b for _, b in trainable.values())
-        optimizer = states * sum(n * state_bytes if state_bytes else b for n, b in optimized.values())
-        memory = {"weights": weight_bytes, "gradients": grads, "optimizer": optimizer, "activations": activations}
-        memory["total"] = sum(memory.values())
+            grads = sum(b for _, b in tensors_of(state.trainable_units).values())
+            optimizer = states * sum(n * state_bytes if state_bytes else b for n, b in tensors_of(trained).values())
+            memory = {"weights": weight_bytes, "gradients": grads, "optimizer": optimizer, "activations": activations}
+            memory["total"] = sum(memory.values())
+            return memory
+
+        memory = memory_of(state, trained_so_far)
+        frozen_memory = None
+        if phase.autofreeze is not None:  # the deepest freeze: `release_idle` frees the frozen stacks' state
+            deepest = deepest_state(phase, state)
+            kept = deepest.trainable_units if phase.optimizer_state == "release_idle" else trained_so_far
+            frozen_memory = memory_of(deepest, kept)
         lr, lr_text = _lr_text(phase, args.learning_rate)
         phases.append(
             PhasePlan(
@@ -443,6 +456,7 @@ def make_plan(recipe: Recipe) -> Plan:
                 data=data,
                 memory=memory,
                 cache=cache[index] if cache else None,
+                frozen_memory=frozen_memory,
             )
         )
     notes = [
@@ -572,6 +586,12 @@ def format_plan(plan: Plan) -> str:
             f"{p.name:<14} {_mib(m['weights']):>10} {_mib(m['gradients']):>10} {_mib(m['optimizer']):>10} "
             f"{_mib(m['activations']):>12} {_mib(m['total']):>10}"
         )
+        if p.frozen_memory is not None:  # autofreeze: the same phase at its deepest allowed freeze
+            m = p.frozen_memory
+            lines.append(
+                f"{'  frozen':<14} {_mib(m['weights']):>10} {_mib(m['gradients']):>10} {_mib(m['optimizer']):>10} "
+                f"{_mib(m['activations']):>12} {_mib(m['total']):>10}  ({p.name} at its deepest autofreeze)"
+            )
     peak = max(plan.phases, key=lambda p: p.memory["total"])
     lines.append(f"{'peak':<14} {'':>10} {'':>10} {'':>10} {'':>12} {_mib(peak.memory['total']):>10}  ({peak.name})")
     decisions = [p.cache for p in plan.phases] if plan.phases[0].cache else None

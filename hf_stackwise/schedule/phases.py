@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
+from .autofreeze import AutoFreeze, check_adapters, check_phase, parse_autofreeze
 from .data_fields import (  # noqa: F401  (re-exported)
     MASK_SCHEDULES,
     MASKED_TASKS,
@@ -57,6 +58,7 @@ PHASE_KEYS = (
     "mask_rate",
     "mask_schedule",
     "data",
+    "autofreeze",
 )
 OPTIMIZER_STATES = ("keep", "reset", "release_idle")
 ADAPTER_MODES = ("full", "lora")
@@ -153,6 +155,7 @@ class Phase:
     data: dict | None = None  # mixture weights over the datasets named in `data.datasets`
     # a generator entry's rate shape, run once over all the phases it generated: {entry, warmup, lr_schedule, ...}
     span: dict | None = None
+    autofreeze: AutoFreeze | None = None  # trainable stacks freeze bottom-up when they converge (see .autofreeze)
 
     def active_depth(self, num_stacks: int) -> int:
         """Number of stacks that run in this phase (``num_stacks``: the rack's size in this phase)."""
@@ -208,6 +211,10 @@ class Phase:
             data["mask_rate"] = list(self.mask_rate)
         if self.span is None:  # only generated phases carry it: other schedules keep their fingerprint
             del data["span"]
+        if self.autofreeze is None:  # only adaptive phases carry it: other schedules keep their fingerprint
+            del data["autofreeze"]
+        else:
+            data["autofreeze"] = self.autofreeze.to_dict()
         return data
 
 
@@ -308,6 +315,11 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
     values["optimizer_state"] = optimizer_state
     values.update(parse_data_fields(raw, path, problems))
     values["span"] = _parse_span(raw.get("span"), path.split(".")[0], problems)
+    values["autofreeze"] = parse_autofreeze(raw.get("autofreeze"), f"{path}.autofreeze", problems)
+    if values["autofreeze"] is not None and values["train"] == "none":
+        problems.append(f"{path}.autofreeze: the phase trains no stack (`train: none`), so nothing could freeze")
+    if values["autofreeze"] is not None:
+        problems += check_adapters(values["adapter"], values["trunk"], f"{path}.autofreeze")
     return Phase(**values)
 
 
@@ -443,6 +455,9 @@ class Schedule:
                     )
                 if beyond:
                     continue
+            if phase.autofreeze is not None:
+                trainable = phase.trainable_stacks(num_stacks, new)
+                problems += check_phase(phase.autofreeze, trainable, depth, f"{path}.autofreeze")
             if not phase.trainable_units(num_stacks, layout.orders[index], new):
                 problems.append(
                     f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
@@ -485,6 +500,8 @@ class Schedule:
                     f"{path}: phase {phase.name!r} gets no optimizer step at {total_steps} "
                     f"total steps (ends at step {end}); raise `training.max_steps` or widen the phase"
                 )
+            if phase.autofreeze is not None and end > start:
+                problems += phase.autofreeze.check_length(end - start, self.key_path(index, "autofreeze"), phase.name)
             bounds.append((start, end))
             start = max(start, end)
         if problems:
