@@ -626,7 +626,8 @@ def test_fingerprint_changes_with_every_field():
 def test_to_list_round_trips(raw):
     schedule = Schedule.from_list(raw)
     listed = schedule.to_list()
-    assert [set(d) for d in listed] == [set(PHASE_KEYS)] * len(raw)
+    # `autofreeze` is listed only by adaptive phases, so the schedules of runs written before it keep their fingerprint
+    assert [set(d) for d in listed] == [set(PHASE_KEYS) - {"autofreeze"}] * len(raw)
     assert json.loads(json.dumps(listed)) == listed  # plain JSON data
     again = Schedule.from_list(listed)
     assert again == schedule
