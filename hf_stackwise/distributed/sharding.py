@@ -156,18 +156,6 @@ def check_sharding(
             "FULL_STATE_DICT"
         )
     problems = []
-    if schedule.uses_lora():
-        problems.append(
-            "the schedule trains LoRA adapters: their training matches one process under FSDP2 (measured 7.5e-9), "
-            "but adapter runs checkpoint and save their trained tensors from unsharded parameters, which sharded "
-            "parameters are not gathered for; train adapters under DDP"
-        )
-    if schedule.grows():
-        problems.append(
-            "the schedule grows the rack: a grown stack initialised at random draws other values on sharded "
-            "parameters than in one process (measured 0.13 off after 2 steps), so the run depends on the number "
-            "of ranks; train growth under DDP"
-        )
     if quantized:
         problems.append("model.quantization: 4-bit bases train through LoRA adapters, which FSDP2 runs do not use")
     if problems:
@@ -253,6 +241,37 @@ def mixed_precision(accelerator) -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """A rank's own shard of a sharded parameter (the tensor itself otherwise)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@contextlib.contextmanager
+def gathered(*modules: torch.nn.Module):
+    """Inside the context the modules hold full (unsharded) plain tensors in place of their FSDP2 shards; on exit
+    each rank keeps its own shard of what the context left in them. Every rank must enter it, with the same modules
+    (each full tensor is one all-gather). Growth initialises new stacks this way, so a grown stack is the same
+    function of the full tensors, the seed and the step whatever the number of ranks (DTensor's random ops draw
+    per shard: measured 0.13 off). Without sharded parameters it changes nothing."""
+    from torch.distributed.tensor import distribute_tensor
+
+    swapped, seen = [], set()
+    for module in modules:
+        for owner in module.modules():
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            for name, param in list(owner._parameters.items()):
+                if param is None or not hasattr(param, "full_tensor"):
+                    continue
+                full = torch.nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+                owner._parameters[name] = full
+                swapped.append((owner, name, param, full))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, param, full in swapped:
+                owner._parameters[name] = param
+                shard = distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
 
 
 def arranged_state_dict(state_dict: dict, layers_path: str, blocks: list[int]) -> dict:

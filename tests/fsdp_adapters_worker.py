@@ -1,0 +1,124 @@
+"""Run by tests/test_fsdp_adapters.py, under `torchrun --nproc_per_node 2` (FSDP2, forced as in fsdp_worker.py) or
+as one plain process: growth and LoRA schedules (ddp_worker.py's GROW and DUAL) on a tiny Llama loaded from a folder.
+
+Per case: the weights after every step and the phase trace (fsdp_worker.Record), checkpoints every 3 steps (3 and 6
+are inside phases), the final save, then a resumed copy from checkpoint-3.
+usage: python fsdp_adapters_worker.py ROOT fsdp|single  (ROOT/base holds the tiny Llama)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+from ddp_worker import DUAL, GROW
+from torch.distributed.tensor import DTensor
+from fsdp_worker import FSDP_CONFIG, ForcedFSDP, dataset, full
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
+
+BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+class Record(TrainerCallback):
+    """Every rank: the blocks with trainable parameters (adapters included) per step; full tensors after every step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.trace, self.steps = [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        params = self.trainer._params
+        blocks = {int(m.group(1)) for n, p, _ in params if p.requires_grad and (m := BLOCK.search(n))}
+        self.trace.append([state.global_step - 1, sorted(blocks)])
+        self.steps.append({n: full(p) for n, p, _ in params})
+
+
+CASES = {  # case -> schedule, adapter settings
+    "grow": (GROW, None),
+    "dual": (DUAL, {"r": 4, "alpha": 8, "trunk_r": 2}),
+}
+
+
+def run(root: str, case: str, sharded: bool, resume: str | None = None, name: str | None = None) -> None:
+    output_dir = f"{root}/{name or (case if sharded else 'single_' + case)}"
+    schedule, adapters = CASES[case]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(f"{root}/base")
+    args = StackwiseArguments(
+        output_dir=output_dir,
+        max_steps=8,
+        per_device_train_batch_size=2 if sharded else 4,
+        learning_rate=5e-2,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        schedule=schedule,
+        adapters=adapters,
+        blocks_per_stack=1,
+        logging_steps=1,
+        dataloader_drop_last=True,
+        save_strategy="steps",
+        save_steps=3,
+        fsdp=sharded,
+        fsdp_config=FSDP_CONFIG if sharded else None,
+    )
+    trainer = (ForcedFSDP if sharded else StackwiseTrainer)(model=model, args=args, train_dataset=dataset())
+    record = Record(trainer)
+    trainer.add_callback(record)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # as `hf-stackwise train` ends (FSDP2: gathered on rank 0)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        torch.save({"final": record.steps[-1], "steps": record.steps}, f"{output_dir}/weights.pt")
+    with open(f"{output_dir}/trace{rank}.json", "w") as f:
+        optimized = [(n, p) for n, p in trainer.model.named_parameters() if any(p is q for q in _optimized(trainer))]
+        info = {
+            "trace": record.trace,
+            "fsdp": trainer.is_fsdp_enabled,
+            "world_size": args.world_size,
+            "optimized": len(optimized),
+            "optimized_dtensors": sum(isinstance(p, DTensor) for _, p in optimized),
+            "lora_dtensors": sum(isinstance(p, DTensor) for n, p in optimized if "lora_" in n),
+            "lora": sum("lora_" in n for n, _ in optimized),
+        }
+        json.dump(info, f)
+
+
+def _optimized(trainer) -> list:
+    return [p for g in trainer.optimizer.param_groups for p in g["params"]]
+
+
+def resumed_copy(root: str, case: str) -> str:
+    """A copy of the run holding only its checkpoint-3 (rank 0 copies; every rank waits)."""
+    source, target = f"{root}/{case}", f"{root}/{case}_resumed"
+    if int(os.environ.get("RANK", "0")) == 0:
+        keep = ("checkpoint-3", "stackwise_run.json")
+        shutil.copytree(source, target, ignore=lambda d, names: [] if d != source else [n for n in names if n not in keep])
+    if dist.is_initialized():
+        dist.barrier()
+    return f"{target}/checkpoint-3"
+
+
+def main(root: str, mode: str) -> None:
+    sharded = mode == "fsdp"
+    for case in CASES:
+        run(root, case, sharded)
+        if sharded:
+            run(root, case, sharded, resume=resumed_copy(root, case), name=f"{case}_resumed")
+    with open(f"{root}/{mode}.done", "w") as f:  # every result is written (an abort at exit loses nothing)
+        f.write(os.environ.get("RANK", "0"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
