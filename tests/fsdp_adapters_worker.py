@@ -17,10 +17,11 @@ import sys
 import torch
 import torch.distributed as dist
 from ddp_worker import DUAL, GROW
-from torch.distributed.tensor import DTensor
 from fsdp_worker import FSDP_CONFIG, ForcedFSDP, dataset, full
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from hf_stackwise.rack.quantization import bnb_config
 from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 
 BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -40,17 +41,23 @@ class Record(TrainerCallback):
         self.steps.append({n: full(p) for n, p, _ in params})
 
 
-CASES = {  # case -> schedule, adapter settings
-    "grow": (GROW, None),
-    "dual": (DUAL, {"r": 4, "alpha": 8, "trunk_r": 2}),
-}
+QLORA = [  # a 4-bit base: stack and trunk adapters, then another stack's adapter with the (full-precision) head
+    {"name": "trunk", "until": 0.5, "train": ["top"], "adapter": "lora", "trunk": "lora"},
+    {"name": "s0", "until": 1.0, "train": [0], "adapter": "lora", "head": "train"},
+]
+LORA = {"r": 4, "alpha": 8, "trunk_r": 2}
+QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True}
+CASES = {"grow": (GROW, None), "dual": (DUAL, LORA), "qlora": (QLORA, LORA)}  # case -> schedule, adapter settings
 
 
 def run(root: str, case: str, sharded: bool, resume: str | None = None, name: str | None = None) -> None:
     output_dir = f"{root}/{name or (case if sharded else 'single_' + case)}"
     schedule, adapters = CASES[case]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(f"{root}/base")
+    quantization = {}
+    if case == "qlora":  # the storage dtype as `hf-stackwise train` picks it (`auto`: float32 under FSDP2, else uint8)
+        quantization["quantization_config"] = bnb_config(QUANTIZATION, ["lm_head"], {"fsdp": sharded})
+    model = AutoModelForCausalLM.from_pretrained(f"{root}/base", **quantization)
     args = StackwiseArguments(
         output_dir=output_dir,
         max_steps=8,
@@ -89,8 +96,19 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
             "optimized_dtensors": sum(isinstance(p, DTensor) for _, p in optimized),
             "lora_dtensors": sum(isinstance(p, DTensor) for n, p in optimized if "lora_" in n),
             "lora": sum("lora_" in n for n, _ in optimized),
+            "weights_4bit": {  # the packed 4-bit base weights: dtype, whether sharded, this rank's bytes
+                n: [str(p.dtype), isinstance(p, DTensor), _local_bytes(p)]
+                for n, p in trainer.model.named_parameters()
+                if "base_layer" in n and n.endswith("weight") and p.shape[-1] == 1
+            },
+            "local_bytes": sum(_local_bytes(p) for _, p in trainer.model.named_parameters()),
         }
         json.dump(info, f)
+
+
+def _local_bytes(p: torch.Tensor) -> int:
+    local = p.to_local() if isinstance(p, DTensor) else p
+    return local.numel() * local.element_size()
 
 
 def _optimized(trainer) -> list:
@@ -102,7 +120,7 @@ def resumed_copy(root: str, case: str) -> str:
     source, target = f"{root}/{case}", f"{root}/{case}_resumed"
     if int(os.environ.get("RANK", "0")) == 0:
         keep = ("checkpoint-3", "stackwise_run.json")
-        shutil.copytree(source, target, ignore=lambda d, names: [] if d != source else [n for n in names if n not in keep])
+        shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if n not in keep] if d == source else [])
     if dist.is_initialized():
         dist.barrier()
     return f"{target}/checkpoint-3"

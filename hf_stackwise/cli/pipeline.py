@@ -349,7 +349,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     rack, skip_modules, plan = rack_from_config(recipe, config)
     # FSDP2 / FSDP1 / DeepSpeed (recipe or accelerate config): refused, with the reason, where they would be wrong
     check_sharding(
-        recipe.training, recipe.schedule, stack_sizes(rack["boundaries"]), bool(recipe.model.get("quantization"))
+        recipe.training, recipe.schedule, stack_sizes(rack["boundaries"]), recipe.model.get("quantization") or False
     )
     args = build_arguments(recipe)
     plane = DataPlane.from_data(recipe.data)
@@ -431,7 +431,7 @@ def load_model(prepared: Prepared):
     kwargs = _model_kwargs(recipe, FROM_PRETRAINED_KEYS)
     quantization = recipe.model.get("quantization")
     if quantization:
-        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
+        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules, recipe.training)
     model_class = auto_model_class(recipe)
     if recipe.model.get("from_scratch"):  # the architecture's own initialisation, seeded by training.seed
         set_seed(prepared.args.seed)

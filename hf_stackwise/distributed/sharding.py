@@ -117,11 +117,12 @@ def check_sharding(
     training: Mapping,
     schedule,
     base: int | tuple[int, ...],
-    quantized: bool = False,
+    quantized: bool | Mapping = False,
     env: Mapping[str, str] | None = None,
 ) -> str | None:
     """Refuse, naming the key and the reason, a sharded run that would be wrong or is not verified; returns the
-    engine (None without sharding). Reads the recipe and the rack only, so it runs before any weight loads."""
+    engine (None without sharding). Reads the recipe and the rack only, so it runs before any weight loads.
+    ``quantized``: the recipe's ``model.quantization`` (or True for a 4-bit base)."""
     engine, where, config = requested_engine(training, env)
     if engine is None:
         return None
@@ -155,17 +156,20 @@ def check_sharding(
             "writes only sharded state), so neither `hf-stackwise export` nor the checkpoint layout work; use "
             "FULL_STATE_DICT"
         )
-    problems = []
-    if quantized:
-        problems.append("model.quantization: 4-bit bases train through LoRA adapters, which FSDP2 runs do not use")
-    if problems:
-        raise RecipeError([f"{where} (FSDP2): {p}" for p in problems])
     launched = (env if env is not None else os.environ).get("ACCELERATE_MIXED_PRECISION", "no")
     mixed = bool(training.get("bf16") or training.get("fp16")) or launched in ("bf16", "fp16")
     if training.get("fp16") or launched == "fp16":
         raise RecipeError(
             f"training.fp16 with {where} (FSDP2): fp16 loss scaling of sharded gradients is not verified with phase "
             "transitions; use `bf16: true`"
+        )
+    storage = quantized.get("quant_storage", "auto") if isinstance(quantized, Mapping) else "auto"
+    if quantized and mixed and storage in ("float32", "float16"):
+        raise RecipeError(
+            f"model.quantization.quant_storage: {storage} with bf16 under {where} (FSDP2): the bf16 mixed-precision "
+            "policy casts every floating parameter to bfloat16 before gathering it, the packed 4-bit bytes included "
+            "(measured: RuntimeError \"shape '[64, 32]' is invalid for input of size 1024\"); use "
+            "`quant_storage: bfloat16` (or `auto`)"
         )
     if mixed and changes:
         check_torch_version()
@@ -191,9 +195,14 @@ def sharding_settings(args) -> dict:
     return {k: getattr(args, k, None) for k in keys}
 
 
-def quantized(model) -> bool:
-    """Whether the model was loaded quantized (bitsandbytes)."""
-    return getattr(getattr(model, "config", None), "quantization_config", None) is not None
+def quantized(model) -> dict | bool:
+    """A quantized model's storage dtype as ``model.quantization`` names it (``{"quant_storage": ...}``), else
+    False."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return False
+    config = config if isinstance(config, dict) else config.to_dict()
+    return {"quant_storage": str(config.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")}
 
 
 # ---- what the trainer calls under FSDP2 ------------------------------------------------------------------------
