@@ -120,7 +120,11 @@ def resumed_copy(root: str, case: str) -> str:
     source, target = f"{root}/{case}", f"{root}/{case}_resumed"
     if int(os.environ.get("RANK", "0")) == 0:
         keep = ("checkpoint-3", "stackwise_run.json")
-        shutil.copytree(source, target, ignore=lambda d, names: [n for n in names if n not in keep] if d == source else [])
+
+        def ignore(folder, names):
+            return [n for n in names if n not in keep] if folder == source else []
+
+        shutil.copytree(source, target, ignore=ignore)
     if dist.is_initialized():
         dist.barrier()
     return f"{target}/checkpoint-3"
