@@ -3,7 +3,7 @@ as one plain process: growth and LoRA schedules (ddp_worker.py's GROW and DUAL) 
 
 Per case: the weights after every step and the phase trace (fsdp_worker.Record), checkpoints every 3 steps (3 and 6
 are inside phases), the final save, then a resumed copy from checkpoint-3.
-usage: python fsdp_adapters_worker.py ROOT fsdp|single  (ROOT/base holds the tiny Llama)
+usage: python fsdp_adapters_worker.py ROOT fsdp|single [CASE...]  (ROOT/base holds the tiny Llama)
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ class Record(TrainerCallback):
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.trace, self.steps = [], []
+        self.trace, self.steps, self.grad_bytes = [], [], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """This rank's gradient bytes (its shards under FSDP2) just before the update."""
+        self.grad_bytes.append(sum(_local_bytes(p.grad) for _, p, _ in self.trainer._params if p.grad is not None))
 
     def on_step_end(self, args, state, control, **kwargs):
         params = self.trainer._params
@@ -102,8 +106,23 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
                 if "base_layer" in n and n.endswith("weight") and p.shape[-1] == 1
             },
             "local_bytes": sum(_local_bytes(p) for _, p in trainer.model.named_parameters()),
+            "buffer_bytes": sum(_local_bytes(b) for b in trainer.model.buffers()),
+            "quant_state_bytes": sum(_state_bytes(m.quant_state) for m in trainer.model.modules() if _is_4bit(m)),
+            "grad_bytes": record.grad_bytes,
         }
         json.dump(info, f)
+
+
+def _is_4bit(module) -> bool:
+    return type(module).__name__ == "Linear4bit" and getattr(module, "quant_state", None) is not None
+
+
+def _state_bytes(state) -> int:
+    """A 4-bit weight's quantization state: absmax, code table and offset, and the double quantization's own."""
+    tensors = [state.absmax, state.code, getattr(state, "offset", None)]
+    if state.state2 is not None:
+        tensors += [state.state2.absmax, state.state2.code]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _local_bytes(p: torch.Tensor) -> int:
@@ -130,9 +149,9 @@ def resumed_copy(root: str, case: str) -> str:
     return f"{target}/checkpoint-3"
 
 
-def main(root: str, mode: str) -> None:
+def main(root: str, mode: str, *cases: str) -> None:
     sharded = mode == "fsdp"
-    for case in CASES:
+    for case in cases or CASES:
         run(root, case, sharded)
         if sharded:
             run(root, case, sharded, resume=resumed_copy(root, case), name=f"{case}_resumed")
@@ -143,4 +162,4 @@ def main(root: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+import yaml
+from fsdp_adapters_worker import LORA, QLORA, QUANTIZATION
 from safetensors.torch import load_file
 from test_fsdp import launch
 
+from hf_stackwise.cli.plan import make_plan
+from hf_stackwise.cli.plan_memory import per_rank
 from hf_stackwise.export.folder import export
+from hf_stackwise.recipe.loader import load_recipe
 
 WORKER = "fsdp_adapters_worker.py"
 GROW_TRACE = [[0, [0, 1, 2, 3]], [1, [0, 1, 2, 3]], [2, [4]], [3, [4]], [4, [3, 5]], [5, [3, 5]]] + [
@@ -25,9 +30,9 @@ QLORA_TRACE = [[s, [0, 1, 2, 3]] for s in range(4)] + [[s, [0]] for s in range(4
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("fsdp_adapters")
-    tiny_causal_lm("llama").save_pretrained(root / "base")
+    shutil.copytree(tiny_llama_dir, root / "base")  # tiny_causal_lm("llama") with the tiny tokenizer
     for mode, ranks in (("fsdp", 2), ("single", 1)):
         launch(root, mode, ranks, WORKER)
     return root
@@ -160,3 +165,47 @@ def test_fsdp2_qlora_resumes_bitwise_and_exports_like_one_process(runs, tmp_path
     # export re-creates the 4-bit base (float32 storage here, uint8 there), dequantizes it and merges
     assert exports_equal(tmp_path, str(runs / "qlora"), str(runs / "single_qlora")) <= 1e-6
     assert os.path.isfile(runs / "qlora" / "stackwise_trainable.safetensors")
+
+
+# ---- plan --world-size 2: the shards of adapters and of a 4-bit base, byte for byte against the runs above ---------
+
+
+def planned(root, tmp_path, pydoc_files, schedule, quantization=None) -> list[dict]:
+    recipe = {
+        "model": {"name_or_path": str(root / "base"), "dtype": "float32", "quantization": quantization},
+        "rack": {"blocks_per_stack": 1},
+        "adapters": LORA,
+        "data": {"train": {"path": "text", "data_files": pydoc_files[0]}, "max_seq_length": 32},
+        "schedule": schedule,
+        "training": {
+            "output_dir": str(tmp_path / "out"),
+            "max_steps": 8,
+            "per_device_train_batch_size": 2,
+            "fsdp": True,
+            "fsdp_config": {"version": 2},
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    recipe = load_recipe(str(path))
+    return per_rank(make_plan(recipe), 2, recipe.training)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dual", "qlora"])
+def test_plan_predicts_the_shards_of_adapters_and_4bit_bases(runs, tmp_path, pydoc_files, case):
+    """Rank 0 of the real run: its parameter shards (LoRA A and B, and the packed 4-bit weights stored as float32,
+    each sharded on dim 0), its buffers and the 4-bit quantization state (whole on every rank) are `plan`'s FSDP2
+    weights; the gradient shards before each update are the phase's FSDP2 gradients."""
+    from ddp_worker import DUAL
+
+    quantization = QUANTIZATION if case == "qlora" else None
+    rows = planned(runs, tmp_path, pydoc_files, DUAL if case == "dual" else QLORA, quantization)
+    run = info(runs, case)
+    held = run["local_bytes"] + run["buffer_bytes"] + run["quant_state_bytes"]
+    assert (run["quant_state_bytes"] > 0) == (case == "qlora")
+    assert all(row["fsdp2"]["weights"] == held for row in rows)
+    steps_per_phase = 8 // len(rows)
+    by_phase = [run["grad_bytes"][i * steps_per_phase] for i in range(len(rows))]
+    assert all(len(set(run["grad_bytes"][i : i + steps_per_phase])) == 1 for i in range(0, 8, steps_per_phase))
+    assert [row["fsdp2"]["gradients"] for row in rows] == by_phase
