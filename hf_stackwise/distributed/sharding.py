@@ -21,6 +21,10 @@ first training step, after wrapping, on the sharded parameters, identically on e
   (:func:`only_saved_state_trainable`), so a resumed run is bitwise the uninterrupted one.
 - The trainer's frozen-parameter checksums read each rank's local shard (:func:`local`); checkpoints and the final
   model are full state dicts gathered on rank 0 (``FULL_STATE_DICT``), the files export reads.
+- Growth initialises a new stack from the full tensors of its blocks and sources (:func:`gathered`), so a random
+  stack draws what one process draws. LoRA adapters are sharded like full weights; adapter runs gather them to save
+  and shard them to load. A 4-bit base shards when its packed weights are stored in the dtype FSDP2 gathers in
+  (``model.quantization.quant_storage: auto``); a float32 storage under a bf16 policy is refused (cast, measured).
 
 DeepSpeed ZeRO and FSDP1 fix the optimizer's partition (flat parameters) when they wrap the model: parameters frozen
 then are left out of the optimizer for good, and parameters frozen later keep moving through momentum and weight
