@@ -1,8 +1,8 @@
 """Run by tests/test_fsdp_adapters.py, under `torchrun --nproc_per_node 2` (FSDP2, forced as in fsdp_worker.py) or
 as one plain process: growth and LoRA schedules (ddp_worker.py's GROW and DUAL) on a tiny Llama loaded from a folder.
 
-Per case: the weights after every step and the phase trace (fsdp_worker.Record), checkpoints every 3 steps (3 and 6
-are inside phases), the final save, then a resumed copy from checkpoint-3.
+Per case: the weights after every step and the phase trace (Record), checkpoints every 3 steps (3 and 6 are inside
+phases), the final save, then (SGD cases) a resumed copy from checkpoint-3; the AdamW cases again under DDP.
 usage: python fsdp_adapters_worker.py ROOT fsdp|single [CASE...]  (ROOT/base holds the tiny Llama)
 """
 
@@ -51,12 +51,20 @@ QLORA = [  # a 4-bit base: stack and trunk adapters, then another stack's adapte
 ]
 LORA = {"r": 4, "alpha": 8, "trunk_r": 2}
 QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True}
-CASES = {"grow": (GROW, None), "dual": (DUAL, LORA), "qlora": (QLORA, LORA)}  # case -> schedule, adapter settings
+CASES = {  # case -> schedule, adapter settings, optimizer
+    "grow": (GROW, None, "sgd"),
+    "dual": (DUAL, LORA, "sgd"),
+    "qlora": (QLORA, LORA, "sgd"),
+    "grow_adamw": (GROW, None, "adamw_torch"),
+    "dual_adamw": (DUAL, LORA, "adamw_torch"),
+}
+RESUMED = ("grow", "dual", "qlora")  # the cases also resumed from their checkpoint-3
 
 
 def run(root: str, case: str, sharded: bool, resume: str | None = None, name: str | None = None) -> None:
     output_dir = f"{root}/{name or (case if sharded else 'single_' + case)}"
-    schedule, adapters = CASES[case]
+    schedule, adapters, optim = CASES[case]
+    sgd = optim == "sgd"
     torch.manual_seed(0)
     quantization = {}
     if case == "qlora":  # the storage dtype as `hf-stackwise train` picks it (`auto`: float32 under FSDP2, else uint8)
@@ -65,10 +73,12 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
     args = StackwiseArguments(
         output_dir=output_dir,
         max_steps=8,
-        per_device_train_batch_size=2 if sharded else 4,
-        learning_rate=5e-2,
-        optim="sgd",
-        optim_args="momentum=0.9",
+        per_device_train_batch_size=4 // int(os.environ.get("WORLD_SIZE", "1")),  # global batch 4
+        learning_rate=5e-2 if sgd else 1e-3,
+        optim=optim,
+        optim_args="momentum=0.9" if sgd else None,
+        # AdamW without clipping: the clip's total norm sums shard norms in another order (as in fsdp_worker.py)
+        max_grad_norm=1.0 if sgd else 0.0,
         report_to="none",
         use_cpu=True,
         seed=0,
@@ -153,8 +163,15 @@ def main(root: str, mode: str, *cases: str) -> None:
     sharded = mode == "fsdp"
     for case in cases or CASES:
         run(root, case, sharded)
-        if sharded:
+        if sharded and case in RESUMED:
             run(root, case, sharded, resume=resumed_copy(root, case), name=f"{case}_resumed")
+    if sharded:  # the AdamW reference: real DDP in the same process group (accelerate's state reset to MULTI_CPU)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        os.environ.pop("ACCELERATE_USE_FSDP", None)  # set by the FSDP runs' Accelerator
+        for case in [c for c in cases or CASES if CASES[c][2] != "sgd"]:
+            run(root, case, False, name=f"ddp_{case}")
     with open(f"{root}/{mode}.done", "w") as f:  # every result is written (an abort at exit loses nothing)
         f.write(os.environ.get("RANK", "0"))
     if dist.is_initialized():
