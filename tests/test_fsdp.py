@@ -14,7 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_stackwise.distributed.sharding import arranged_state_dict, check_sharding, check_torch_version
+from hf_stackwise.distributed.sharding import (
+    arranged_state_dict,
+    check_sharding,
+    check_torch_version,
+    storage_settings,
+)
 from hf_stackwise.errors import RecipeError
 from hf_stackwise.export.folder import export
 from hf_stackwise.schedule.phases import Schedule
@@ -289,6 +294,12 @@ def test_4bit_storage_is_the_dtype_fsdp2_gathers_in():
     assert quant_storage({"quant_storage": "uint8"}, {"fsdp": True}) == "uint8"
     assert bnb_config({}, ["lm_head"], {"fsdp": True}).bnb_4bit_quant_storage == torch.float32
     assert bnb_config({}, ["lm_head"]).bnb_4bit_quant_storage == torch.uint8
+    # `hf-stackwise train` reads FSDP2 and bf16 from the recipe or from the accelerate launch (recipes/accelerate/)
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    assert quant_storage({}, storage_settings({}, env=launched)) == "bfloat16"
+    assert quant_storage({}, storage_settings({"fsdp": True, "fsdp_config": {"version": 2}}, env={})) == "float32"
+    assert quant_storage({}, storage_settings({"fsdp": True, "fsdp_config": {"version": 1}}, env={})) == "uint8"
+    assert quant_storage({}, storage_settings({}, env={})) == "uint8"
 
 
 def test_a_4bit_storage_dtype_outside_the_list_names_the_key():

@@ -31,7 +31,7 @@ from ..data.loading import build_datasets, build_sources
 from ..data.mixture import MixtureDataset
 from ..data.plane import DataPlane
 from ..data.sft import build_sft_datasets, check_causal, sft_config_fields
-from ..distributed.sharding import check_sharding
+from ..distributed.sharding import check_sharding, storage_settings
 from ..errors import StackwiseError
 from ..persist.checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from ..rack.adapters import plan_adapters, resolve_targets
@@ -431,7 +431,8 @@ def load_model(prepared: Prepared):
     kwargs = _model_kwargs(recipe, FROM_PRETRAINED_KEYS)
     quantization = recipe.model.get("quantization")
     if quantization:
-        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules, recipe.training)
+        storage = storage_settings(recipe.training)  # FSDP2 packs 4-bit weights in the dtype it gathers in
+        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules, storage)
     model_class = auto_model_class(recipe)
     if recipe.model.get("from_scratch"):  # the architecture's own initialisation, seeded by training.seed
         set_seed(prepared.args.seed)

@@ -180,6 +180,15 @@ def check_sharding(
     return engine
 
 
+def storage_settings(training: Mapping, env: Mapping[str, str] | None = None) -> dict:
+    """What picks a 4-bit base's storage dtype (``quant_storage: auto``): whether the run shards with FSDP2 and
+    computes in bf16, from the recipe or from accelerate's launch environment."""
+    env = os.environ if env is None else env
+    engine = requested_engine(training, env)[0]
+    bf16 = bool(training.get("bf16")) or env.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
+    return {"fsdp": engine == "fsdp2", "bf16": bf16}
+
+
 def check_torch_version(version: str | None = None) -> None:
     """FSDP2 with mixed precision and a changing trainable set needs the dtype refresh, verified on one version."""
     version = torch.__version__ if version is None else version
