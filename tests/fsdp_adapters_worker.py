@@ -49,12 +49,18 @@ QLORA = [  # a 4-bit base: stack and trunk adapters, then another stack's adapte
     {"name": "trunk", "until": 0.5, "train": ["top"], "adapter": "lora", "trunk": "lora"},
     {"name": "s0", "until": 1.0, "train": [0], "adapter": "lora", "head": "train"},
 ]
+QLORA_GROW = [  # LLaMA Pro on a 4-bit base: a trunk adapter, then an identity stack (full precision) copied from a
+    # 4-bit block inside the rack, trained with the trunk adapter
+    {"name": "trunk", "until": 0.5, "train": ["top"], "adapter": "lora", "trunk": "lora"},
+    {"name": "pro", "until": 1.0, "grow": {"op": "identity", "at": [2]}, "train": "new", "trunk": "lora"},
+]
 LORA = {"r": 4, "alpha": 8, "trunk_r": 2}
 QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True}
 CASES = {  # case -> schedule, adapter settings, optimizer
     "grow": (GROW, None, "sgd"),
     "dual": (DUAL, LORA, "sgd"),
     "qlora": (QLORA, LORA, "sgd"),
+    "qlora_grow": (QLORA_GROW, LORA, "sgd"),
     "grow_adamw": (GROW, None, "adamw_torch"),
     "dual_adamw": (DUAL, LORA, "adamw_torch"),
 }
@@ -67,7 +73,7 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
     sgd = optim == "sgd"
     torch.manual_seed(0)
     quantization = {}
-    if case == "qlora":  # the storage dtype as `hf-stackwise train` picks it (`auto`: float32 under FSDP2, else uint8)
+    if case.startswith("qlora"):  # storage as `hf-stackwise train` picks it (auto: float32 under FSDP2, else uint8)
         quantization["quantization_config"] = bnb_config(QUANTIZATION, ["lm_head"], {"fsdp": sharded})
     model = AutoModelForCausalLM.from_pretrained(f"{root}/base", **quantization)
     args = StackwiseArguments(

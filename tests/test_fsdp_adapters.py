@@ -172,6 +172,20 @@ def test_fsdp2_qlora_resumes_bitwise_and_exports_like_one_process(runs, tmp_path
     assert os.path.isfile(runs / "qlora" / "stackwise_trainable.safetensors")
 
 
+@pytest.mark.slow
+def test_fsdp2_grows_an_identity_stack_from_a_4bit_block_like_one_process(runs, tmp_path):
+    """LLaMA Pro on a 4-bit base: the new stack copies a 4-bit block, dequantized from its gathered packed bytes with
+    the quantization state FSDP2 leaves on the module, then trains in full precision beside the trunk adapter."""
+    trace = [[s, [0, 1, 2, 3]] for s in range(4)] + [[s, [0, 1, 2, 3, 4]] for s in range(4, 8)]
+    assert info(runs, "qlora_grow")["trace"] == trace == info(runs, "single_qlora_grow")["trace"]
+    sharded, single = weights(runs, "qlora_grow"), weights(runs, "single_qlora_grow")
+    for step, (a, b) in enumerate(zip(sharded["steps"], single["steps"], strict=True)):
+        assert max_diff(a, b) <= 1e-6, step  # measured 7.5e-9
+    grown = "base_model.model.model.layers.4.mlp.down_proj.weight"  # full precision, zeroed at growth, then trained
+    assert sharded["steps"][4][grown].dtype == torch.float32 and sharded["steps"][4][grown].abs().max() < 1e-2
+    assert exports_equal(tmp_path, str(runs / "qlora_grow"), str(runs / "single_qlora_grow")) <= 1e-6
+
+
 # ---- plan --world-size 2: the shards of adapters and of a 4-bit base, byte for byte against the runs above ---------
 
 

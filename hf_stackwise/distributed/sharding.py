@@ -284,6 +284,8 @@ def gathered(*modules: torch.nn.Module):
                 if param is None or not hasattr(param, "full_tensor"):
                     continue
                 full = torch.nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+                if name == "weight" and getattr(owner, "quant_state", None) is not None:  # packed 4-bit bytes
+                    full = _packed_4bit(full, owner)
                 owner._parameters[name] = full
                 swapped.append((owner, name, param, full))
     try:
@@ -294,6 +296,20 @@ def gathered(*modules: torch.nn.Module):
                 owner._parameters[name] = param
                 shard = distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
                 param.to_local().copy_(shard.to_local())
+
+
+def _packed_4bit(full: torch.Tensor, module) -> torch.nn.Parameter:
+    """A gathered packed weight as the ``Params4bit`` it is in one process (FSDP2 keeps its quantization state on the
+    module, as bitsandbytes does for FSDP), so growth can dequantize it."""
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(
+        full.data,
+        requires_grad=False,
+        quant_state=module.quant_state,
+        quant_storage=full.dtype,
+        bnb_quantized=True,
+    )
 
 
 def arranged_state_dict(state_dict: dict, layers_path: str, blocks: list[int]) -> dict:
