@@ -201,7 +201,12 @@ class FaultTolerance:
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then the completion marker (after every rank's files), then rotation."""
-        nonfinite = [n for n, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        # only what the optimizer updates: frozen tensors are checksummed, and packed 4-bit weights stored as floats
+        # (FSDP2's `quant_storage`) hold bit patterns that read as NaN
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        nonfinite = [
+            n for n, p in self.model.named_parameters() if id(p) in optimized and not torch.isfinite(p.detach()).all()
+        ]
         step = self.state.global_step
         if nonfinite:  # an optimizer update overflowed although its gradient was finite: never save that
             raise NonFiniteError(

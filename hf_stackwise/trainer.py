@@ -32,6 +32,7 @@ from .data.trainer_mixin import DataPlaneMixin
 from .distributed.ddp import ddp_wrapper, find_unused_parameters, register_trainable
 from .distributed.sharding import (
     check_sharding,
+    gathered,
     is_fsdp2,
     local,
     mixed_precision,
@@ -372,8 +373,12 @@ class StackwiseTrainer(FaultTolerance, AutoFreezeMixin, SavingMixin, DataPlaneMi
 
     def _grow(self, grown, step: int) -> None:
         """Initialise, in place, the stacks this phase grows (their parameters already exist)."""
-        for new in grown:
-            initialize(self._base_model(), self._base_topology["layers"], self.layout, new, self.args.seed, step)
+        model, layers = self._base_model(), self._base_topology["layers"]
+        blocks = model.get_submodule(layers)
+        for new in grown:  # FSDP2: from the full tensors of the new and source blocks, then sharded again
+            involved = sorted({*self.layout.stack_blocks(new.stack), *new.sources})
+            with gathered(*(blocks[b] for b in involved)):
+                initialize(model, layers, self.layout, new, self.args.seed, step)
 
     def _show_phase_in_progress_bar(self, name: str) -> None:
         for callback in self.callback_handler.callbacks:

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.world_size > 1:
                 from .plan_memory import format_per_rank
 
-                print(format_per_rank(plan, args.world_size))
+                print(format_per_rank(plan, args.world_size, recipe.training))
             if args.plot:
                 from ..report.plots import plot_timeline
 

@@ -31,7 +31,7 @@ from ..data.loading import build_datasets, build_sources
 from ..data.mixture import MixtureDataset
 from ..data.sft import build_sft_datasets, check_causal, sft_config_fields
 from ..distributed.ddp import find_unused_parameters
-from ..distributed.sharding import check_sharding
+from ..distributed.sharding import check_sharding, storage_settings
 from ..errors import StackwiseError
 from ..persist.checkpoint import RECIPE_NAME, check_output_dir, check_resumable, resolve_resume, run_identity
 from ..rack.adapters import plan_adapters, resolve_targets
@@ -358,7 +358,7 @@ def check_recipe(recipe: Recipe) -> Checked:
     recipe, topology, skip_modules, plan = rack_from_config(recipe, config)
     sizes = stack_sizes(topology["boundaries"])
     # FSDP2 / FSDP1 / DeepSpeed (recipe or accelerate config): refused, with the reason, where they would be wrong
-    check_sharding(recipe.training, recipe.schedule, sizes, bool(recipe.model.quantization))
+    check_sharding(recipe.training, recipe.schedule, sizes, recipe.model.quantization or False)
     find_unused_parameters(recipe.training.get("ddp_find_unused_parameters"), config)  # refuses an unsafe `false`
     args = build_arguments(recipe)
     check_lengths(recipe, config)
@@ -468,7 +468,8 @@ def load_model(prepared: Prepared):
     kwargs = dict(recipe.model.from_pretrained)
     quantization = recipe.model.quantization
     if quantization:
-        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules)
+        storage = storage_settings(recipe.training)  # FSDP2 packs 4-bit weights in the dtype it gathers in
+        kwargs["quantization_config"] = bnb_config(quantization, prepared.skip_modules, storage)
     model_class = auto_model_class(recipe)
     # Weights the checkpoint lacks (a new classifier head, or the whole model from scratch) are initialised
     # while loading, before the Trainer seeds anything: seed them by training.seed, or two runs differ.

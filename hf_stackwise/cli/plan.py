@@ -170,6 +170,7 @@ class Plan:
     base_lr: float = 0.0
     unit_tensors: dict = field(default_factory=dict)  # unit -> {tensor name: (numel, bytes)}, for plan_memory
     tensor_rows: dict = field(default_factory=dict)  # tensor name -> dim 0 (FSDP2 shards rows)
+    quantized_tensors: set = field(default_factory=set)  # the 4-bit weights (their bytes: packed values and state)
 
     @property
     def num_stacks(self) -> int:
@@ -217,19 +218,24 @@ def tensor_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def quantized_weights(skeleton, layers: str, quantization, skip) -> set[str]:
+    """Names of the weights a 4-bit base stores quantized: the blocks' linear layers outside ``skip``."""
+    if not quantization:
+        return set()
+    return {
+        f"{name}.weight"
+        for name, module in skeleton.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(layers + ".") and not _in_modules(name, skip)
+    }
+
+
 def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantization, skip) -> tuple[dict, dict, int]:
     """Parameter bytes and counts per unit (``{unit: {name: (numel, bytes)}}``), the weight bytes of the whole
     model (buffers included), and the parameter count."""
     from ..rack.rack import Rack
 
     rack = Rack(skeleton, layers, tuple(boundaries))
-    quantized = set()
-    if quantization:
-        quantized = {
-            f"{name}.weight"
-            for name, module in skeleton.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(layers + ".") and not _in_modules(name, skip)
-        }
+    quantized = quantized_weights(skeleton, layers, quantization, skip)
     double_quant = bool((quantization or {}).get("double_quant", True))
 
     def size(name: str, tensor: torch.Tensor) -> tuple[int, int]:
@@ -252,8 +258,9 @@ def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantizat
     return units, weights, count
 
 
-def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targets: dict) -> dict:
-    """LoRA parameters per unit (float32): ``r × (in + out)`` per targeted linear layer of each covered block."""
+def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targets: dict, tensor_rows: dict) -> dict:
+    """LoRA parameters per unit (float32): A (``r × in``) and B (``out × r``) per targeted linear layer of each covered
+    block; their dim 0 goes into ``tensor_rows``."""
     from transformers.pytorch_utils import Conv1D
 
     blocks = skeleton.get_submodule(layers)
@@ -271,8 +278,10 @@ def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targ
                     fan_in, fan_out = module.weight.shape
                 else:
                     continue
-                numel = cfg["r"] * (fan_in + fan_out)
-                units.setdefault(unit, {})[f"{layers}.{b}.{name}.lora.{adapter}"] = (numel, 4 * numel)
+                for part, rows, cols in (("lora_A", cfg["r"], fan_in), ("lora_B", fan_out, cfg["r"])):
+                    tensor = f"{layers}.{b}.{name}.{part}.{adapter}"
+                    units.setdefault(unit, {})[tensor] = (rows * cols, 4 * rows * cols)
+                    tensor_rows[tensor] = rows  # FSDP2 shards dim 0
     return units
 
 
@@ -380,7 +389,8 @@ def make_plan(recipe: Recipe) -> Plan:
     quantization = recipe.model.quantization
     units, weight_bytes, total_params = _unit_tensors(skeleton, layers, boundaries, dtype_bytes, quantization, skip)
     targets = resolve_targets(adapter_plan, skeleton.get_submodule(layers)) if adapter_plan else {}
-    for unit, tensors in _adapter_tensors(skeleton, layers, boundaries, adapter_plan, targets).items():
+    tensor_rows = {n: p.shape[0] for n, p in skeleton.named_parameters() if p.dim()}
+    for unit, tensors in _adapter_tensors(skeleton, layers, boundaries, adapter_plan, targets, tensor_rows).items():
         units.setdefault(unit, {}).update(tensors)
         weight_bytes += sum(b for _, b in tensors.values())
     ranks = _adapter_ranks(adapter_plan, targets)
@@ -491,7 +501,8 @@ def make_plan(recipe: Recipe) -> Plan:
         schedule=recipe.schedule,
         base_lr=args.learning_rate,
         unit_tensors=units,
-        tensor_rows={n: p.shape[0] for n, p in skeleton.named_parameters() if p.dim()},
+        tensor_rows=tensor_rows,
+        quantized_tensors=quantized_weights(skeleton, layers, quantization, skip),
     )
 
 

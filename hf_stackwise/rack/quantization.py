@@ -60,8 +60,25 @@ def quantization_identity(settings: dict | None = None, bnb: dict | None = None)
     return None
 
 
-def bnb_config(settings: dict, skip_modules: list[str]):
-    """``BitsAndBytesConfig`` for the recipe's ``model.quantization`` section."""
+STORAGE = ("auto", "uint8", "float32", "bfloat16", "float16")
+
+
+def quant_storage(settings: dict, training: dict | None = None) -> str:
+    """The dtype bitsandbytes packs 4-bit weights in (``bnb_4bit_quant_storage``). ``auto``: ``uint8`` in one process
+    or under DDP; under FSDP2 the dtype FSDP2 gathers parameters in (``bfloat16`` with ``bf16: true``, else
+    ``float32``), so the packed weights shard like every other parameter (accelerate leaves ``uint8`` ones whole on
+    every rank) and a bf16 ``MixedPrecisionPolicy`` does not cast the packed bytes."""
+    storage = settings.get("quant_storage", "auto")
+    if storage != "auto":
+        return storage
+    training = training or {}
+    if not training.get("fsdp"):
+        return "uint8"
+    return "bfloat16" if training.get("bf16") else "float32"
+
+
+def bnb_config(settings: dict, skip_modules: list[str], training: dict | None = None):
+    """``BitsAndBytesConfig`` for the recipe's ``model.quantization`` section (``training``: the storage dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -69,6 +86,7 @@ def bnb_config(settings: dict, skip_modules: list[str]):
         bnb_4bit_quant_type=settings.get("quant_type", "nf4"),
         bnb_4bit_use_double_quant=settings.get("double_quant", True),
         bnb_4bit_compute_dtype=DTYPES[settings.get("compute_dtype", "float32")],
+        bnb_4bit_quant_storage=getattr(torch, quant_storage(settings, training)),
         llm_int8_skip_modules=skip_modules,
     )
 

@@ -54,7 +54,7 @@ def load_yaml(text):
 
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
 MODEL_KEYS = ("name_or_path", "dtype", "quantization", "from_scratch", "config")
-QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype")
+QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype", "quant_storage")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RACK_KEYS = ("blocks_per_stack", "boundaries", "layers")
 DATA_KEYS = (
@@ -175,6 +175,11 @@ def _check_model(model, problems: list[str]) -> dict:
                 problems.append(f"model.quantization.quant_type: {quant.get('quant_type')!r} is not nf4 or fp4")
             if not isinstance(quant.get("double_quant", True), bool):
                 problems.append(f"model.quantization.double_quant: {quant.get('double_quant')!r} is not true/false")
+            if quant.get("quant_storage", "auto") not in ("auto", "uint8", "float32", "bfloat16", "float16"):
+                problems.append(
+                    f"model.quantization.quant_storage: {quant.get('quant_storage')!r} is not auto, uint8, float32, "
+                    "bfloat16 or float16 (auto: the dtype FSDP2 shards in, uint8 otherwise)"
+                )
             if quant.get("compute_dtype", "float32") not in ("float32", "bfloat16", "float16"):
                 problems.append(
                     f"model.quantization.compute_dtype: {quant.get('compute_dtype')!r} is not float32, bfloat16 "
