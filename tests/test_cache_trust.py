@@ -319,3 +319,17 @@ def test_the_end_of_training_summary_logs_no_hit_rate(tmp_path, token_dataset):
     assert "train_runtime" in summary and not any(k.startswith("cache/") for k in summary)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in logged] == [5, 10] and all("cache/hit_rate" in h for h in logged)
+
+
+def test_row_lengths_follow_a_selected_or_shuffled_datasets_rows():
+    """A selected / shuffled / filtered `datasets.Dataset` keeps every row in its Arrow table: lengths are read
+    through its indices (SFT and split datasets are such selections)."""
+    import datasets
+
+    from hf_stackwise.cache.rows import longest_row, row_lengths
+
+    full = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in range(1, 101)]})
+    picked = full.select([5, 50, 2]).shuffle(seed=0)
+    assert sorted(row_lengths(picked).tolist()) == [3, 6, 51] and len(row_lengths(picked)) == len(picked)
+    assert row_lengths(picked).tolist() == [len(r) for r in picked["input_ids"]]
+    assert longest_row(full.select([0, 1, 2])) == 3

@@ -20,15 +20,27 @@ def dataset_rows(dataset) -> int | None:
         return None
 
 
+def _arrow_lengths(dataset) -> np.ndarray:
+    """``input_ids`` length per row of a ``datasets.Dataset``, read from its Arrow table without decoding the rows;
+    a selected, shuffled or filtered dataset reads its rows through its indices mapping (its table holds them all)."""
+    import pyarrow.compute as pc
+
+    lengths = np.asarray(pc.list_value_length(dataset.data.column("input_ids")).to_numpy(), np.int64)
+    indices = getattr(dataset, "_indices", None)
+    if indices is not None:
+        lengths = lengths[np.asarray(indices.column(0).to_numpy(), np.int64)]
+    return lengths
+
+
 def longest_row(dataset) -> int | None:
     """Tokens in the longest ``input_ids`` row of a (non-mixture) dataset, or None (a ``datasets.Dataset``: read from
     its Arrow table without decoding the rows)."""
     try:
         import datasets
-        import pyarrow.compute as pc
 
         if isinstance(dataset, datasets.Dataset):
-            return pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
+            lengths = _arrow_lengths(dataset)
+            return int(lengths.max()) if len(lengths) else None
         column = dataset["input_ids"]
         return max((len(r) for r in column), default=None)
     except (KeyError, TypeError, IndexError, ValueError):
@@ -39,10 +51,9 @@ def row_lengths(dataset) -> np.ndarray | None:
     """``input_ids`` length per row of a ``datasets.Dataset`` (from its Arrow table), else None."""
     try:
         import datasets
-        import pyarrow.compute as pc
 
         if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
-            return np.asarray(pc.list_value_length(dataset.data.column("input_ids")).to_numpy(), np.int64)
+            return _arrow_lengths(dataset)
     except (KeyError, TypeError, ValueError):
         pass
     return None
