@@ -55,7 +55,7 @@ class DataPlaneMixin:
         """A pure function of (batch, phase of ``step``, seed): rows split to the phase's length, then corrupted
         for ``mlm`` / ``diffusion`` with generators seeded by (seed, step, row)."""
         state = self.data_state(step)
-        if state is None or state.task == "classification":  # whole labelled rows, padded per batch: untouched
+        if state is None or state.task in ("classification", "dpo"):  # whole rows / pairs, padded per batch: untouched
             return inputs
         if state.task == "sft":  # conversations: a shorter phase truncates them
             return truncate_for_phase(inputs, state.max_seq_length, self.data_plane.chunk_length(self.schedule))
