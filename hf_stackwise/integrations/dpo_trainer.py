@@ -54,6 +54,35 @@ class StackwiseDPOConfig(StackwiseArguments, trl.DPOConfig):
                 f"training.precompute_ref_log_probs: true contradicts `reference: {self.reference}`; use "
                 "`reference: precompute` alone"
             )
+        problems = [
+            f"training.{key}: {value!r} {rule}"
+            for key, value, bad, rule in (
+                ("beta", self.beta, not self.beta > 0, "is not a positive number (the KL weight)"),
+                ("label_smoothing", self.label_smoothing, not 0 <= self.label_smoothing <= 0.5, "is not in [0, 0.5]"),
+                (
+                    "ld_alpha",
+                    self.ld_alpha,
+                    self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1,
+                    "is not in [0, 1]",
+                ),
+                ("discopop_tau", self.discopop_tau, not self.discopop_tau > 0, "is not a positive number"),
+                (
+                    "loss_weights",
+                    self.loss_weights,
+                    self.loss_weights is not None and any(not w >= 0 for w in self.loss_weights),
+                    "has a negative weight",
+                ),
+                (
+                    "precompute_ref_batch_size",
+                    self.precompute_ref_batch_size,
+                    self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1,
+                    "is not a positive batch size",
+                ),
+            )
+            if bad
+        ]
+        if problems:
+            raise RecipeError(problems)
         if self.sync_ref_model:
             raise RecipeError(
                 "training.sync_ref_model: TR-DPO moves the reference during training, so neither `shared` (initial "
