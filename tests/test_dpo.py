@@ -53,13 +53,23 @@ def dpo_args(tmp_path, name: str, reference: str, schedule=TOP, **overrides) -> 
     return StackwiseDPOConfig(**settings)
 
 
-def run(tmp_path, tokenizer, name: str, reference: str, rows=None, **overrides):
+def run(tmp_path, tokenizer, name: str, reference: str, rows=None, evaluate=False, **overrides):
     model = tiny_causal_lm("llama", layers=4)
     dataset = Dataset.from_list(rows or preference_rows(24))
+    held_out = Dataset.from_list(preference_rows(8, offset=300)) if evaluate else None
     args = dpo_args(tmp_path, name, reference, **overrides)
-    trainer = StackwiseDPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = StackwiseDPOTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=held_out, processing_class=tokenizer
+    )
     trainer.train()
+    trainer.held_out = trainer.evaluate() if evaluate else None
     return trainer
+
+
+def held_out(trainer) -> tuple:
+    """Held-out loss, reward accuracy and margin (the reference enters every one)."""
+    keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_rewards/chosen")
+    return tuple(trainer.held_out[k] for k in keys)
 
 
 def losses(trainer) -> list[tuple]:
@@ -73,13 +83,14 @@ def weights(trainer) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def copy_run(tmp_path_factory, tokenizer):
-    return run(tmp_path_factory.mktemp("dpo"), tokenizer, "copy", "copy")
+    return run(tmp_path_factory.mktemp("dpo"), tokenizer, "copy", "copy", evaluate=True)
 
 
 def test_shared_reference_equals_copy(copy_run, tmp_path, tokenizer):
-    shared = run(tmp_path, tokenizer, "shared", "shared")
+    shared = run(tmp_path, tokenizer, "shared", "shared", evaluate=True)
     assert shared.reference_way == "shared" and shared.reference_cuts == [3, 2]
     assert losses(shared) == losses(copy_run)  # bitwise: the same tensors through the same kernels
+    assert held_out(shared) == held_out(copy_run) and held_out(copy_run)[2] != 0
     base, other = weights(copy_run), weights(shared)
     assert all(torch.equal(base[n], other[n]) for n in base)
     # the reference holds copies of what trains (blocks 2, 3, the final norm; head and embeddings are tied, frozen)
@@ -90,9 +101,10 @@ def test_shared_reference_equals_copy(copy_run, tmp_path, tokenizer):
 
 
 def test_precompute_reference_equals_copy(copy_run, tmp_path, tokenizer):
-    precomputed = run(tmp_path, tokenizer, "precompute", "precompute")
+    precomputed = run(tmp_path, tokenizer, "precompute", "precompute", evaluate=True)
     assert precomputed.ref_model is None and precomputed.reference_bytes == 0
     assert losses(precomputed) == pytest.approx(losses(copy_run), abs=TOLERANCE)
+    assert held_out(precomputed) == pytest.approx(held_out(copy_run), abs=TOLERANCE)
     base, other = weights(copy_run), weights(precomputed)
     assert max((base[n] - other[n]).abs().max().item() for n in base) <= TOLERANCE
 
