@@ -91,6 +91,7 @@ def test_shared_reference_equals_copy(copy_run, tmp_path, tokenizer):
     assert shared.reference_way == "shared" and shared.reference_cuts == [3, 2]
     assert losses(shared) == losses(copy_run)  # bitwise: the same tensors through the same kernels
     assert held_out(shared) == held_out(copy_run) and held_out(copy_run)[2] != 0
+    assert "eval_perplexity" not in copy_run.held_out  # the DPO loss is no token cross-entropy
     base, other = weights(copy_run), weights(shared)
     assert all(torch.equal(base[n], other[n]) for n in base)
     # the reference holds copies of what trains (blocks 2, 3, the final norm; head and embeddings are tied, frozen)
