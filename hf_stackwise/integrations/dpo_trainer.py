@@ -12,6 +12,7 @@ from datasets import Dataset
 from transformers.utils import logging
 
 from ..data.plane import DataPlane
+from ..rack.quantization import disable_cpu_repack
 from ..rack.rack import Rack
 from ..schedule.phases import RecipeError, Schedule
 from ..schedule.reference import REFERENCES, check_dpo_schedule, check_shared, reference_cuts
@@ -114,20 +115,28 @@ class StackwiseDPOTrainer(StackwiseTrainer, trl.DPOTrainer):
                 "training.reference: `copy` of a 4-bit base would hold a second quantized model and dequantize it "
                 "on every reference forward; use `shared` (the base's tensors are shared) or `precompute`"
             )
+        disable_cpu_repack(model)  # before the reference copies its Linear4bit modules (see rack.quantization)
         self.reference_way = way
         self.reference_cuts = reference_cuts(schedule, rack.sizes, tied)
         self._prefix: SharedPrefix | None = None
+        ever = schedule.ever_trainable_units(rack.sizes)
+        trained = {id(p) for unit, params in rack.parameter_units().items() if unit in ever for _, p in params}
+        never_trained = [p for p in model.parameters() if id(p) not in trained]
         ref_model = None
         if way == "copy":
             ref_model = frozen_copy(model)
         elif way == "shared":
-            ever = schedule.ever_trainable_units(rack.sizes)
-            trained = {id(p) for unit, params in rack.parameter_units().items() if unit in ever for _, p in params}
-            ref_model = frozen_copy(model, [p for p in model.parameters() if id(p) not in trained])
+            ref_model = frozen_copy(model, never_trained)
             self._prefix = SharedPrefix(rack.layers_path, rack.num_blocks)
+        elif way == "precompute" and schedule.uses_lora():
+            # TRL's reference for a PEFT model without `ref_model` expects one adapter named "default"; the
+            # schedule's adapters are named per stack. The precompute pass runs on a shared copy, dropped after it.
+            ref_model = frozen_copy(model, never_trained)
         args.precompute_ref_log_probs = way == "precompute"
-        self.reference_bytes = own_bytes(ref_model, model) if ref_model is not None else 0
+        self.reference_bytes = own_bytes(ref_model, model) if way in ("copy", "shared") else 0
         super().__init__(model=model, args=args, train_dataset=train_dataset, ref_model=ref_model, **kwargs)
+        if way == "precompute":
+            self.ref_model = None  # the log-probs are in the datasets now
         if self._prefix is not None:
             self._prefix.install(self.accelerator.unwrap_model(self.ref_model))
         if self.is_world_process_zero():
