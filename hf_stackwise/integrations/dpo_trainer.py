@@ -18,6 +18,7 @@ from ..schedule.phases import RecipeError, Schedule
 from ..schedule.reference import REFERENCES, check_dpo_schedule, check_shared, reference_cuts
 from ..trainer import StackwiseArguments, StackwiseTrainer
 from .reference import SharedPrefix, frozen_copy, own_bytes
+from .sft_trainer import keep_adapter_dtype
 
 logger = logging.get_logger(__name__)
 
@@ -135,6 +136,7 @@ class StackwiseDPOTrainer(StackwiseTrainer, trl.DPOTrainer):
         args.precompute_ref_log_probs = way == "precompute"
         self.reference_bytes = own_bytes(ref_model, model) if way in ("copy", "shared") else 0
         super().__init__(model=model, args=args, train_dataset=train_dataset, ref_model=ref_model, **kwargs)
+        keep_adapter_dtype(self._base_model(), self.model)  # as for sft: the recipe's compute dtype, not bf16
         if way == "precompute":
             self.ref_model = None  # the log-probs are in the datasets now
         if self._prefix is not None:
