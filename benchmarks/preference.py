@@ -2,13 +2,16 @@
 
 Run it (CPU only, offline, after `make assets`)::
 
-    python benchmarks/preference.py                       # or: make bench (3 seeds, ~1 hour on 2 quiet cores)
-    python benchmarks/preference.py --seeds 0 --steps 6   # a reduced run -> benchmarks/results/preference-reduced.json
+    python benchmarks/preference.py      # or: make bench (3 seeds x 5 arms; not yet timed on quiet cores)
+    python benchmarks/preference.py --seeds 0 --steps 4 --batch-size 2 --eval-pairs 8 \
+        --out benchmarks/results/preference-reduced.json    # the reduced run committed so far
 
 The job: the preference pairs of `make assets` (questions on Python's documentation; chosen: the real answer;
 rejected: another topic's answer or the real one with its words shuffled), pairs cut to ``--seq-len`` tokens, batch
-``--batch-size`` pairs, AdamW, fp32, ``OMP_NUM_THREADS=1``. Every arm runs in its own process (peak RSS is the
-process's), the arms interleaved and their order rotated per seed; each arm sees the same pairs in the same order:
+``--batch-size`` pairs, ``--epochs`` passes over ``steps × batch / epochs`` training pairs (so ``precompute``'s
+pass covers what training reads), AdamW, fp32, ``OMP_NUM_THREADS=1``. Every arm runs in its own process (peak RSS
+is the process's), the arms interleaved and their order rotated per seed; each arm sees the same pairs in the same
+order:
 
 * ``trl-full``: TRL's ``DPOTrainer``, every parameter trains, the reference a full copy loaded by TRL;
 * ``trl-lora``: TRL's ``DPOTrainer`` with a LoRA adapter (r 8, all linear layers), the reference the base with the
@@ -56,6 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4, help="pairs per step")
     parser.add_argument("--seq-len", type=int, default=128, help="prompt + answer tokens (TRL's max_length)")
     parser.add_argument("--eval-pairs", type=int, default=32)
+    parser.add_argument(
+        "--epochs", type=int, default=2, help="passes over the training pairs: steps x batch / epochs pairs are used"
+    )
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "preference.json"))
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # worker mode: run one arm, print its JSON row
@@ -118,7 +124,7 @@ def build(arm: str, opts, output_dir: str):
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    train, held_out = pairs(TRAIN), pairs(EVAL, opts.eval_pairs)
+    train, held_out = pairs(TRAIN, max(1, opts.steps * opts.batch_size // opts.epochs)), pairs(EVAL, opts.eval_pairs)
     if arm.startswith("trl-"):
         peft_config = None
         if arm == "trl-lora":
@@ -206,7 +212,7 @@ def main(argv=None) -> None:
         for arm in order:
             cmd = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--steps", str(opts.steps)]
             cmd += ["--batch-size", str(opts.batch_size), "--seq-len", str(opts.seq_len)]
-            cmd += ["--eval-pairs", str(opts.eval_pairs)]
+            cmd += ["--eval-pairs", str(opts.eval_pairs), "--epochs", str(opts.epochs)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"{arm} (seed {seed}) failed:\n{out.stderr[-3000:]}")
