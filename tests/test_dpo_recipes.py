@@ -121,3 +121,16 @@ def test_bad_dpo_input_is_refused_before_weights_load(tmp_path, tiny_llama_dir, 
         last = err.strip().splitlines()[-1]  # (after datasets' progress bars)
         assert expected in last and last.startswith("hf-stackwise: error: ") and "Traceback" not in err, err
         assert not (tmp_path / f"run{index}").exists()
+
+
+def test_early_stopping_on_the_held_out_reward_accuracy_is_accepted(tmp_path, tiny_llama_dir, pair_file):
+    from hf_stackwise.recipe.loader import validate_recipe
+
+    raw = dpo_recipe(tmp_path, tiny_llama_dir, pair_file, eval_strategy="steps", eval_steps=2, save_strategy="steps")
+    raw["data"]["eval_fraction"] = 0.2
+    raw["callbacks"] = {"early_stopping": {"patience": 2, "metric": "rewards/accuracies"}}
+    args = run.build_arguments(validate_recipe(raw))
+    assert (args.metric_for_best_model, args.greater_is_better) == ("rewards/accuracies", True)
+    raw["callbacks"]["early_stopping"]["metric"] = "perplexity"
+    with pytest.raises(run.RecipeError, match="not an eval metric of a `dpo` run"):
+        validate_recipe(raw)
