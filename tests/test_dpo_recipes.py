@@ -102,6 +102,7 @@ def bad_cases(tmp_path, pair_file, tiny_llama_dir):
         ({"training": {"max_length": 32}}, "training.max_length: set by the recipe; use `data.max_seq_length`"),
         ({"training": {"reference": "mirror"}}, "training.reference: 'mirror' is not one of"),
         ({"training": {"beta": -0.1}}, "training.beta: -0.1 is not a positive number"),
+        ({"cache": {"activations": True}}, "TRL's preference collator concatenates each batch's chosen and rejected"),
         ({"schedule": [{"until": 1.0, "train": [3], "max_seq_length": 32}]}, "schedule[0].max_seq_length: TRL cuts"),
     ]
 
@@ -115,11 +116,11 @@ def test_bad_dpo_input_is_refused_before_weights_load(tmp_path, tiny_llama_dir, 
             if section == "schedule":
                 raw["schedule"] = values
             else:
-                raw[section].update(values)
+                raw.setdefault(section, {}).update(values)
         assert main(["train", write_recipe(tmp_path, raw)]) == 2, expected
         err = capsys.readouterr().err
-        last = err.strip().splitlines()[-1]  # (after datasets' progress bars)
-        assert expected in last and last.startswith("hf-stackwise: error: ") and "Traceback" not in err, err
+        message = err[err.index("hf-stackwise: error: ") :]  # (after datasets' progress bars)
+        assert expected in message and "Traceback" not in err, err
         assert not (tmp_path / f"run{index}").exists()
 
 
