@@ -389,10 +389,10 @@ def prepare(recipe: Recipe) -> Prepared:
         sft_train, sft_eval = build_sft_datasets(
             recipe.data, tokenizer, recipe.model["name_or_path"], length, args.seed
         )
-    if is_dpo(recipe):  # preference pairs, validated here; TRL tokenizes them when the trainer is built
-        sft, (sft_train, sft_eval) = (
-            True,
-            build_preference_datasets(recipe.data, tokenizer, recipe.model["name_or_path"], args.seed),
+    if is_dpo(recipe):  # preference pairs, validated here; TRL tokenizes them (below: the same path as sft rows)
+        sft = True
+        sft_train, sft_eval = build_preference_datasets(
+            recipe.data, tokenizer, recipe.model["name_or_path"], args.seed
         )
     if classifies(recipe):  # labelled rows; the label set goes into the config before any weight loads
         train_dataset, eval_dataset = classification.build_datasets(
