@@ -24,7 +24,9 @@ phase's steps (rank 0; in phase 0 of the ``phase`` run it still includes the sup
 wrapped the model, freed at the first step but kept by the allocator), and the fastest step (``on_step_begin`` to
 ``on_step_end``, the phase's first step excluded: other work on the machine only adds time), in wall time and in
 the rank's CPU time (less sensitive to other work; gloo's all-reduce runs on the CPU too). Ratios are against the
-fixed baseline of the same invocation. A report, not a test: exit status 0.
+fixed baseline of the same invocation. The results, with the settings, the machine and how busy it was, go to
+``benchmarks/results/ddp.json`` (``--json``); the DDP paragraph of ``docs/stories/block-coordinate.md`` is
+:func:`summary` of that file, word for word (a test checks it). A report, not a test: exit status 0.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results", "ddp.json")
 
 
 def schedule(stacks: int, only: int | None = None) -> list[dict]:
@@ -157,12 +161,101 @@ def fastest_step(row: dict, key: str = "steps") -> float:
     return min(row[key][1:] or row[key])
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def phase_rows(superset: dict, phase: dict, fixed: dict) -> list[dict]:
+    """Per phase: what trains, the buckets and RSS of each run, and the step ratios against the fixed run."""
+    rows = []
+    for s in sorted(fixed):
+        f, o, n = fixed[s], superset["rows"][s], phase["rows"][s]
+        rows.append(
+            {
+                "phase": s,
+                "trains_mib": f["trainable_mib"],
+                "bucket_mib": {"fixed": f["bucket_mib"], "superset": o["bucket_mib"], "phase": n["bucket_mib"]},
+                "rss_mib": {"fixed": f["rss_mib"], "superset": o["rss_mib"], "phase": n["rss_mib"]},
+                "step_s": {"fixed": fastest_step(f), "superset": fastest_step(o), "phase": fastest_step(n)},
+                "step_ratio": {
+                    "superset": fastest_step(o) / fastest_step(f),
+                    "phase": fastest_step(n) / fastest_step(f),
+                },
+                "cpu_ratio": {
+                    "superset": fastest_step(o, "cpu") / fastest_step(f, "cpu"),
+                    "phase": fastest_step(n, "cpu") / fastest_step(f, "cpu"),
+                },
+            }
+        )
+    return rows
+
+
+def _span(values, spec: str, unit: str = "") -> str:
+    low, high = format(min(values), spec), format(max(values), spec)
+    return f"{low}{unit}" if low == high else f"{low}-{high}{unit}"
+
+
+def summary(data: dict) -> str:
+    """The docs' paragraph on these measurements, from the JSON alone."""
+    s, rows = data["settings"], data["phases"]
+    other = data.get("other_cpu")
+    busy = (
+        f"other processes used {100 * other:.0f}% of the machine's CPU during the runs, which slows the steps "
+        "(the bucket sizes do not change)"
+        if other is not None
+        else "the machine's load was not recorded"
+    )
+    phase_cpu = [r["cpu_ratio"]["phase"] for r in rows]
+    superset_cpu = [r["cpu_ratio"]["superset"] for r in rows]
+    if max(phase_cpu) < min(superset_cpu):
+        steps = "every phase's step was cheaper with the phase's buckets"
+    else:
+        steps = "the two ranges overlap, so at this size and load the step times do not tell the two apart"
+    return (
+        f"Measured on 2 CPU ranks (`python benchmarks/ddp.py --steps-per-phase {s['steps_per_phase']}`, "
+        f"{s['layers']} blocks, batch {s['batch_size']} × {s['seq_len']} per rank; `benchmarks/results/ddp.json`), a "
+        f"{data['params_mib']:.0f} MiB Llama training {_span([r['trains_mib'] for r in rows], '.0f')} MiB per "
+        f"phase: the buckets hold {_span([r['bucket_mib']['phase'] for r in rows], '.0f')} MiB per rank, as in a "
+        f"DDP run fixed to that phase's stack ({_span([r['bucket_mib']['fixed'] for r in rows], '.0f')} MiB), "
+        f"instead of the {_span([r['bucket_mib']['superset'] for r in rows], '.0f')} MiB of every stack. A step "
+        f"cost {_span(phase_cpu, '.2f', 'x')} the fixed run's CPU time, against {_span(superset_cpu, '.2f', 'x')} "
+        f"with the superset's buckets (which all-reduce every stack's gradients at every step; fastest step of "
+        f"{s['steps_per_phase']} per phase): {steps}. The machine was shared: {busy}."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=8, help="blocks (stacks of 2)")
     parser.add_argument("--steps-per-phase", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", default=RESULTS, help="where the results go (default: benchmarks/results/ddp.json)")
     parser.add_argument("--worker", choices=["superset", "phase", "fixed"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--only", type=int, help=argparse.SUPPRESS)
@@ -171,10 +264,37 @@ def main(argv: list[str] | None = None) -> int:
         worker(opts.out, opts.worker, opts.layers, opts.steps_per_phase, opts.batch_size, opts.seq_len, opts.only)
         return 0
     stacks = opts.layers // 2
+    started, load_start, jiffies, own = time.perf_counter(), os.getloadavg(), cpu_jiffies(), sum(os.times()[:4])
     with tempfile.TemporaryDirectory() as tmp:
         superset = launch(os.path.join(tmp, "superset"), "superset", opts)
         phase = launch(os.path.join(tmp, "phase"), "phase", opts)
         fixed = {s: launch(os.path.join(tmp, f"fixed{s}"), "fixed", opts, s)["rows"][s] for s in range(stacks)}
+    end = cpu_jiffies()
+    other = None
+    if jiffies is not None and end is not None and end[1] > jiffies[1]:  # this process and its children excluded
+        mine = (sum(os.times()[:4]) - own) * os.sysconf("SC_CLK_TCK")
+        other = max(0.0, (end[0] - jiffies[0]) - mine) / (end[1] - jiffies[1])
+    data = {
+        "benchmark": "ddp",
+        "settings": {
+            "layers": opts.layers,
+            "steps_per_phase": opts.steps_per_phase,
+            "batch_size": opts.batch_size,
+            "seq_len": opts.seq_len,
+            "ranks": 2,
+        },
+        "machine": machine(),
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
+        "other_cpu": other,
+        "wall_s": time.perf_counter() - started,
+        "params_mib": phase["params_mib"],
+        "phases": phase_rows(superset, phase, fixed),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
+    with open(opts.json, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
     print("DDP gradient buckets per phase of a block-coordinate schedule (2 ranks, torchrun, gloo, CPU)")
     print(f"  Llama from config: {opts.layers} blocks, hidden 512, vocab 32000, fp32, {phase['params_mib']:.0f} MiB")
     print(
@@ -187,15 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{'RSS MiB: fixed':>14}  {'superset':>8}  {'phase':>6}  {'step x fixed: superset':>22}  {'phase':>6}  "
         f"{'CPU x fixed: superset':>21}  {'phase':>6}"
     )
-    for s in range(stacks):
-        f, o, n = fixed[s], superset["rows"][s], phase["rows"][s]
-        cpu_o, cpu_n = fastest_step(o, "cpu") / fastest_step(f, "cpu"), fastest_step(n, "cpu") / fastest_step(f, "cpu")
+    for r in data["phases"]:
+        b, m, w, c = r["bucket_mib"], r["rss_mib"], r["step_ratio"], r["cpu_ratio"]
         print(
-            f"  {s:>5}  {f['trainable_mib']:>10.1f}  {f['bucket_mib']:>18.1f}  {o['bucket_mib']:>8.1f}  "
-            f"{n['bucket_mib']:>6.1f}  {f['rss_mib']:>14.0f}  {o['rss_mib']:>8.0f}  {n['rss_mib']:>6.0f}  "
-            f"{fastest_step(o) / fastest_step(f):>22.2f}  {fastest_step(n) / fastest_step(f):>6.2f}  "
-            f"{cpu_o:>21.2f}  {cpu_n:>6.2f}"
+            f"  {r['phase']:>5}  {r['trains_mib']:>10.1f}  {b['fixed']:>18.1f}  {b['superset']:>8.1f}  "
+            f"{b['phase']:>6.1f}  {m['fixed']:>14.0f}  {m['superset']:>8.0f}  {m['phase']:>6.0f}  "
+            f"{w['superset']:>22.2f}  {w['phase']:>6.2f}  {c['superset']:>21.2f}  {c['phase']:>6.2f}"
         )
+    print()
+    print(summary(data))
+    print(f"results: {os.path.relpath(opts.json, ROOT)}")
     return 0
 
 

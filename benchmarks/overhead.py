@@ -16,7 +16,8 @@ rate, same seed and data order for both arms. The arms:
   (``schedule=[{"name": "all", "until": 1.0, "train": "all"}]``, ``blocks_per_stack=1``), i.e. exactly the
   same training, so any difference in step time is the package's overhead.
 
-How it times: a callback records ``time.perf_counter()`` at ``on_step_begin`` and ``on_step_end``; the
+How it times: a callback records ``time.perf_counter()`` (or, with ``--clock cpu``, the training thread's CPU
+time, which a shared machine's other processes disturb far less) at ``on_step_begin`` and ``on_step_end``; the
 *step* time is the span between them (forward, backward, clipping, optimizer and LR-scheduler step, zero
 grad). The first ``--drop`` steps of each run are discarded as warm-up and the median of the rest is the
 run's value. Model construction, Trainer start-up and the final save/log are not timed. The *cycle*
@@ -49,6 +50,8 @@ import time
 SCHEDULE = [{"name": "all", "until": 1.0, "train": "all"}]
 BYTE_VOCAB = 256
 TARGET_RATIO = 1.02
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}  # cpu: this thread's CPU time (with --threads 1)
+clock = time.perf_counter
 
 
 from common import cpu_jiffies  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
@@ -74,6 +77,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads before the runs; unset: torch's default"
     )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: perf_counter; cpu: the training thread's CPU time, which other processes on a shared machine "
+        "disturb far less (use with --threads 1, where all compute runs in that thread)",
+    )
+    parser.add_argument("--json", default=None, help="also write the runs and the summary to this JSON file")
+    parser.add_argument("--label", default="", help="a note stored in the JSON (e.g. which code version ran)")
     return parser
 
 
@@ -125,16 +137,16 @@ def make_timer():
             self.optim: list[float] = []
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.begin.append(time.perf_counter())
+            self.begin.append(clock())
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.optim.append(time.perf_counter())
+            self.optim.append(clock())
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            self.optim[-1] = time.perf_counter() - self.optim[-1]
+            self.optim[-1] = clock() - self.optim[-1]
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.end.append(time.perf_counter())
+            self.end.append(clock())
 
     return StepTimer()
 
@@ -248,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        make_parser().error("--clock cpu measures one thread: give --threads 1")
     started = time.perf_counter()
     chunks = pydoc_byte_chunks(args.seq_len)
     dataset = datasets.Dataset.from_dict({"input_ids": chunks, "labels": chunks})
@@ -277,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  {args.repeats} repeats x 2 arms x {args.steps} steps, first {args.drop} steps of each run dropped, "
         f"order AB BA AB ..."
     )
-    print(f"  stackwise schedule {SCHEDULE}, blocks_per_stack=1")
+    print(f"  stackwise schedule {SCHEDULE}, blocks_per_stack=1  clock {args.clock}")
     print(f"  load average at start {load_average()} (other work on the machine makes the numbers noisy)", flush=True)
 
     results = []
@@ -352,6 +368,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"other processes' CPU use   {others} of the machine during the timed runs (0% = quiet machine)")
     print(f"total wall time            {time.perf_counter() - started:.1f} s, load average at end {load_average()}")
     sys.stdout.flush()
+    if args.json:
+        import json
+
+        summary = {
+            "label": args.label,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "label")},
+            "torch_threads": torch.get_num_threads(),
+            "median_step_ms": {"baseline": base, "stackwise": stack},
+            "ratio": ratio,
+            "ratio_90ci": [low_ci, high_ci],
+            "paired_ratio": paired,
+            "target": TARGET_RATIO,
+            "other_processes_cpu": others,
+            "load_average_end": load_average(),
+            "loss_gap": loss_gap,
+            "runs": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
     return 0
 
 

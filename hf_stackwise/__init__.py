@@ -1,6 +1,9 @@
 """hf_stackwise: progressive, time-scheduled training for any Hugging Face model, inside one Trainer run."""
 
+from .deferred import defer_bitsandbytes
 from .schedule.phases import Phase, RecipeError, Schedule, StackwiseError
+
+defer_bitsandbytes()  # before anything imports PEFT: bitsandbytes loads only when a 4-bit model needs it
 
 __version__ = "0.1.0"
 

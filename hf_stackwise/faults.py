@@ -10,6 +10,8 @@
 - **Divergence**: before the optimizer applies a step, its loss and gradient norm must be finite. By default a
   non-finite one stops the run with :class:`NonFiniteError`; ``nonfinite: skip`` drops that step's gradients
   instead (the optimizer does not move, the step counter and the schedule do), up to ``max_skipped_steps``.
+  The norm checked is the one the Trainer computes anyway (for clipping, or for its ``grad_norm`` log), taken
+  from ``Trainer._get_grad_norm`` between clipping and ``optimizer.step()``: no extra pass over the gradients.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import threading
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
@@ -30,6 +32,8 @@ from .persist.checkpoint import last_complete_checkpoint, mark_complete, unmark_
 logger = logging.get_logger(__name__)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # 143: "ended by SIGTERM", so a scheduler requeues rather than finishes
 NONFINITE_POLICIES = ("stop", "skip")
+# transformers >= 5 computes the step's gradient norm in `_get_grad_norm` (clipping or not): the guard reuses it
+_REUSES_NORM = hasattr(Trainer, "_get_grad_norm")
 
 
 class NonFiniteError(StackwiseError):
@@ -113,16 +117,28 @@ class FaultTolerance:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_losses.append(loss.detach())
-        if self.accelerator.sync_gradients:  # the step's gradients are complete (and synchronized): check them
-            losses, self._step_losses = torch.stack(self._step_losses), []
-            self._guard_nonfinite(losses)
+        if self.accelerator.sync_gradients and not _REUSES_NORM:  # older Trainer: check with a norm of our own
+            self._guard_nonfinite(self._take_step_losses())
         return loss
 
-    def _guard_nonfinite(self, losses: torch.Tensor) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=losses.device)
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's norm of the step's gradients (the pre-clip norm when it clips), checked before
+        ``optimizer.step()``: it runs once per optimizer step, after the step's last backward."""
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._guard_nonfinite(self._take_step_losses(), norm)
+        return norm
+
+    def _take_step_losses(self) -> torch.Tensor:
+        losses, self._step_losses = torch.stack(self._step_losses), []
+        return losses
+
+    def _guard_nonfinite(self, losses: torch.Tensor, norm=None) -> None:
+        if norm is None:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=losses.device)
         if hasattr(norm, "full_tensor"):  # FSDP2: sharded gradients give a partial norm (one all-reduce)
             norm = norm.full_tensor()
+        norm = torch.as_tensor(norm, dtype=torch.float32)
         flags = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(norm.to(losses.device))]).float()
         bad_loss, bad_grad = (bool(f) for f in _any_rank(flags).tolist())
         if not (bad_loss or bad_grad):
@@ -185,7 +201,12 @@ class FaultTolerance:
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then the completion marker (after every rank's files), then rotation."""
-        nonfinite = [n for n, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        # only what the optimizer updates: frozen tensors are checksummed, and packed 4-bit weights stored as floats
+        # (FSDP2's `quant_storage`) hold bit patterns that read as NaN
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        nonfinite = [
+            n for n, p in self.model.named_parameters() if id(p) in optimized and not torch.isfinite(p.detach()).all()
+        ]
         step = self.state.global_step
         if nonfinite:  # an optimizer update overflowed although its gradient was finite: never save that
             raise NonFiniteError(

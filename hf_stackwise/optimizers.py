@@ -6,6 +6,13 @@ takes the optimizer's *class and keyword arguments* — the Trainer's ``optimize
 those groups with them; the learning rate and weight decay come from ``learning_rate`` / ``weight_decay`` and
 the schedule. An optimizer or scheduler built beforehand (``optimizers=(opt, sched)``) cannot be re-grouped
 faithfully, so it is refused with the equivalent ``optimizer_cls_and_kwargs`` spelled out.
+
+Optimizers with train/eval *modes* (schedule-free AdamW/SGD/RAdam: ``optimizer.train()`` / ``.eval()``) are
+refused too: switching mode rewrites every parameter it holds state for (between the interpolated point ``y``
+the gradients are taken at and the average ``x`` that is evaluated and saved), so a frozen stack would not stay
+bit-frozen across an eval or a save, the activation cache would replay stale prefixes, and a phase's
+``optimizer_state: reset | release_idle`` would drop the ``z`` sequence the weights are defined by. They also
+set their own step-size averaging, which phase learning-rate schedules would fight.
 """
 
 from __future__ import annotations
@@ -19,11 +26,37 @@ from .errors import RecipeError
 
 OWN_GROUPS_KEYS = {"params", "model", "optimizer_dict"}  # kwargs of optimizers that bring their own groups
 SCHEDULE_KEYS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
+MODE_SWITCHING_NAMES = ("schedule_free",)  # transformers' `optim: schedule_free_adamw | _sgd | _radam`
+MODE_SWITCHING_WHY = (
+    "switching modes rewrites every parameter it holds state for (between the point gradients are taken at and the "
+    "averaged weights that are evaluated and saved), so a stack frozen after it trained would not stay bit-frozen "
+    "across evals and saves, and a phase's `optimizer_state` reset or release would lose the state the weights are "
+    "defined by: a phase schedule cannot drive it exactly. Use adamw_torch (with each phase's `warmup` and "
+    "`lr_schedule`) instead"
+)
+
+
+def mode_switching_problem(optimizer, where: str) -> str | None:
+    """Why ``optimizer`` (a ``training.optim`` name or an optimizer class) cannot run a phase schedule, if it has
+    train/eval modes; None otherwise."""
+    name = str(getattr(optimizer, "value", optimizer))
+    if isinstance(optimizer, str) or hasattr(optimizer, "value"):
+        if name.startswith(MODE_SWITCHING_NAMES):
+            return f"{where}: {name!r} is a schedule-free optimizer with train/eval modes, and {MODE_SWITCHING_WHY}"
+        return None
+    switches = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+    label = getattr(optimizer, "__name__", name)
+    return f"{where}: {label} has optimizer.train()/eval() modes, and {MODE_SWITCHING_WHY}" if switches else None
 
 
 def check_user_optimizers(optimizers, cls_and_kwargs, args) -> None:
     """Refuse what the schedule cannot drive, before anything loads; see the module docstring."""
     optimizer, scheduler = optimizers if optimizers is not None else (None, None)
+    problem = mode_switching_problem(args.optim, "training.optim")
+    if problem is None and optimizer is not None:
+        problem = mode_switching_problem(type(optimizer), "optimizers")
+    if problem is not None:
+        raise RecipeError(problem)
     if optimizer is not None:
         suggestion = f"optimizer_cls_and_kwargs=({class_path(type(optimizer))}, {equivalent_kwargs(optimizer)!r})"
         raise ValueError(
@@ -56,6 +89,9 @@ def check_cls_and_kwargs(cls_and_kwargs, where: str) -> tuple[type, dict]:
     cls, kwargs = cls_and_kwargs
     if not callable(cls) or not isinstance(kwargs, dict):
         raise ValueError(f"{where}: expected (optimizer class, dict of keyword arguments), got {cls_and_kwargs!r}")
+    problem = mode_switching_problem(cls, where)
+    if problem is not None:
+        raise RecipeError(problem)
     if is_optimizer_factory(cls) or OWN_GROUPS_KEYS & set(kwargs):
         raise RecipeError(
             f"{where}: {getattr(cls, '__name__', cls)!s} builds its own parameter groups, which a phase schedule "

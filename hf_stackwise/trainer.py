@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import ProgressCallback, Trainer, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .cache.activations import ActivationCacheMixin
 from .data.trainer_mixin import DataPlaneMixin
-from .distributed.ddp import ddp_wrapper, register_trainable
+from .distributed.ddp import ddp_wrapper, find_unused_parameters, register_trainable
 from .distributed.sharding import (
     check_sharding,
+    gathered,
     is_fsdp2,
     local,
     mixed_precision,
@@ -42,6 +43,7 @@ from .distributed.sharding import (
 )
 from .export.saving import SavingMixin
 from .faults import NONFINITE_POLICIES, FaultTolerance
+from .freezing import AutoFreezeMixin
 from .metrics import grad_scale, unit_grad_norms
 from .optimizers import check_cls_and_kwargs, check_release_idle, check_user_optimizers, release_idle_state
 from .persist.checkpoint import (
@@ -128,27 +130,36 @@ class StackwiseArguments(TrainingArguments):
         },
     )
 
+    # Parameters transformers has, with a default that depends on the machine
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin batches in page-locked memory. Default: where an accelerator exists (never on CPU)."},
+    )
+
     activation_cache: dict | None = field(
         default=None,
         metadata={"help": "The recipe's `cache:` section: activations (auto|true|false), max_memory, dir."},
     )
 
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:  # torch warns on every dataloader that pins without an accelerator
+            self.dataloader_pin_memory = torch.accelerator.is_available()
         super().__post_init__()
         if self.schedule is None:
             self.schedule = [{"name": "all", "until": 1.0, "train": "all"}]
-        Schedule.from_list(self.schedule)  # fail early, with key paths
+        if isinstance(self.schedule, Schedule):  # parsed from a recipe already: keep its list as written
+            self.schedule = self.schedule.raw
+        else:
+            Schedule.from_list(self.schedule)  # fail early, with key paths
         if self.nonfinite not in NONFINITE_POLICIES or self.max_skipped_steps < 0:
             raise RecipeError(
                 f"training.nonfinite: {self.nonfinite!r} / training.max_skipped_steps: {self.max_skipped_steps!r}; "
                 "use `stop` or `skip`, and a limit >= 0"
             )
-        if self.ddp_find_unused_parameters is None:
-            # Frozen or inactive stacks produce no gradient: DDP must look for unused parameters.
-            self.ddp_find_unused_parameters = True
+        # ddp_find_unused_parameters: None is decided by StackwiseTrainer from the model (distributed.ddp)
 
 
-class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
+class StackwiseTrainer(FaultTolerance, AutoFreezeMixin, SavingMixin, DataPlaneMixin, ActivationCacheMixin, Trainer):
     """A Trainer that runs ``args.schedule`` over the model's rack; use it like ``Trainer``."""
 
     def __init__(self, model=None, args: StackwiseArguments | None = None, **kwargs):
@@ -172,8 +183,13 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
             self.adapter_plan = plan_adapters(schedule, args.adapters, self.layout)
             check_full_blocks_not_quantized(model, base_rack, schedule)
             disable_cpu_repack(model)
+            set_seed(args.seed)  # the adapters' random init, before the Trainer seeds: the same in every process
             model = attach_adapters(model, self.adapter_plan, base_rack.layers_path)
             layers = PEFT_PREFIX + base_rack.layers_path
+        # DDP's reducer holds each phase's trainable set (distributed.ddp): search for unused parameters only
+        # where the model itself may skip some (MoE, layer drop)
+        config = getattr(model, "config", None)
+        args.ddp_find_unused_parameters = find_unused_parameters(args.ddp_find_unused_parameters, config)
         super().__init__(model=model, args=args, **kwargs)
         if args.fsdp and not self.is_fsdp_enabled:
             logger.warning("training.fsdp: accelerate runs DDP here (no accelerator: `use_cpu`), not sharded")
@@ -181,11 +197,6 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         self._base = base_rack.sizes  # the schedule's view of the model as loaded: blocks per base stack
         self._base_topology = base_rack.topology()
         self.rack = Rack(self.model, layers, self.layout.boundaries)
-        if args.ddp_find_unused_parameters is False and len(self.schedule.phases) > 1:
-            raise RecipeError(
-                "training.ddp_find_unused_parameters: false, but the schedule changes which parameters get "
-                "gradients; leave it unset (true)"
-            )
         self.resolved: ResolvedSchedule | None = (
             self.schedule.resolve(args.max_steps) if args.max_steps and args.max_steps > 0 else None
         )
@@ -204,6 +215,7 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         self._weights_step: int | None = None  # set when the best checkpoint's weights are loaded at the end
         self._init_data_plane()
         self._init_activation_cache()
+        self._init_autofreeze()
         self._init_faults()
 
     # ---- the rack's parameters -------------------------------------------------------------
@@ -300,10 +312,12 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
     # ---- phases -------------------------------------------------------------------------------
 
     def _apply_phase(self, step: int) -> None:
-        """Make the rack match the phase of ``step``; a no-op inside a phase."""
-        state = self.resolved.state_at(step, self._base)
-        if self._phase_state is not None and state.index == self._phase_state.index:
+        """Make the rack match the phase of ``step`` (less what ``autofreeze`` froze by then); a no-op otherwise."""
+        state = self._autofreeze(step, self.resolved.state_at(step, self._base))
+        applied = self._phase_state
+        if applied is not None and state.index == applied.index and state.trainable_units == applied.trainable_units:
             return
+        freeze = applied is not None and state.index == applied.index  # an autofreeze decision inside the phase
         fsdp2 = is_fsdp2(self.accelerator)
         if fsdp2:  # transitions act on the sharded parameters (accelerate swapped them in at prepare)
             reshard(self.model)
@@ -312,7 +326,10 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         verified = self._check_frozen_untouched() if self.args.check_invariants else {}
         trainable_units = state.trainable_units
         phase = self.schedule.phases[state.index]
-        if step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
+        if freeze:  # `release_idle` frees the frozen stacks' state; `keep` / `reset` keep it (they act at phase start)
+            if phase.optimizer_state == "release_idle":
+                release_idle_state(self.optimizer, state.trainable_units)
+        elif step == self.resolved.bounds[state.index][0]:  # the phase's first step (not a resume inside it)
             self._grow(state.grown, step)
             if state.grown:
                 verified = {}  # growth wrote into blocks that were frozen: checksum them again
@@ -356,8 +373,12 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
 
     def _grow(self, grown, step: int) -> None:
         """Initialise, in place, the stacks this phase grows (their parameters already exist)."""
-        for new in grown:
-            initialize(self._base_model(), self._base_topology["layers"], self.layout, new, self.args.seed, step)
+        model, layers = self._base_model(), self._base_topology["layers"]
+        blocks = model.get_submodule(layers)
+        for new in grown:  # FSDP2: from the full tensors of the new and source blocks, then sharded again
+            involved = sorted({*self.layout.stack_blocks(new.stack), *new.sources})
+            with gathered(*(blocks[b] for b in involved)):
+                initialize(model, layers, self.layout, new, self.args.seed, step)
 
     def _show_phase_in_progress_bar(self, name: str) -> None:
         for callback in self.callback_handler.callbacks:
@@ -414,8 +435,10 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
             loss = super().training_step(model, inputs, num_items_in_batch)
         for _, param in self._frozen:
             param.grad = None
-        if self.accelerator.sync_gradients and self._is_logging_step():
-            self._grad_norms = self._unit_grad_norms()
+        if self.accelerator.sync_gradients:
+            self._autofreeze_observe()
+            if self._is_logging_step():
+                self._grad_norms = self._unit_grad_norms()
         return loss
 
     def _is_logging_step(self) -> bool:
@@ -460,7 +483,8 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
                     logs[f"grad_norm/{unit}"] = norm
                 self._grad_norms = {}
                 logs.update(self._data_logs(lr_step))
-                logs.update(self._cache_logs())
+                logs.update(self._cache_logs(logs))
+                logs.update(self._autofreeze_logs())
         super().log(logs, start_time)
 
     # ---- checkpoints, resume and the output directory -----------------------------------------
@@ -513,9 +537,13 @@ class StackwiseTrainer(FaultTolerance, SavingMixin, DataPlaneMixin, ActivationCa
         checkpoint = self.prepare_output_dir(resume_from_checkpoint)
         self._phase_state = None
         self._weights_step = None
-        output = super().train(
-            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
-        )
+        self._cache_begin(resuming=checkpoint is not None)
+        try:
+            output = super().train(
+                resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+            )
+        finally:
+            self._cache_end()
         if self.args.check_invariants and self._phase_state is not None:
             self._check_frozen_untouched()
         return output

@@ -1,6 +1,6 @@
 """Run by tests/test_cache.py under `torchrun --nproc_per_node 2`: a frozen-prefix phase over 3 epochs, with the
 activation cache on or off; saves each rank's final weights, optimizer state, losses and cache counts.
-usage: python cache_ddp_worker.py OUTPUT_DIR on|off
+usage: python cache_ddp_worker.py OUTPUT_DIR on|off [PER_DEVICE_BATCH]  (default 2; 4 in one process: the same steps)
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 TOP = [{"name": "top", "until": 1.0, "train": "top", "head": "train"}]
 
 
-def main(output_dir: str, cache: str) -> None:
+def main(output_dir: str, cache: str, batch: str = "2") -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 512, (16, 32), generator=g).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = StackwiseArguments(
         output_dir=output_dir,
         max_steps=12,
-        per_device_train_batch_size=2,  # global batch 4: 4 steps per epoch over 16 rows
+        per_device_train_batch_size=int(batch),  # 2 on 2 ranks: global batch 4, 4 steps per epoch over 16 rows
         learning_rate=1e-2,
         logging_steps=1,
         save_strategy="no",
@@ -51,4 +51,4 @@ def main(output_dir: str, cache: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

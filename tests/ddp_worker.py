@@ -2,7 +2,8 @@
 
 Trains a tiny Llama through transitions that freeze and unfreeze stacks, records the phase trace from
 the parameters' own `requires_grad` flags, and saves each rank's final weights and trace.
-usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual|grow|sample]
+usage: python ddp_worker.py OUTPUT_DIR PER_DEVICE_BATCH [full|dual|grow|grow_adam|sample|autofreeze]
+(`grow_adam`: the growth schedule with AdamW and lr 1e-3, for benchmarks/ddp_tolerance.py)
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ SAMPLE = [  # generator variant: a LISA-style `sample` after a top-only warm-up,
     },
 ]
 
+AUTOFREEZE = [  # adaptive freezing: stacks freeze bottom-up from all-reduced gradient statistics, state released
+    {
+        "name": "auto",
+        "until": 1.0,
+        "train": "all",
+        "optimizer_state": "release_idle",
+        "autofreeze": {"every": 2, "warmup": 2, "percentile": 75},
+    },
+]
+
 
 class Trace(TrainerCallback):
     def __init__(self, model):
@@ -74,12 +85,14 @@ def main(output_dir: str, batch: int, variant: str = "full") -> None:
         output_dir=output_dir,
         max_steps=8,
         per_device_train_batch_size=batch,
-        learning_rate=5e-2 if variant in ("dual", "grow") else 1e-3,
+        learning_rate=5e-2 if variant in ("dual", "grow") else 1e-3,  # grow_adam: Adam's usual 1e-3
         save_strategy="no",
         report_to="none",
         use_cpu=True,
         seed=0,
-        schedule={"dual": DUAL, "grow": GROW, "sample": SAMPLE}.get(variant, SCHEDULE),
+        schedule={"dual": DUAL, "grow": GROW, "grow_adam": GROW, "sample": SAMPLE, "autofreeze": AUTOFREEZE}.get(
+            variant, SCHEDULE
+        ),
         adapters={"r": 4, "alpha": 8, "trunk_r": 2} if variant == "dual" else None,
         # SGD for the adapter variant: Adam divides near-zero LoRA-A gradients (B starts at 0) by their own
         # magnitude, turning float-reordering noise between 1 and 2 processes into visible weight differences; the
@@ -97,7 +110,8 @@ def main(output_dir: str, batch: int, variant: str = "full") -> None:
     rank = int(os.environ.get("RANK", "0"))
     torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, f"{output_dir}/rank{rank}.pt")
     with open(f"{output_dir}/trace{rank}.json", "w") as f:
-        json.dump({"trace": trace.rows, "world_size": args.world_size}, f)
+        decisions = trainer.freeze_decisions()
+        json.dump({"trace": trace.rows, "world_size": args.world_size, "freeze_decisions": decisions}, f)
     if dist.is_initialized():
         dist.destroy_process_group()
 

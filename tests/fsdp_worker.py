@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from conftest import tiny_causal_lm
 from datasets import Dataset
-from ddp_worker import SCHEDULE
+from ddp_worker import AUTOFREEZE, SCHEDULE
 from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
@@ -76,7 +76,9 @@ def dataset() -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
-def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | None = None, **extra) -> None:
+def run(
+    output_dir: str, batch: int, sharded: bool, optim: str, resume: str | None = None, schedule=SCHEDULE, **extra
+) -> None:
     torch.manual_seed(0)
     model = tiny_causal_lm("llama")
     if extra.get("bf16"):
@@ -91,7 +93,7 @@ def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | No
         report_to="none",
         use_cpu=True,
         seed=0,
-        schedule=SCHEDULE,
+        schedule=schedule,
         blocks_per_stack=1,
         logging_steps=1,
         dataloader_drop_last=True,
@@ -123,6 +125,7 @@ def run(output_dir: str, batch: int, sharded: bool, optim: str, resume: str | No
             "optimized": len(optimized),
             "optimized_dtensors": sum(isinstance(p, DTensor) for p in optimized),
             "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in optimized),
+            "freeze_decisions": trainer.freeze_decisions(),
         }
         json.dump(info, f)
 
@@ -143,6 +146,7 @@ def main(root: str, mode: str) -> None:
         # evaluations before the first step and inside phases: forwards that leave unsharded parameters behind
         run(f"{root}/evals", 2, True, "adamw_torch", eval_strategy="steps", eval_steps=3, eval_on_start=True)
         run(f"{root}/sgd", 2, True, "sgd")
+        run(f"{root}/autofreeze", 2, True, "sgd", schedule=AUTOFREEZE)  # freezes decided from sharded gradients
         run(f"{root}/bf16", 2, True, "adamw_torch", bf16=True, max_grad_norm=1.0)
         # the DDP reference in the same process group: accelerate's shared state is reset to plain MULTI_CPU
         from accelerate.state import AcceleratorState
@@ -152,6 +156,7 @@ def main(root: str, mode: str) -> None:
         run(f"{root}/ddp", 2, False, "adamw_torch")
     else:
         run(f"{root}/single_sgd", 4, False, "sgd")
+        run(f"{root}/single_autofreeze", 4, False, "sgd", schedule=AUTOFREEZE)
         run(f"{root}/single_adamw", 4, False, "adamw_torch", save_strategy="steps", save_steps=3)
     with open(f"{root}/{mode}.done", "w") as f:  # every result is written (an abort at exit loses nothing)
         f.write(os.environ.get("RANK", "0"))

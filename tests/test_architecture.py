@@ -95,3 +95,52 @@ def test_nothing_imports_the_cli_and_the_top_level_stays_small():
     top_level = [name for name in os.listdir(ROOT) if name.endswith(".py")]
     assert len(top_level) <= 10, top_level
     assert graph["errors"] == set() and graph["metrics"] == set()
+
+
+def test_each_recipe_section_is_parsed_once_per_load_and_prepare(tmp_path, monkeypatch, tiny_llama_dir, pydoc_files):
+    """`load_recipe` + `prepare` parse every section once: the typed sections travel down the pipeline."""
+    from conftest import tiny_recipe, write_recipe
+
+    from hf_stackwise.cache.policy import CacheSettings
+    from hf_stackwise.cli import pipeline
+    from hf_stackwise.data.plane import DataPlane
+    from hf_stackwise.recipe import callbacks, loader, sections
+    from hf_stackwise.schedule.phases import Schedule
+
+    calls: dict[str, int] = {}
+
+    def counting(owner, name, key, wrap=classmethod):
+        original = getattr(owner, name)
+        function = original.__func__ if wrap is classmethod else original
+
+        def counted(*args, **kwargs):
+            calls[key] = calls.get(key, 0) + 1
+            return function(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrap(counted) if wrap is classmethod else counted)
+
+    counting(Schedule, "from_list", "schedule")
+    counting(Schedule, "resolve", "boundaries", wrap=None)
+    counting(DataPlane, "from_data", "data")
+    counting(CacheSettings, "from_dict", "cache")
+    counting(sections.ModelSection, "parse", "model")
+    counting(sections.RackSection, "parse", "rack")
+    counting(sections.TrainingSection, "parse", "training")
+    monkeypatch.setattr(loader, "check_callbacks", _counted(callbacks.check_callbacks, calls, "callbacks"))
+    monkeypatch.setattr(pipeline, "load_config", _counted(pipeline.load_config, calls, "config"))
+
+    schedule = [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule, max_steps=4)
+    raw["cache"] = {"activations": "auto"}
+    recipe = loader.load_recipe(write_recipe(tmp_path, raw))
+    pipeline.prepare(recipe)
+    expected = ("schedule", "boundaries", "data", "cache", "model", "rack", "training", "callbacks", "config")
+    assert calls == dict.fromkeys(expected, 1)
+
+
+def _counted(function, calls: dict, key: str):
+    def counted(*args, **kwargs):
+        calls[key] = calls.get(key, 0) + 1
+        return function(*args, **kwargs)
+
+    return counted

@@ -96,3 +96,75 @@ def test_extra_memory_is_bounded_by_the_chunk():
 def test_chunk_size_must_be_a_multiple_of_four():
     with pytest.raises(ValueError, match="multiple of 4"):
         tensor_checksum(torch.zeros(4), chunk_bytes=6)
+
+
+def reference_sums(tensor: torch.Tensor) -> tuple[int, int, int]:
+    """The three sums of the module docstring, in plain Python integers from the tensor's bytes (an independent
+    implementation): words little-endian signed int32, zero-padded; m(w) = top 32 bits of w·K mod 2**64, signed."""
+    data = tensor.contiguous().reshape(-1).view(torch.uint8).tolist() if tensor.numel() else []
+    data += [0] * (-len(data) % 4)
+    words = [int.from_bytes(bytes(data[i : i + 4]), "little", signed=True) for i in range(0, len(data), 4)]
+    modulus, k = 1 << 64, 0x9E3779B97F4A7C15
+
+    def mix(w: int) -> int:
+        high = ((w * k) % modulus) >> 32
+        return high - (1 << 32) if high >= 1 << 31 else high
+
+    def signed(v: int) -> int:
+        v %= modulus
+        return v - modulus if v >= 1 << 63 else v
+
+    return (
+        signed(sum(words)),
+        signed(sum(i * w for i, w in enumerate(words))),
+        signed(sum(mix(w) ** 2 for w in words)),
+    )
+
+
+@pytest.mark.parametrize("name", list(tensors()))
+def test_the_sums_are_the_documented_ones(name):
+    tensor = tensors()[name][:300]
+    assert tensor_checksum(tensor, CHUNK)[2:] == reference_sums(tensor)
+
+
+def test_words_with_zero_low_bits_are_told_apart():
+    """float32 1.0, 2.0, 4.0 have zero low 16 bits, so Σ w² mod 2**32 was zero for them; [1, 4, 1] and [2, 1, 2]
+    differ by (1, -2, 1) exponent steps, which keeps Σw and Σi·w: only the mixed third sum tells them apart."""
+    one = tensor_checksum(torch.tensor([1.0, 4.0, 1.0]))
+    other = tensor_checksum(torch.tensor([2.0, 1.0, 2.0]))
+    assert one[2:4] == other[2:4]  # the linear sums coincide
+    assert one != other
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(200):  # the same class at random: words with zero low 16 bits, a (t, -2t, t) change (no overflow)
+        words = torch.randint(-(1 << 14), 1 << 14, (64,), dtype=torch.int32, generator=generator) << 16
+        first = int(torch.randint(0, 62, (1,), generator=generator))
+        step = int(torch.randint(1, 1 << 12, (1,), generator=generator)) << 16
+        changed = words.clone()
+        changed[first : first + 3] += torch.tensor([step, -2 * step, step], dtype=torch.int32)
+        before, after = tensor_checksum(words.view(torch.float32)), tensor_checksum(changed.view(torch.float32))
+        assert before[2:4] == after[2:4]
+        assert before != after, (first, step)
+
+
+def test_a_store_signed_with_the_former_checksum_is_rebuilt_not_served(tmp_path):
+    """Checksums are not written into checkpoints; the one place they persist is a memory-mapped activation store's
+    signature. A resumed run whose checksums differ from the store's (the former third sum) gets misses, never hits."""
+    import numpy as np
+
+    from hf_stackwise.cache.activations import ActivationStore, fingerprints
+
+    weights = torch.tensor([1.0, 4.0, 1.0])
+    signature = {"former": "3212836864,3212836864,0", "current": ",".join(map(str, tensor_checksum(weights)[2:]))}
+    assert signature["former"] != signature["current"]
+    ids = torch.arange(12).reshape(2, 6)
+    slots, fps = np.array([0, 1]), fingerprints({"input_ids": ids})
+    path = str(tmp_path / "store")
+    written = ActivationStore(("k",), 4, 6, 8, path)
+    written.sign(signature["former"])
+    written.write(slots, fps, torch.randn(2, 6, 8))
+    same = ActivationStore(("k",), 4, 6, 8, path)
+    same.sign(signature["former"])
+    assert same.match(slots, fps).all()  # the store reloads for the run that wrote it
+    resumed = ActivationStore(("k",), 4, 6, 8, path)
+    resumed.sign(signature["current"])
+    assert not resumed.match(slots, fps).any()  # another signature: emptied, rebuilt as the run goes

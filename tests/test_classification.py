@@ -286,6 +286,79 @@ def test_minilm_classify_ulmfit_recipe_runs_briefly(tmp_path, tiny_bert_cls_dir,
     assert phases == {"head", "top", "all"} or summary["global_step"] < 8
 
 
+LORA_PHASES = [
+    {"name": "head", "until": 0.34, "train": "none"},
+    {"name": "top", "until": 0.67, "train": ["top"], "adapter": "lora", "lora": {"r": 4, "alpha": 8}},
+    {"name": "all", "until": 1.0, "train": "all", "adapter": "lora", "trunk": "lora"},
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_lora_phases_train_the_head_as_modules_to_save_and_export_a_plain_classifier(
+    tmp_path, family, tiny_bert_cls_dir, tiny_llama_dir, labelled, tokenizer
+):
+    """LoRA phases on an encoder (BERT) and a decoder (Llama) classifier: the classifier trains as PEFT's
+    `modules_to_save`, and both the run folder (merged at the end of `train`) and `hf-stackwise export` load in plain
+    AutoModelForSequenceClassification with the run's labels and the trained model's logits."""
+    from peft.utils import ModulesToSaveWrapper
+
+    from hf_stackwise.export.folder import export, merge_into
+
+    model_dir = tiny_bert_cls_dir if family == "bert" else tiny_llama_dir
+    raw = cls_recipe(tmp_path, model_dir, labelled, LORA_PHASES, eval_strategy="no")
+    prepared = run.prepare(validate_recipe(raw))
+    trainer = run.build_trainer(prepared)
+    head = "classifier" if family == "bert" else "score"
+    wrapper = trainer.model.get_submodule(f"base_model.model.{head}")
+    assert isinstance(wrapper, ModulesToSaveWrapper)
+    before = wrapper.original_module.weight.detach().clone()
+    trainer.train()
+    trained_head = wrapper.modules_to_save[wrapper.active_adapter].weight
+    assert not torch.equal(trained_head, before)  # the copy PEFT keeps trained; its original stays the base's
+    assert torch.equal(wrapper.original_module.weight, before)
+    trainer.save_model(prepared.args.output_dir)
+    merge_into(prepared.args.output_dir)  # what `hf-stackwise train` does at the end of an adapter run
+    export(str(tmp_path / "run"), str(tmp_path / "export"))
+    ids = torch.tensor([tokenizer("Return the logger with the given name.")["input_ids"]])
+    model = trainer.model.eval()
+    with torch.no_grad(), trainer.arranged():
+        trained = model(input_ids=ids).logits
+    for folder in (tmp_path / "run", tmp_path / "export"):
+        logits, id2label = clean_logits(folder, ids, tmp_path)
+        assert id2label == prepared.config.id2label
+        assert logits.shape == trained.shape and (logits - trained).abs().max() <= 1e-5, folder
+
+
+@pytest.mark.slow
+def test_the_ulmfit_recipe_repeats_bitwise_in_separate_processes(tmp_path, tiny_bert_cls_dir):
+    """The same recipe and seed in two fresh processes (different hash seeds) give the same weights, bit for bit:
+    the new classifier head is initialised while the model loads, so the seed must be set before that."""
+    overrides = ["--model.name_or_path", tiny_bert_cls_dir, "--training.max_steps", "6"]
+    overrides += ["--training.per_device_train_batch_size", "4", "--training.eval_steps", "3"]
+    overrides += ["--data.max_seq_length", "32", "--training.logging_steps", "1"]
+    recipe = os.path.join(ROOT, "recipes", "minilm", "classify_ulmfit.yaml")
+    runs, procs = [tmp_path / "run-1", tmp_path / "run-2"], []
+    for hash_seed, out in zip(("1", "2"), runs, strict=True):  # both at once: one core each
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        cmd = [sys.executable, "-m", "hf_stackwise", "train", recipe, *overrides, "--training.output_dir", str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(out / "model.safetensors")) for out in runs)
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+    losses = [
+        [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        for out in runs
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
 # ---- bad input -------------------------------------------------------------------------------------------
 
 
@@ -321,13 +394,7 @@ def bad_cases(tmp_path, model_dir, labelled) -> list[tuple[dict, str]]:
     saves["callbacks"] = {"early_stopping": {"patience": 2, "metric": "accuracy"}}
     phase_length = copy.deepcopy(base)
     phase_length["schedule"][0]["max_seq_length"] = 16
-    lora = copy.deepcopy(base)
-    lora["schedule"][0]["adapter"] = "lora"
     return [
-        (
-            lora,
-            "schedule[0]: LoRA (`adapter: lora` / `trunk: lora`) is not supported with `data.task: classification`",
-        ),
         (with_train("mixed.jsonl"), "data.label_column: the labels of data.train mix integer and string values"),
         (with_train("single.jsonl"), "data.label_column: data.train has 1 class (['x']); classification needs"),
         (with_train("nolabel.jsonl"), "data.label_column: 'label' is not a column of data.train"),

@@ -161,9 +161,8 @@ def test_errors_against_model_tokenizer_and_data_before_weights(
 
 def train_recording(raw, tmp_path, resume=None):
     """Train a recipe; returns the trainer and every transformed micro-batch by step."""
-    recipe = load_recipe(write_recipe(tmp_path, raw))
-    if resume is not None:
-        recipe.training["resume_from_checkpoint"] = resume
+    overrides = ["--training.resume_from_checkpoint", str(resume)] if resume is not None else None
+    recipe = load_recipe(write_recipe(tmp_path, raw), overrides)  # a recipe is frozen once loaded
     prepared = run.prepare(recipe)
     trainer = run.build_trainer(prepared)
     batches: dict[int, list] = {}

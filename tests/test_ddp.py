@@ -173,16 +173,22 @@ def test_launched_module_cli_matches_one_process(tmp_path, tiny_llama_dir, pydoc
     """`torchrun -m hf_stackwise train` and `accelerate launch -m hf_stackwise train` run 2 real ranks: the
     result equals one process with the doubled per-device batch (one rank alone would not)."""
     path = write_two_phase_recipe(tmp_path, tiny_llama_dir, pydoc_files[0])
-    torchrun(
+    # torchrun: `ddp_find_unused_parameters: false` as the user writes it; accelerate: unset, which means false
+    # here (DDP's reducer holds each phase's trainable set, every one of which the forward uses)
+    unused = ["--training.ddp_find_unused_parameters", "false"] if launcher == "torchrun" else []
+    launched = torchrun(
         "-m",
         "hf_stackwise",
         "train",
         str(path),
         "--training.output_dir",
         str(tmp_path / "ddp"),
+        *unused,
         cwd=tmp_path,
         launcher=launcher,
     )
+    assert "did not find any unused parameters" not in launched.stderr  # DDP's warning when searching in vain
+    assert "pin_memory" not in launched.stderr
     code = cli_main(
         [
             "train",

@@ -8,6 +8,7 @@ import re
 from hf_stackwise.cache.policy import CACHE_KEYS
 from hf_stackwise.recipe.callbacks import CALLBACK_KEYS, EARLY_STOPPING_KEYS
 from hf_stackwise.recipe.loader import ADAPTERS_KEYS, DATA_KEYS, FROM_PRETRAINED_KEYS, MODEL_KEYS, RACK_KEYS, SECTIONS
+from hf_stackwise.schedule.autofreeze import AUTOFREEZE_KEYS
 from hf_stackwise.schedule.generators import GENERATORS
 from hf_stackwise.schedule.phases import PHASE_KEYS
 
@@ -30,7 +31,8 @@ def test_section_tables_match_the_code():
     assert section_keys("adapters") == set(ADAPTERS_KEYS)
     assert section_keys("data") == set(DATA_KEYS)
     generator_settings = {key for settings in GENERATORS.values() for key in settings}
-    assert section_keys("schedule") == set(PHASE_KEYS) | set(GENERATORS) | generator_settings
+    expected = set(PHASE_KEYS) | set(GENERATORS) | generator_settings | set(AUTOFREEZE_KEYS)
+    assert section_keys("schedule") == expected
     assert section_keys("callbacks") == set(CALLBACK_KEYS) | set(EARLY_STOPPING_KEYS)
     assert section_keys("cache") == set(CACHE_KEYS)
 

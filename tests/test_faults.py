@@ -202,8 +202,12 @@ def test_a_nonfinite_loss_stops_the_run_before_it_touches_the_weights(tmp_path, 
         assert all(torch.isfinite(t).all() for t in load_file(os.path.join(folder, "model.safetensors")).values())
 
 
-def test_a_nonfinite_gradient_names_its_unit(tmp_path, token_dataset):
-    trainer = make_trainer(tmp_path / "run", token_dataset, save_strategy="no")
+CLIPPING = pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping", "no-clipping"])
+
+
+@CLIPPING
+def test_a_nonfinite_gradient_names_its_unit(tmp_path, token_dataset, max_grad_norm):
+    trainer = make_trainer(tmp_path / "run", token_dataset, save_strategy="no", max_grad_norm=max_grad_norm)
     Inject(trainer, {3}, where="grad")
     with pytest.raises(
         NonFiniteError,
@@ -214,8 +218,16 @@ def test_a_nonfinite_gradient_names_its_unit(tmp_path, token_dataset):
     assert trainer.state.global_step == 2
 
 
-def test_the_skip_policy_skips_up_to_its_limit_and_logs_it(tmp_path, token_dataset):
-    trainer = make_trainer(tmp_path / "run", token_dataset, nonfinite="skip", max_skipped_steps=1, save_strategy="no")
+@CLIPPING
+def test_the_skip_policy_skips_up_to_its_limit_and_logs_it(tmp_path, token_dataset, max_grad_norm):
+    trainer = make_trainer(
+        tmp_path / "run",
+        token_dataset,
+        nonfinite="skip",
+        max_skipped_steps=1,
+        save_strategy="no",
+        max_grad_norm=max_grad_norm,
+    )
     Inject(trainer, {4})
     snapshots = Snapshots(trainer)
     trainer.add_callback(snapshots)
@@ -236,6 +248,28 @@ def test_the_skip_policy_skips_up_to_its_limit_and_logs_it(tmp_path, token_datas
     Inject(over, {4, 7})
     with pytest.raises(NonFiniteError, match=r"step 7 of 8 .* and 1 steps were skipped already \(\[4\]"):
         over.train()
+
+
+@CLIPPING
+def test_the_guard_reuses_the_trainers_gradient_norm(tmp_path, token_dataset, max_grad_norm, monkeypatch):
+    """No gradient-norm pass of the guard's own: the Trainer computes the step's norm (to clip it, or for its
+    `grad_norm` log) and the guard checks that one, which is the norm the logs show."""
+    seen, passes = [], []
+    total_norm = torch.nn.utils.get_total_norm
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return total_norm(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)  # accelerate's clip and a guard's own pass
+    trainer = make_trainer(tmp_path / "run", token_dataset, save_strategy="no", max_grad_norm=max_grad_norm)
+    guard = trainer._guard_nonfinite
+    trainer._guard_nonfinite = lambda losses, norm=None: (seen.append(norm), guard(losses, norm))
+    trainer.train()
+    logged = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(seen) == 8 and all(n is not None for n in seen)
+    assert [float(n) for n in seen] == logged
+    assert len(passes) == 8  # one norm per optimizer step: the Trainer's (a pass of the guard's own made it 16)
 
 
 def test_weights_an_update_made_non_finite_are_never_saved(tmp_path, token_dataset):

@@ -1,7 +1,8 @@
 """Faults in real processes: `hf-stackwise train` killed with SIGKILL at chosen moments (while a checkpoint is being
 written, at a phase boundary, at random times) and resumed with `--training.resume_from_checkpoint true` ends
 bitwise equal to the uninterrupted run; SIGTERM stops the CLI after a complete checkpoint of the current step (exit
-143, well within a grace period), also under torchrun with 2 ranks (signal to torchrun, or to one rank only)."""
+143, well within a grace period), also with 2 ranks (signal to torchrun, to one rank only, or to `accelerate
+launch`)."""
 
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ class Run:
         return "".join(self.lines)
 
     def kill(self) -> None:
+        """SIGKILL the process, and check that the kill is what ended it (not a run that had already finished)."""
         self.proc.send_signal(signal.SIGKILL)
-        self.finish()
+        code = self.finish()
+        assert code == -signal.SIGKILL, f"exited {code} before the kill:\n{self.output()[-3000:]}"
 
 
 def cli(recipe: str, *extra: str) -> list[str]:
@@ -84,6 +87,30 @@ def cli(recipe: str, *extra: str) -> list[str]:
 def torchrun(recipe: str, *extra: str) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return launcher + ["-m", "hf_stackwise", "train", recipe, *extra]
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def accelerate_launch(recipe: str, *extra: str) -> list[str]:
+    """Two CPU processes under `accelerate launch` (`--cpu` would run one; `--multi_gpu` with `use_cpu` runs two)."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += [
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    return launcher + ["-m", "hf_stackwise", "train", recipe, "--training.use_cpu", "true", *extra]
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -146,6 +173,34 @@ def kill_while_writing(run: Run, run_dir, stage: str, after_step: int = 0) -> st
     return None
 
 
+def kill_in_late_write(run: Run, run_dir, after_step: int) -> str | None:
+    """SIGKILL the process after a checkpoint (past ``after_step``) has its trainer_state.json and before its
+    completion marker, for certain: a FIFO put where the marker's temporary file goes (``write_json`` opens it for
+    writing) holds the process at that open until it is killed. A FIFO placed too late (the marker was already
+    being written) is removed and the next checkpoint is tried. Returns the folder, or None (the run ended)."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    stale = [n for n in names if n.startswith("checkpoint-") and incomplete_reason(run_dir / n)]
+    tried = set(stale)
+    while run.proc.poll() is None:
+        folder = checkpoint_being_written(run_dir, "any", tried)
+        if folder is None or int(folder.rsplit("-", 1)[1]) <= after_step:
+            continue
+        tried.add(os.path.basename(folder))
+        fifo, marker = os.path.join(folder, COMPLETE_NAME + ".tmp"), os.path.join(folder, COMPLETE_NAME)
+        try:
+            os.mkfifo(fifo)
+        except FileExistsError:  # the marker is being written already
+            continue
+        while run.proc.poll() is None and not os.path.exists(marker):
+            if os.path.exists(os.path.join(folder, "trainer_state.json")):
+                run.kill()  # the marker cannot appear: its writer is blocked on the FIFO (or has not reached it)
+                os.remove(fifo)  # the resumed run rewrites this folder
+                return folder
+        os.remove(fifo)  # too late: the marker was written before the FIFO was in place
+    run.finish()
+    return None
+
+
 def test_kill_9_at_any_moment_then_resume_is_bitwise_equal(uninterrupted, tiny_llama_dir, pydoc_files):
     tmp, expected = uninterrupted
     recipe = fault_recipe(tmp, tiny_llama_dir, pydoc_files[0], "killed")
@@ -182,18 +237,16 @@ def test_kill_9_at_any_moment_then_resume_is_bitwise_equal(uninterrupted, tiny_l
     run.wait_for("step 16 (t=0.667): phase 2")
     run.kill()
     after_kill("phase boundary 16")
-    # 4. after trainer_state.json, before the completion marker (a window of about a millisecond: best effort)
+    # 4. after trainer_state.json, before the completion marker (a window of about a millisecond, held open)
     run = Run(cli(recipe, *RESUME))
-    folder = kill_while_writing(run, run_dir, "late", after_step=16)
-    if folder is not None:
-        after_kill("late write", folder)
-    else:
-        report.append("late write: window not caught, run finished")
+    folder = kill_in_late_write(run, run_dir, after_step=16)
+    assert folder is not None, "the run ended without a checkpoint caught between trainer_state.json and its marker"
+    after_kill("late write", folder)
     # 5. to the end
-    if folder is not None:
-        run = Run(cli(recipe, *RESUME))
-        assert run.finish() == 0, run.output()[-3000:]
+    run = Run(cli(recipe, *RESUME))
+    assert run.finish() == 0, run.output()[-3000:]
     print("\n".join(["kill -9:", *report, f"max |delta| = {max_delta(final_weights(run_dir), expected)}"]))
+    assert len(report) == 5  # every kill happened (`Run.kill` checks each process died of SIGKILL)
     assert_bitwise_equal(final_weights(run_dir), expected)
 
 
@@ -268,11 +321,17 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(uninterrupted, tiny
     expected = final_weights(tmp / "ddp-whole")
     recipe = fault_recipe(tmp, tiny_llama_dir, pydoc_files[0], "ddp", per_device_train_batch_size=2, save_steps=100)
     report, first = [], 0
-    # SIGTERM to torchrun (it forwards it to both ranks), then to rank 1 only: all ranks stop at the same step
-    for target, argv in (("torchrun", torchrun(recipe)), ("rank 1", torchrun(recipe, *RESUME))):
+    # SIGTERM to torchrun (it forwards it to both ranks), then to rank 1 only, then to `accelerate launch` (it runs
+    # torch's elastic launcher in its own process, which forwards it): all ranks stop at the same step
+    targets = [
+        ("torchrun", torchrun(recipe)),
+        ("rank 1", torchrun(recipe, *RESUME)),
+        ("accelerate launch", accelerate_launch(recipe, *RESUME)),
+    ]
+    for target, argv in targets:
         run = launch_two_ranks(argv)
         wait_until_step(run, 4 if target == "torchrun" else first + 3)
-        pid = run.proc.pid if target == "torchrun" else rank_pid(run.proc.pid, 1)
+        pid = rank_pid(run.proc.pid, 1) if target == "rank 1" else run.proc.pid
         sent = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         run.finish()
@@ -286,8 +345,9 @@ def test_sigterm_under_torchrun_stops_both_ranks_at_one_step(uninterrupted, tiny
         assert out.count("SIGTERM: stopping after step") == 1 and step < STEPS  # rank 0 logs, for both ranks
         codes = sorted(set(re.findall(r"exitcode *: (-?[0-9]+)", out)))  # what torchrun reports of failed ranks
         assert codes in ([], ["143"]), codes
+        assert step > first  # this launch trained (and resumed from the last one's checkpoint)
         report.append(
-            f"SIGTERM to {target}: both ranks saved step {step}, exit after {seconds:.2f} s (torchrun status "
+            f"SIGTERM to {target}: both ranks saved step {step}, exit after {seconds:.2f} s (launcher status "
             f"{run.proc.returncode}, ranks {codes or 'not reported'})"
         )
         first = step

@@ -14,7 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_stackwise.distributed.sharding import arranged_state_dict, check_sharding, check_torch_version
+from hf_stackwise.distributed.sharding import (
+    arranged_state_dict,
+    check_sharding,
+    check_torch_version,
+    storage_settings,
+)
 from hf_stackwise.errors import RecipeError
 from hf_stackwise.export.folder import export
 from hf_stackwise.schedule.phases import Schedule
@@ -24,14 +29,14 @@ CONNECTION_ERRORS = ("Connection closed by peer", "Connection reset by peer", "A
 GOLDEN = [[0, [3]], [1, [3]], [2, [0, 1]], [3, [0, 1]], [4, [1]], [5, [1]], [6, [0, 1, 2, 3]], [7, [0, 1, 2, 3]]]
 
 
-def launch(root, mode: str, ranks: int) -> None:
-    """Run fsdp_worker.py; retried once only when gloo fails to connect at start-up, or when the processes abort at
-    exit after every result was written (the `.done` marker)."""
+def launch(root, mode: str, ranks: int, worker: str = "fsdp_worker.py") -> None:
+    """Run ``worker``; retried once only when gloo fails to connect at start-up, or when the processes abort at exit
+    after every result was written (the `.done` marker)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
     cmd = [sys.executable]
     if ranks > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    cmd += ["fsdp_worker.py", str(root), mode]
+    cmd += [worker, str(root), mode]
     for attempt in (1, 2):
         result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
         if result.returncode == 0:
@@ -85,9 +90,31 @@ def test_fsdp2_sgd_matches_one_process_and_adamw_matches_ddp(runs):
     sgd, single = weights(runs, "sgd")["final"], weights(runs, "single_sgd")["final"]
     assert max_diff(sgd, single) <= 1e-5  # measured 1.1e-8 (SGD with momentum 0.9)
     adamw, ddp = weights(runs, "adamw")["final"], weights(runs, "ddp")["final"]
-    assert max_diff(adamw, ddp) <= 1e-6  # measured 0.0: bitwise equal to DDP
+    assert adamw.keys() == ddp.keys()
+    assert all(torch.equal(adamw[n], ddp[n]) for n in ddp), max_diff(adamw, ddp)  # bitwise equal to DDP
     start = weights(runs, "single_sgd")["steps"][0]
     assert not torch.equal(adamw["model.layers.2.mlp.up_proj.weight"], start["model.layers.2.mlp.up_proj.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp2_autofreeze_decides_alike_on_every_rank_and_matches_one_process(runs):
+    """Gradient statistics from the shards, summed over the ranks: both ranks take the one-process decisions, and the
+    frozen stack stays bit-identical from its freeze step under FSDP2."""
+    ranks = [info(runs, "autofreeze", r) for r in (0, 1)]
+    alone = info(runs, "single_autofreeze")
+    assert ranks[0]["fsdp"] and ranks[0]["freeze_decisions"], "no stack froze"
+    assert ranks[0]["freeze_decisions"] == ranks[1]["freeze_decisions"]
+    assert [(d["step"], d["stacks"]) for d in ranks[0]["freeze_decisions"]] == [
+        (d["step"], d["stacks"]) for d in alone["freeze_decisions"]
+    ]
+    assert ranks[0]["trace"] == ranks[1]["trace"] == alone["trace"]
+    sharded, single = weights(runs, "autofreeze"), weights(runs, "single_autofreeze")
+    assert max_diff(sharded["final"], single["final"]) <= 1e-5  # as the SGD case above
+    first = ranks[0]["freeze_decisions"][0]
+    for stack in first["stacks"]:
+        for name, value in sharded["final"].items():
+            if name.startswith(f"model.layers.{stack}."):  # steps[k]: the weights after step k (0-based)
+                assert torch.equal(value, sharded["steps"][first["step"] - 1][name]), name
 
 
 @pytest.mark.slow
@@ -199,13 +226,21 @@ def test_fsdp2_settings_that_do_not_work_are_refused():
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # accelerate's FSDP2 default is sharded
     assert refusal({}, env=env).startswith("fsdp_state_dict_type: SHARDED_STATE_DICT")
     assert "use `bf16: true`" in refusal({**FSDP2, "fp16": True})
+    # a bf16 policy casts a float32 (or float16) storage of packed 4-bit weights; measured on 2 ranks, it raises
+    message = refusal({**FSDP2, "bf16": True}, FIXED, quantized={"bits": 4, "quant_storage": "float32"})
+    assert message.startswith("model.quantization.quant_storage: float32 with bf16 under training.fsdp (FSDP2)")
+    assert "quant_storage: bfloat16" in message and "invalid for input of size" in message
+    # LoRA, growth and 4-bit bases run under FSDP2 (test_fsdp_adapters.py)
     lora = Schedule.from_list([{"name": "a", "until": 1.0, "train": [0], "adapter": "lora"}])
-    assert "trains LoRA adapters" in refusal(FSDP2, lora)
+    assert check_sharding(FSDP2, lora, (1, 1, 1, 1), env={}) == "fsdp2"
     grow = Schedule.from_list(
         [{"name": "a", "until": 0.5, "train": "all"}, {"name": "b", "until": 1.0, "grow": {"op": "copy", "stacks": 1}}]
     )
-    assert "grows the rack" in refusal(FSDP2, grow)
-    assert "model.quantization" in refusal(FSDP2, FIXED, quantized=True)
+    assert check_sharding(FSDP2, grow, (1, 1, 1, 1), env={}) == "fsdp2"
+    for storage in ("auto", "bfloat16", "uint8"):
+        quantized = {"bits": 4, "quant_storage": storage}
+        assert check_sharding({**FSDP2, "bf16": True}, lora, (1, 1, 1, 1), quantized, env={}) == "fsdp2"
+    assert check_sharding(FSDP2, lora, (1, 1, 1, 1), {"bits": 4, "quant_storage": "float32"}, env={}) == "fsdp2"
     # what works is accepted: FSDP2, fp32 or bf16, the accelerate config of recipes/accelerate/fsdp2.yaml
     assert check_sharding(FSDP2, CHANGING, (1, 1, 1, 1), env={}) == "fsdp2"
     assert check_sharding({**FSDP2, "bf16": True}, CHANGING, (1, 1, 1, 1), env={}) == "fsdp2"
@@ -268,3 +303,37 @@ def test_a_gathered_state_dict_is_saved_as_the_producing_phase_runs():
         "model.layers.1.w": 0,
         "lm_head.weight": 9,
     }
+
+
+def test_4bit_storage_is_the_dtype_fsdp2_gathers_in():
+    """`quant_storage: auto` packs 4-bit weights in uint8 without FSDP2 (bitsandbytes' default) and in the dtype
+    FSDP2 gathers parameters in under it, so they shard (accelerate keeps uint8 ones whole on every rank)."""
+    from hf_stackwise.rack.quantization import bnb_config, quant_storage
+
+    assert quant_storage({}) == quant_storage({}, {"bf16": True}) == "uint8"
+    assert quant_storage({}, {"fsdp": True}) == "float32"
+    assert quant_storage({"quant_storage": "auto"}, {"fsdp": True, "bf16": True}) == "bfloat16"
+    assert quant_storage({"quant_storage": "uint8"}, {"fsdp": True}) == "uint8"
+    assert bnb_config({}, ["lm_head"], {"fsdp": True}).bnb_4bit_quant_storage == torch.float32
+    assert bnb_config({}, ["lm_head"]).bnb_4bit_quant_storage == torch.uint8
+    # `hf-stackwise train` reads FSDP2 and bf16 from the recipe or from the accelerate launch (recipes/accelerate/)
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    assert quant_storage({}, storage_settings({}, env=launched)) == "bfloat16"
+    assert quant_storage({}, storage_settings({"fsdp": True, "fsdp_config": {"version": 2}}, env={})) == "float32"
+    assert quant_storage({}, storage_settings({"fsdp": True, "fsdp_config": {"version": 1}}, env={})) == "uint8"
+    assert quant_storage({}, storage_settings({}, env={})) == "uint8"
+
+
+def test_a_4bit_storage_dtype_outside_the_list_names_the_key():
+    from hf_stackwise.recipe.loader import validate_recipe
+
+    raw = {
+        "model": {"name_or_path": "x", "quantization": {"bits": 4, "quant_storage": "int4"}},
+        "data": {"train": {"path": "text", "data_files": "a.txt"}},
+        "schedule": [{"name": "a", "until": 1.0, "train": [0], "adapter": "lora"}],
+        "training": {"output_dir": "out", "max_steps": 2},
+    }
+    with pytest.raises(RecipeError, match=r"model.quantization.quant_storage: 'int4' is not auto, uint8"):
+        validate_recipe(raw)
+    raw["model"]["quantization"]["quant_storage"] = "bfloat16"
+    assert validate_recipe(raw).model["quantization"]["quant_storage"] == "bfloat16"

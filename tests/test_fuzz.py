@@ -36,6 +36,11 @@ FRACTIONS = {"until", "warmup", "eval_fraction", "mask_rate", "eval_mask_rate", 
 NEGATIVE_OK = {("training", "max_steps")}
 
 
+def generator_seed(path) -> bool:
+    """A `cycle`/`sample` entry's seed: any whole number seeds its draws (a negative one too)."""
+    return path[0] == "schedule" and len(path) == 4 and path[2] in ("cycle", "sample") and path[3] == "seed"
+
+
 def load(path: Path) -> dict:
     raw = yaml.safe_load(path.read_text())
     raw["training"]["output_dir"] = "OUTPUT"  # replaced by a per-example temporary folder
@@ -103,7 +108,8 @@ def mutations(draw):
         candidates = [
             (p, v)
             for p, v in leaves(raw)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and p not in NEGATIVE_OK
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            if p not in NEGATIVE_OK and not generator_seed(p)
         ]
         path, value = draw(st.sampled_from(candidates))
         bad = draw(st.sampled_from([-1, -7, -0.5, -1e-3])) if value >= 0 else abs(value) + 1

@@ -356,3 +356,87 @@ def test_python_api_refuses_release_idle_with_a_stateless_optimizer(tmp_path, to
     with pytest.raises(RecipeError, match=r"schedule\[0\]\.optimizer_state: `release_idle` .* training.optim: sgd"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+# One warm-up and one decay over a generator's whole span (issue 18): 20 steps, 4 generated phases of 5 steps;
+# the entry's `warmup: 0.2` is 4 steps of the span and `linear` decays from step 4 to 0 at step 20.
+SPAN = [
+    {
+        "name": "b",
+        "until": 1.0,
+        "cycle": {"stacks": [0, 1], "rounds": 2},
+        "warmup": 0.2,
+        "lr_schedule": "linear",
+        "learning_rate": 1e-3,
+    }
+]
+# Hand-computed: steps 0..3 ramp k/4; steps 4..19 decay (20 - k) / 16.
+SPAN_GOLDEN = [0.0, 0.25, 0.5, 0.75] + [(20 - k) / 16 for k in range(4, 20)]
+# With `each: {warmup: 0.4}` every 5-step phase also warms up over 2 steps (0, 1/2, 1, 1, 1), times the span's.
+EACH_GOLDEN = [s * e for s, e in zip(SPAN_GOLDEN, [0.0, 0.5, 1.0, 1.0, 1.0] * 4, strict=True)]
+
+
+def test_a_generator_entry_warms_up_and_decays_once_over_its_span():
+    resolved = Schedule.from_list(SPAN).resolve(20)
+    assert [p.name for p in resolved.schedule.phases] == ["b-1", "b-2", "b-3", "b-4"]
+    assert all((p.warmup, p.lr_schedule) == (0.0, "constant") for p in resolved.schedule.phases)
+    trained = [resolved.state_at(k, 2).trainable_units for k in range(20)]
+    lrs = [resolved.unit_lr(k, min(units), 5e-4, 2) for k, units in enumerate(trained)]
+    assert lrs == pytest.approx([1e-3 * f for f in SPAN_GOLDEN], abs=1e-15)
+    each = [{**SPAN[0], "cycle": {**SPAN[0]["cycle"], "each": {"warmup": 0.4}}}]
+    assert [Schedule.from_list(each).resolve(20).lr_factor(k) for k in range(20)] == pytest.approx(EACH_GOLDEN)
+    # the span survives the run folder's round trip (`to_list` → `from_list`) and enters the fingerprint
+    schedule = Schedule.from_list(SPAN)
+    assert Schedule.from_list(schedule.to_list()) == schedule
+    per_phase = [
+        {k: v for k, v in SPAN[0].items() if k != "cycle"} | {"name": f"p{i}", "until": (i + 1) / 4} for i in range(4)
+    ]
+    assert Schedule.from_list(per_phase).fingerprint() != schedule.fingerprint()
+
+
+def test_a_generator_span_with_bad_kwargs_names_the_entry():
+    raw = [{**SPAN[0], "lr_schedule": "warmup_stable_decay", "lr_schedule_kwargs": {"num_decay_steps": 30}}]
+    with pytest.raises(
+        RecipeError,
+        match=r"schedule\[0\]\.lr_schedule_kwargs\.num_decay_steps: 30 steps, but the "
+        r"entry's span has 20",
+    ):
+        Schedule.from_list(raw).resolve(20)
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each: "):
+        Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"until": 0.5}}}])
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each\.warmup: 2 is not a fraction"):
+        Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"warmup": 2}}}])
+    with pytest.raises(RecipeError, match=r"schedule\[0\]\.cycle\.each\.warmup: 2 is not a fraction"):
+        Schedule.from_list([{**SPAN[0], "cycle": {"stacks": [0, 1], "each": {"warmup": 2}}}])
+
+
+class LearningRates(TrainerCallback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(max(group["lr"] for group in optimizer.param_groups))
+
+
+def test_a_real_run_follows_the_span_golden_rates(tmp_path, token_dataset):
+    """The optimizer's rates at each of 20 steps of a real run: one warm-up, one linear decay, no restart at the
+    three phase switches (before the fix each 5-step phase warmed up from 0 again)."""
+    trainer = resume_trainer(tmp_path / "run", token_dataset, SPAN, max_steps=20, save_steps=100)
+    rates = LearningRates()
+    trainer.add_callback(rates)
+    trainer.train()
+    assert rates.lrs == pytest.approx([1e-3 * f for f in SPAN_GOLDEN], abs=1e-15)
+
+
+def test_plan_says_the_entry_shape_runs_once(tmp_path, tiny_llama_dir, pydoc_files):
+    recipe = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], schedule=SPAN, max_steps=20)
+    plan = make_plan(load_recipe(write_recipe(tmp_path, recipe)))
+    assert all("× b's linear, warmup 0.2 once over all its phases" in p.lr_text for p in plan.phases)
+
+
+def test_the_model_card_says_the_entry_shape_runs_once():
+    from hf_stackwise.report.card import phase_table
+
+    run = {"schedule": Schedule.from_list(SPAN).to_list(), "rack": {"boundaries": [0, 1, 2]}, "defaults": {}}
+    rows = [line for line in phase_table(run, 20).splitlines() if line.startswith("| b-")]
+    assert len(rows) == 4 and all("× b's linear, warm-up 0.2 over all its phases" in row for row in rows)

@@ -156,3 +156,66 @@ def test_cls_and_kwargs_may_repeat_the_schedule_values(tmp_path, token_dataset):
     )
     trainer.train()
     assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0, 0.01}
+
+
+class ModeSwitchingSGD(torch.optim.SGD):
+    """An optimizer with train/eval modes like schedule-free ones: eval() moves every parameter it holds state for
+    (here to half its value), train() moves it back."""
+
+    def train(self):
+        self._move(2.0)
+
+    def eval(self):
+        self._move(0.5)
+
+    def _move(self, factor):
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if self.state.get(p):
+                        p.mul_(factor)
+
+
+@pytest.mark.parametrize(
+    "overrides, kwargs, match",
+    [
+        ({"optim": "schedule_free_adamw"}, {}, r"training\.optim: 'schedule_free_adamw' is a schedule-free"),
+        ({"optim": "schedule_free_sgd"}, {}, r"training\.optim: 'schedule_free_sgd' is a schedule-free"),
+        ({}, {"optimizer_cls_and_kwargs": (ModeSwitchingSGD, {})}, r"ModeSwitchingSGD has optimizer\.train\(\)"),
+        (
+            {},
+            {"optimizers": (ModeSwitchingSGD([torch.zeros(1, requires_grad=True)], lr=0.1), None)},
+            "ModeSwitchingSGD",
+        ),
+    ],
+    ids=["schedule_free_adamw", "schedule_free_sgd", "cls_and_kwargs", "ready-optimizer"],
+)
+def test_optimizers_with_train_eval_modes_are_refused_with_the_reason(tmp_path, overrides, kwargs, match):
+    """Schedule-free optimizers rewrite every parameter they hold state for at each train/eval switch, so a stack
+    frozen after training would not stay bit-frozen across an eval: refused when the trainer is built (by name, so
+    without the `schedulefree` package too), naming the setting."""
+    from hf_stackwise.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=match) as err:
+        StackwiseTrainer(model=tiny_causal_lm("llama"), args=make_args(tmp_path, **overrides), **kwargs)
+    assert "bit-frozen" in str(err.value) and "adamw_torch" in str(err.value)
+
+
+def test_the_cli_refuses_a_schedule_free_optim_before_weights_load(
+    tmp_path, tiny_llama_dir, pydoc_files, capsys, monkeypatch
+):
+    from conftest import tiny_recipe, write_recipe
+    from test_bad_input import refused
+
+    from hf_stackwise.cli import pipeline as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], SCHEDULE))
+    for command in ("train", "validate"):
+        refused(
+            [command, path, "--training.optim", "schedule_free_adamw"],
+            capsys,
+            tmp_path / "run",
+            "training.optim: 'schedule_free_adamw' is a schedule-free optimizer",
+            "bit-frozen",
+        )

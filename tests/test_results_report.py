@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -107,3 +108,57 @@ def test_page_from_fixture_json(tmp_path):
     for name in ("finetune-loss.png", "finetune-cost.png", "finetune-curves.png", "growth.png"):
         assert (images / name).stat().st_size > 1000
         assert f"(images/{name})" in page
+
+
+def test_the_committed_results_page_is_the_render_of_the_committed_json(tmp_path):
+    """docs/results.md is exactly what benchmarks/report.py renders from benchmarks/results/*.json (re-render with
+    `python benchmarks/report.py` after a run); rendering with plots gives the same text and draws what it links."""
+    report = report_module()
+    results, page = ROOT / "benchmarks" / "results", ROOT / "docs" / "results.md"
+    text = report.render(str(results), str(page), str(ROOT / "docs" / "images" / "results"), write=False)
+    assert text == page.read_text(), "docs/results.md is not the render of benchmarks/results/: run report.py"
+    images = tmp_path / "docs" / "images" / "results"  # the same layout: the same relative links
+    (tmp_path / "docs").mkdir()
+    assert report.render(str(results), str(tmp_path / "docs" / "results.md"), str(images)) == text
+    linked = re.findall(r"!\[[^]]*\]\(images/results/([^)]+)\)", text)
+    assert linked and sorted(linked) == sorted(p.name for p in images.iterdir())
+    assert all((ROOT / "docs" / "images" / "results" / name).is_file() for name in linked)
+
+
+def test_the_results_page_says_which_cache_targets_were_missed():
+    """Every target benchmarks/cache.py recorded is on the page with its value, and a missed one says so."""
+    page = (ROOT / "docs" / "results.md").read_text().splitlines()
+    checked = 0
+    for path in sorted((ROOT / "benchmarks" / "results").glob("cache*.json")):
+        for model, result in json.loads(path.read_text()).get("models", {}).items():
+            for key, target in result.get("targets", {}).items():
+                rows = [line for line in page if f"| `{path.name}` | {model} |" in line and f"(`{key}`)" in line]
+                assert len(rows) == 1, (model, key)
+                assert f"| {target['value']:.3f} |" in rows[0]
+                assert rows[0].endswith("| met |" if target["pass"] else "| **missed** |"), rows[0]
+                checked += 1
+    assert checked > 0
+
+
+def test_the_activation_cache_page_quotes_the_auto_off_overhead_of_the_json():
+    """docs/activation-cache.md states the `auto`-off overhead as cache.json has it: met or missed, the value, the
+    machine's other CPU load."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "cache.json").read_text())
+    text = " ".join((ROOT / "docs" / "activation-cache.md").read_text().split())
+    llama, smollm2 = (data["models"][m]["targets"]["auto_off_overhead"] for m in ("llama", "smollm2"))
+    assert f"on the Llama it cost {llama['value']:.2f}×" in text and llama["pass"]
+    verdict = "the target was missed" if not smollm2["pass"] else "the target was met"
+    assert f"on SmolLM2 **{smollm2['value']:.2f}× ({smollm2['value']:.3f}): {verdict}**" in text
+    assert f"other processes used {100 * data['other_cpu']:.0f}% of its CPU" in text
+
+
+def test_the_block_coordinate_page_quotes_the_ddp_json():
+    """The DDP paragraph of docs/stories/block-coordinate.md is `benchmarks/ddp.py`'s summary of the committed
+    benchmarks/results/ddp.json, word for word: its bucket sizes and step ratios have data behind them."""
+    spec = importlib.util.spec_from_file_location("ddp_benchmark", ROOT / "benchmarks" / "ddp.py")
+    ddp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ddp)
+    data = json.loads((ROOT / "benchmarks" / "results" / "ddp.json").read_text())
+    assert len(data["phases"]) == data["settings"]["layers"] // 2
+    page = " ".join((ROOT / "docs" / "stories" / "block-coordinate.md").read_text().split())
+    assert " ".join(ddp.summary(data).split()) in page

@@ -1,7 +1,9 @@
-"""Every folder a run writes either loads in plain transformers as the trained function (what
-`trainer.arranged()` computes) or does not load as a model at all: the final output_dir after growth at the bottom,
-interleaved identity growth and a shallow final phase; the merged model of a QLoRA run; every checkpoint. Plus
-nested arrangements and a package whose imports have no cycle."""
+"""Every folder a run writes either loads in plain transformers as the trained function or does not load as a model
+at all. The trained function is observed, not recomputed by the saving code's own helpers: forward hooks record
+which physical blocks the last training step ran, in which order, and a hand-written golden order per schedule
+says what that order must be; the saved layers must hold exactly those blocks' weights, in that order. Cases: the
+final output_dir after growth at the bottom, interleaved identity growth and a shallow final phase; the merged model
+of a QLoRA run; every checkpoint. Plus nested arrangements and a package whose imports have no cycle."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import re
 import pytest
 import torch
 from conftest import tiny_causal_lm, tiny_config, tiny_recipe, write_recipe
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_stackwise.cli import pipeline as run
 from hf_stackwise.cli.commands import main
@@ -39,13 +41,46 @@ QLORA = [
 ]
 
 
+# Physical blocks (0-3 the loaded ones, 4+ those the schedule grows, in growth order) the last step runs, bottom →
+# top, worked out by hand from the schedule: a copy of stack 0 grown below it; two identity stacks interleaved
+# (one after each of stacks 1 and 3: LLaMA Pro's spacing of 2 new among 4); the first two stacks only.
+GOLDEN_ORDER = {
+    "copy-bottom": [4, 0, 1, 2, 3],
+    "identity-interleave": [0, 1, 4, 2, 3, 5],
+    "shallow-final": [0, 1],
+}
+
+
+class RecordBlockOrder(TrainerCallback):
+    """Forward hooks on every physical block: the indices, in call order, of the blocks the last step ran."""
+
+    def __init__(self, blocks):
+        self.physical, self.calls, self.last_step = list(blocks), [], []
+        index = {id(b): i for i, b in enumerate(self.physical)}
+        for block in self.physical:
+            block.register_forward_hook(lambda module, args, out: self.calls.append(index[id(module)]))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.calls = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_step = self.calls
+
+
 def train_with_cli(tmp_path, raw, monkeypatch, capsys):
-    """`hf-stackwise train` on ``raw``; returns the trainer it built and the folder its last line names."""
+    """`hf-stackwise train` on ``raw``; returns the trainer it built (with a ``RecordBlockOrder`` as ``.recorded``)
+    and the folder its last line names."""
     built = []
     build = run.build_trainer
-    monkeypatch.setattr(
-        run, "build_trainer", lambda prepared, model=None: built.append(build(prepared, model)) or built[-1]
-    )
+
+    def build_and_record(prepared, model=None):
+        trainer = build(prepared, model)
+        trainer.recorded = RecordBlockOrder(trainer.rack.blocks)  # physical; grown blocks are allocated at init
+        trainer.add_callback(trainer.recorded)
+        built.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(run, "build_trainer", build_and_record)
     assert main(["train", write_recipe(tmp_path, raw)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     match = re.fullmatch(
@@ -53,6 +88,15 @@ def train_with_cli(tmp_path, raw, monkeypatch, capsys):
     )
     assert match, last
     return built[0], match.group(1)
+
+
+def assert_holds_blocks(model, physical, order):
+    """The model's layers are the given physical blocks, in order: every tensor bitwise equal."""
+    assert len(model.model.layers) == len(order)
+    for layer, (position, block) in enumerate(zip(order, model.model.layers, strict=True)):
+        trained, saved = physical[position].state_dict(), block.state_dict()
+        assert saved.keys() == trained.keys()
+        assert all(torch.equal(saved[k], trained[k]) for k in saved), f"saved layer {layer} is not block {position}"
 
 
 def logits(model, ids=IDS):
@@ -97,10 +141,14 @@ def test_the_output_dir_is_the_trained_function(tmp_path, tiny_llama_dir, pydoc_
     depth = {"copy-bottom": 5, "identity-interleave": 6, "shallow-final": 2}[case]
     assert model.config.num_hidden_layers == len(model.model.layers) == depth
     assert not hasattr(model.config, "stackwise_base_layers")
+    assert trainer.recorded.last_step == GOLDEN_ORDER[case]  # the trained function, observed
+    assert_holds_blocks(model, trainer.recorded.physical, GOLDEN_ORDER[case])  # ...is what was saved
     assert (logits(model) - arranged_logits(trainer)).abs().max() <= 1e-5
     # the run stays exportable (same function) and plottable
     assert main(["export", folder, str(tmp_path / "exported")]) == 0
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "exported")), logits(model))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert_holds_blocks(exported, trainer.recorded.physical, GOLDEN_ORDER[case])
+    torch.testing.assert_close(logits(exported), logits(model))
     assert main(["plot", folder, "--out", str(tmp_path / "plots")]) == 0
     # checkpoints: the full-depth phase of an ungrown rack is a normal checkpoint; every other one does not load
     outcomes = check_checkpoints(tmp_path / "run", tmp_path)
@@ -111,6 +159,8 @@ def test_the_output_dir_is_the_trained_function(tmp_path, tiny_llama_dir, pydoc_
         "checkpoint-3": "raises",
         "checkpoint-4": "raises",
     }
+    last = AutoModelForCausalLM.from_pretrained(tmp_path / "export-checkpoint-4")  # the final weights, exported
+    assert_holds_blocks(last, trainer.recorded.physical, GOLDEN_ORDER[case])
 
 
 def test_resume_from_an_unarranged_checkpoint_is_bitwise(tmp_path, tiny_llama_dir, pydoc_files, monkeypatch, capsys):

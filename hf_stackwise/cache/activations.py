@@ -1,13 +1,11 @@
 """The frozen-prefix activation cache: stores of hidden states at a cut, the replay modules, the trainer hooks.
 
 **Store.** One per (prefix blocks, row length): ``slots`` rows of ``[row length, hidden]`` in the dtype the hidden
-state has at the cut, pre-allocated in RAM while the stores fit in ``cache.max_memory``, else a memory-mapped file
-under ``cache.dir``. Each slot keeps a 16-byte BLAKE2b fingerprint of the inputs the prefix read (input ids,
-attention mask, position ids, token types, and so their length); a slot serves a row only when the fingerprint
-matches, so a stale slot is a miss, never a wrong hit. A store is signed with checksums of every parameter below
-the cut (embeddings included); at each phase start a signature mismatch (growth at or below the cut, a prefix
-that trained) empties it. A memory-mapped store writes its signature to a header file and is reloaded by a resumed
-run when the header matches.
+state has at the cut, pre-allocated in RAM while the stores fit in ``cache.max_memory``, else memory-mapped files
+under ``cache.dir`` (see :mod:`~hf_stackwise.cache.store`: fingerprints, signature and run identity, locks, checks
+on reload). At each phase start a signature mismatch (growth at or below the cut, a prefix that trained) empties a
+store, and the modules below the cut are scanned again (:mod:`~hf_stackwise.cache.hazards`): a hook registered
+since the decision turns the phase off (``auto``) or stops the run (``true``) before its first step.
 
 **Replay.** Inside the arrangement the trainer runs, the prefix positions hold :class:`PrefixPosition` modules
 wrapping the real blocks, so the model-level forward (causal mask, rotary embeddings, per-layer attention types,
@@ -26,133 +24,30 @@ later epochs, but would need cross-process write ordering for the fingerprints t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ..errors import RecipeError
 from ..persist.checksum import tensor_checksums
 from ..schedule.phases import EMBEDDINGS, HEAD
-from .policy import (
-    FINGERPRINT_BYTES,
-    CacheData,
-    CacheModel,
-    CacheSettings,
-    PhaseCache,
-    decide,
-)
+from .hazards import module_hazard, prefix_modules
+from .policy import CacheData, CacheModel, CacheSettings, PhaseCache, decide
+from .rows import dataset_rows, longest_row, padding_repeat
+from .store import ActivationStore, fingerprints, identity_key, run_identity
+
+logger = logging.get_logger(__name__)
 
 ROW_KEY = "stackwise_row"  # the row-id column; popped from the batch before the model sees it
-FINGERPRINTED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
-TORCH_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
-
-
-def fingerprints(inputs: dict) -> np.ndarray:
-    """``[rows, 16]`` uint8: a BLAKE2b digest per row of everything the prefix reads."""
-    present = [k for k in FINGERPRINTED if isinstance(inputs.get(k), torch.Tensor)]
-    parts = [inputs[k].detach().cpu().contiguous().numpy() for k in present]
-    rows = parts[0].shape[0]
-    out = np.empty((rows, FINGERPRINT_BYTES), np.uint8)
-    for r in range(rows):
-        h = hashlib.blake2b(digest_size=FINGERPRINT_BYTES)
-        for key, part in zip(present, parts, strict=True):
-            h.update(key.encode() + str(part[r].shape).encode() + str(part.dtype).encode())
-            h.update(part[r].tobytes())
-        out[r] = np.frombuffer(h.digest(), np.uint8)
-    return out
-
-
-class ActivationStore:
-    """Hidden states at one cut, one slot per (row, piece), with per-slot input fingerprints."""
-
-    def __init__(self, key: tuple, slots: int, seq_length: int, hidden: int, path: str | None = None):
-        self.key, self.slots, self.seq_length, self.hidden, self.path = key, slots, seq_length, hidden, path
-        self.signature: str | None = None
-        self.dtype: torch.dtype | None = None
-        self.data: np.ndarray | None = None
-        self.fp = np.zeros((slots, FINGERPRINT_BYTES), np.uint8)  # a file-backed store maps its file in sign()
-
-    def _array(self, name: str, shape, dtype, fresh: bool) -> np.ndarray:
-        if self.path is None:
-            return np.zeros(shape, dtype)
-        mode = "w+" if fresh else "r+"
-        return np.memmap(f"{self.path}.{name}", dtype=dtype, mode=mode, shape=shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the rows stored so far (hidden states and fingerprints)."""
-        filled = int(np.count_nonzero(self.fp.any(axis=1)))
-        itemsize = self.dtype.itemsize if self.dtype is not None else 0
-        return filled * (self.seq_length * self.hidden * itemsize + FINGERPRINT_BYTES)
-
-    def sign(self, signature: str) -> None:
-        """Keep the rows if this exact prefix computed them (or reload them from disk), else empty the store."""
-        if signature == self.signature:
-            return
-        if self.path is not None and self.signature is None:
-            if self._reload(signature):
-                return
-            self.fp = self._array("fp", (self.slots, FINGERPRINT_BYTES), np.uint8, fresh=True)
-        self.fp[:] = 0
-        self.signature = signature
-        self._write_header()
-
-    def _header(self) -> dict:
-        return {
-            "signature": self.signature,
-            "slots": self.slots,
-            "seq_length": self.seq_length,
-            "hidden": self.hidden,
-            "dtype": str(self.dtype) if self.dtype is not None else None,
-        }
-
-    def _write_header(self) -> None:
-        if self.path is not None:
-            with open(f"{self.path}.json", "w") as f:
-                json.dump(self._header(), f)
-
-    def _reload(self, signature: str) -> bool:
-        try:
-            with open(f"{self.path}.json") as f:
-                header = json.load(f)
-        except (OSError, ValueError):
-            return False
-        expected = {"signature": signature, "slots": self.slots, "seq_length": self.seq_length, "hidden": self.hidden}
-        if any(header.get(k) != v for k, v in expected.items()) or header.get("dtype") not in DTYPES:
-            return False
-        self.signature, self.dtype = signature, DTYPES[header["dtype"]]
-        self.fp = self._array("fp", (self.slots, FINGERPRINT_BYTES), np.uint8, fresh=False)
-        self.data = self._array("data", self._data_shape(), INT_OF_SIZE[self.dtype.itemsize], fresh=False)
-        return True
-
-    def _data_shape(self) -> tuple[int, int, int]:
-        return (self.slots, self.seq_length, self.hidden)
-
-    def match(self, slots: np.ndarray, fps: np.ndarray) -> np.ndarray:
-        """Per row: whether its slot holds this row's hidden state."""
-        return (self.fp[slots] == fps).all(axis=1)
-
-    def read(self, slots: np.ndarray, length: int, device) -> torch.Tensor:
-        raw = torch.from_numpy(np.ascontiguousarray(self.data[slots, :length]))
-        return raw.view(self.dtype).to(device)
-
-    def write(self, slots: np.ndarray, fps: np.ndarray, hidden: torch.Tensor) -> None:
-        if hidden.shape[1] > self.seq_length or hidden.shape[-1] != self.hidden:
-            return  # a row longer than the store's rows is never cached (always a miss)
-        if self.data is None:
-            self.dtype = hidden.dtype
-            self.data = self._array("data", self._data_shape(), INT_OF_SIZE[self.dtype.itemsize], fresh=True)
-            self._write_header()
-        raw = hidden.detach().to(self.dtype).contiguous().view(TORCH_INT_OF_SIZE[self.dtype.itemsize]).cpu().numpy()
-        self.data[slots, : hidden.shape[1]] = raw
-        self.fp[slots] = fps  # after the data: a fingerprint never points at a half-written slot
 
 
 class Replay:
@@ -274,32 +169,6 @@ class RowsDataset(torch.utils.data.Dataset):
         return {**self.dataset[i], ROW_KEY: i}
 
 
-def dataset_rows(dataset) -> int | None:
-    from ..data.mixture import MixtureDataset
-
-    if isinstance(dataset, MixtureDataset):
-        return sum(len(s) for s in dataset.sources.values())
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
-
-
-def longest_row(dataset) -> int | None:
-    """Tokens in the longest ``input_ids`` row of a (non-mixture) dataset, or None (a ``datasets.Dataset``: read from
-    its Arrow table without decoding the rows)."""
-    try:
-        import datasets
-        import pyarrow.compute as pc
-
-        if isinstance(dataset, datasets.Dataset):
-            return pc.max(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
-        column = dataset["input_ids"]
-        return max((len(r) for r in column), default=None)
-    except (KeyError, TypeError, IndexError, ValueError):
-        return None
-
-
 def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: str) -> None:
     """Stores beyond the RAM budget go to disk: the folder must be writable and the disk large enough."""
     sizes: dict[tuple, int] = {}
@@ -340,6 +209,7 @@ class ActivationCacheMixin:
         self._replay: Replay | None = None
         self._cache_counts = [0, 0]  # rows served from a store, rows looked up (this process, since the start)
         self._cache_log = [0, 0]  # the counts at the last log
+        self._cache_reload = False  # a resumed run may reload memory-mapped stores; a fresh one never does
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -374,6 +244,8 @@ class ActivationCacheMixin:
             sum(p.numel() for _, p in units.get(HEAD, [])),
             first.element_size() if first is not None else 4,
             sharded=bool(self.is_fsdp_enabled),
+            neftune_noise_alpha=self.args.neftune_noise_alpha,
+            lm_head=self._base_model().get_output_embeddings() is not None,
         )
 
     def cache_data(self) -> CacheData:
@@ -389,7 +261,8 @@ class ActivationCacheMixin:
             classifier = type(self._base_model()).__name__.endswith("ForSequenceClassification")
             tasks = ("classification" if classifier else "clm",) * len(phases)
         rows = dataset_rows(self.train_dataset) if chunk else None
-        return CacheData(rows, batch, seqs, chunk, tasks)
+        repeat, note = padding_repeat(self.train_dataset, self.data_collator, args.per_device_train_batch_size)
+        return CacheData(rows, batch, seqs, chunk, tasks, repeat, note)
 
     def _cache_decide(self) -> list[PhaseCache]:
         if self.cache_decisions is None:
@@ -402,9 +275,15 @@ class ActivationCacheMixin:
                 self.cache_model(),
                 self.cache_data(),
                 self.adapter_plan,
+                self._prefix_hazard,
             )
             check_storage(self.cache_decisions, self.cache_settings, self._cache_folder())
         return self.cache_decisions
+
+    def _prefix_hazard(self, prefix: tuple[int, ...]) -> str | None:
+        """Why the modules below a cut after ``prefix`` are not replayable (stochastic, hooked), or None."""
+        modules = prefix_modules(self._base_model(), self._base_topology["layers"], self.rack.blocks, prefix)
+        return module_hazard(modules)
 
     def _cache_folder(self) -> str:
         return self.cache_settings.folder(self.args.output_dir)
@@ -416,6 +295,13 @@ class ActivationCacheMixin:
             return
         decision = self._cache_decide()[state.index]
         if not decision.on:
+            return
+        hazard = self._prefix_hazard(decision.prefix)  # again: hooks may come after the decision (NEFTune's)
+        if hazard is not None:
+            if self.cache_settings.activations is True:
+                raise RecipeError(f"schedule[{state.index}]: {hazard}; set `cache.activations: auto` or false")
+            logger.warning(f"[hf_stackwise] activation cache off in phase {state.name!r}: {hazard}")
+            self.cache_decisions[state.index] = replace(decision, on=False, reason=hazard)
             return
         stores = {decision.cut: self._store(decision.prefix, decision)}
         for prefix in decision.fills:
@@ -432,11 +318,19 @@ class ActivationCacheMixin:
                 folder = self._cache_folder()
                 os.makedirs(folder, exist_ok=True)
                 name = f"blocks{prefix[0]}-{prefix[-1]}x{len(prefix)}-seq{decision.seq_length}"
-                path = os.path.join(folder, f"{name}-rank{self.args.process_index}")
+                base = os.path.join(folder, f"{name}-{identity_key(self._cache_identity())}-{self._rank_tag()}")
+                store = ActivationStore.open(key, decision.slots, decision.seq_length, hidden, base)
+                store.reload = self._cache_reload
+                if store.path != base:
+                    logger.warning(f"[hf_stackwise] cache.dir: another run holds {base}; this run uses {store.path}")
             else:
                 self._ram_bytes += decision.bytes
-            store = self._stores[key] = ActivationStore(key, decision.slots, decision.seq_length, hidden, path)
+                store = ActivationStore(key, decision.slots, decision.seq_length, hidden, path)
+            self._stores[key] = store
         store.sign(self._prefix_signature(prefix))
+        if store.repaired:
+            logger.warning(f"[hf_stackwise] {store.path}: {store.repaired} torn slots found on reload; they miss")
+            store.repaired = 0
         return store
 
     def _prefix_signature(self, prefix: tuple[int, ...]) -> str:
@@ -447,8 +341,39 @@ class ActivationCacheMixin:
         known = {id(p): self._fingerprints.get(n) for n, p in getattr(self, "_frozen", ())}
         missing = [t for t in tensors if known.get(id(t)) is None]
         known.update(zip((id(t) for t in missing), tensor_checksums(missing)))
-        text = json.dumps([prefix, [str(known[id(t)]) for t in tensors]])
+        text = json.dumps([prefix, [str(known[id(t)]) for t in tensors], self._cache_identity()], sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def _cache_identity(self) -> dict:
+        """The run's identity besides the prefix weights (see :func:`~hf_stackwise.cache.store.run_identity`)."""
+        first = next((p for p in self.rack.blocks.parameters() if p.is_floating_point()), None)
+        compute = str(getattr(self.accelerator, "mixed_precision", None) or "no")
+        return run_identity(self._base_model().config, first.dtype if first is not None else None, compute)
+
+    def _rank_tag(self) -> str:
+        return f"rank{self.args.process_index}"
+
+    def _cache_begin(self, resuming: bool) -> None:
+        """At ``train()``: a resumed run may reload memory-mapped stores; ``overwrite_output_dir`` (a fresh run)
+        removes the store files of this run's identity and process that an earlier run left in the cache folder (not
+        one a running run holds)."""
+        self._cache_reload = resuming
+        self._stores, self._ram_bytes = {}, 0  # a store is opened (and locked) by the train() that uses it
+        folder = self._cache_folder()
+        if resuming or not self.args.overwrite_output_dir or not os.path.isdir(folder):
+            return
+        tag = f"-{identity_key(self._cache_identity())}-{self._rank_tag()}"  # what this run would have reloaded
+        for name in sorted(os.listdir(folder)):
+            stem, _, ext = name.rpartition(".")
+            if ext == "lock" and name.startswith("blocks") and tag in stem and not _held(os.path.join(folder, name)):
+                for suffix in ("data", "fp", "sum", "json", "lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(folder, f"{stem}.{suffix}"))
+
+    def _cache_end(self) -> None:
+        """At the end of ``train()``: flush the memory-mapped stores and release their locks."""
+        for store in self._stores.values():
+            store.close()
 
     def _cache_inputs(self, inputs: dict) -> tuple[dict, dict | None]:
         """Remove the row ids from the batch; the replay modules for the arrangement, or None."""
@@ -468,10 +393,25 @@ class ActivationCacheMixin:
         stored = sum(s.nbytes for s in self._stores.values())
         return {"hits": hits, "rows": rows, "hit_rate": hits / rows if rows else 0.0, "bytes": stored}
 
-    def _cache_logs(self) -> dict:
-        """``cache/hit_rate`` (since the last log) and ``cache/bytes`` while a phase runs cached."""
-        if self._replay is None:
+    def _cache_logs(self, logs: dict) -> dict:
+        """``cache/hit_rate`` (since the last log) and ``cache/bytes`` in a training log while a phase runs cached
+        (none in the end-of-training summary, nor when no row was looked up since the last log)."""
+        if self._replay is None or "loss" not in logs:
             return {}
         hits, rows = (now - then for now, then in zip(self._cache_counts, self._cache_log))
         self._cache_log = list(self._cache_counts)
-        return {"cache/hit_rate": round(hits / rows, 6) if rows else 0.0, "cache/bytes": self.cache_stats()["bytes"]}
+        if not rows:
+            return {}
+        return {"cache/hit_rate": round(hits / rows, 6), "cache/bytes": self.cache_stats()["bytes"]}
+
+
+def _held(lock_path: str) -> bool:
+    """Whether a run holds the store whose lock file this is."""
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+    return False

@@ -7,13 +7,16 @@ the cut run as usual. The cache is *exact* (bit-identical training) when:
 
 - nothing below the cut changes while the store lives: the embeddings do not train (nor a head tied to them),
   no prefix stack trains or carries a LoRA adapter;
-- the prefix is deterministic: the model applies no dropout;
+- the prefix is deterministic and unhooked: nothing below the cut is random in training mode (dropout, layer drop,
+  router jitter, NEFTune noise) or carries a forward hook, and no output reads every layer (see ``hazards``);
 - a row's inputs repeat: masked tasks (``mlm``, ``diffusion``) draw a new mask every step, so they never hit.
 
-``auto`` turns the cache on where it is exact and each row is expected at least twice within the phase;
-``true`` turns it on wherever the phase has a frozen prefix and refuses (naming ``schedule[i]`` and the
-reason) where the prefix exists but cannot be exact; ``false`` never. Everything here is plain arithmetic on the
-schedule, the layout and a few model facts, so ``plan`` and the trainer share it.
+``auto`` turns the cache on where it is exact and the expected hit rate is at least 50% (each row expected twice
+within the phase, its inputs repeating between visits: a padding collator may change them); rows of unknown count
+or length leave it off (reason ``unknown``). ``true`` turns it on wherever the phase has a frozen prefix and refuses
+(naming ``schedule[i]`` and the reason) where the prefix exists but cannot be exact; ``false`` never. Everything
+here is plain arithmetic on the schedule, the layout and a few model facts (the trainer adds a scan of the modules
+below each cut, ``prefix_check``), so ``plan`` and the trainer share it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import RecipeError
 from ..schedule.phases import EMBEDDINGS, HEAD, TRUNK_ADAPTER, lora_unit, stack_unit, trunk_unit
+from .hazards import config_hazard, settings_hazard
 
 CACHE_KEYS = ("activations", "max_memory", "dir")
 ACTIVATIONS = ("auto", True, False)
@@ -32,19 +36,6 @@ MASKED_TASKS = ("mlm", "diffusion")
 FINGERPRINT_BYTES = 16  # per stored row: a BLAKE2b digest of the inputs the prefix reads
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
 UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-# Config entries holding a dropout probability the prefix would apply in training mode.
-DROPOUT_KEYS = (
-    "hidden_dropout_prob",
-    "attention_probs_dropout_prob",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "attention_dropout",
-    "hidden_dropout",
-    "embed_dropout",
-    "dropout",
-    "mlp_dropout",
-)
 
 
 def parse_bytes(value, path: str = "cache.max_memory") -> int:
@@ -92,6 +83,10 @@ class CacheSettings:
     def folder(self, output_dir: str) -> str:
         return self.dir if self.dir is not None else os.path.join(output_dir, "activation-cache")
 
+    def to_dict(self) -> dict:
+        """Plain values :meth:`from_dict` reads back (they travel in ``TrainingArguments.activation_cache``)."""
+        return {"activations": self.activations, "max_memory": self.max_memory, "dir": self.dir}
+
 
 @dataclass(frozen=True)
 class CacheModel:
@@ -102,32 +97,32 @@ class CacheModel:
     hidden: int
     dtype_bytes: int
     tied: bool = False
-    dropout: str | None = None  # "hidden_dropout_prob=0.1": the first dropout the model applies, if any
+    hazard: str | None = None  # why the prefix's output differs between visits (config, settings), if it does
     sharded: bool = False  # FSDP2: every block's forward gathers its shards with every rank
 
     @classmethod
     def from_config(
-        cls, config, block_params: tuple[int, ...], head_params: int, dtype_bytes: int, sharded: bool = False
+        cls,
+        config,
+        block_params: tuple[int, ...],
+        head_params: int,
+        dtype_bytes: int,
+        sharded: bool = False,
+        neftune_noise_alpha: float | None = None,
+        lm_head: bool = True,
     ) -> CacheModel:
+        """``lm_head``: the output layer is a language-model head (only one can be tied to the input embeddings;
+        a classifier is not, whatever ``tie_word_embeddings`` says)."""
         text = getattr(config, "get_text_config", lambda: config)()
         return cls(
             block_params=tuple(block_params),
             head_params=head_params,
             hidden=getattr(text, "hidden_size", None) or getattr(text, "n_embd", 0),
             dtype_bytes=dtype_bytes,
-            tied=bool(getattr(text, "tie_word_embeddings", False)),
-            dropout=model_dropout(text),
+            tied=lm_head and bool(getattr(text, "tie_word_embeddings", False)),
+            hazard=settings_hazard(neftune_noise_alpha) or config_hazard(config),
             sharded=sharded,
         )
-
-
-def model_dropout(config) -> str | None:
-    """``key=value`` of the first nonzero dropout probability in ``config``, else None."""
-    for key in DROPOUT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return f"{key}={value}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -139,6 +134,8 @@ class CacheData:
     seq_lengths: tuple[int, ...]  # per phase: tokens per row it trains on
     chunk_length: int  # tokens per stored row (a shorter phase splits a row into chunk // seq pieces)
     tasks: tuple[str, ...]  # per phase: clm | mlm | diffusion | classification | sft
+    repeat: float = 1.0  # chance that a row's inputs at one visit equal those at its previous visit (padding)
+    repeat_note: str = ""  # why ``repeat`` < 1
 
 
 @dataclass(frozen=True)
@@ -207,9 +204,7 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
             "training.fsdp: under FSDP2 each block's forward gathers its shards with every rank, so one rank "
             "skipping the prefix on a hit would stall the ranks that miss"
         )
-    if model.dropout is not None:
-        return f"the model applies dropout ({model.dropout}), so the prefix's output differs between visits"
-    return None
+    return model.hazard
 
 
 def decide(
@@ -221,23 +216,27 @@ def decide(
     model: CacheModel,
     data: CacheData,
     adapters: dict | None = None,
+    prefix_check=None,
 ) -> list[PhaseCache]:
     """One decision per phase; ``activations: true`` raises a RecipeError for every phase it cannot serve exactly.
-    ``adapters``: the run's LoRA adapter plan (:func:`hf_stackwise.rack.adapters.plan_adapters`), if any."""
+    ``adapters``: the run's LoRA adapter plan (:func:`hf_stackwise.rack.adapters.plan_adapters`), if any;
+    ``prefix_check``: physical prefix blocks → why the modules below that cut are not replayable, or None."""
     units_per_phase = schedule.phase_units(base)
-    problems: list[str] = []
+    problems: dict[str, list[int]] = {}  # reason → the phases it refuses (a model-wide reason is said once)
     decisions: list[PhaseCache] = []
     for i, phase in enumerate(schedule.phases):
         units, order = units_per_phase[i], layout.orders[i]
         cut_stacks, stop = frozen_prefix(units, order, layout, adapters or {})
         blocked = blocker(data.tasks[i], units, model) if cut_stacks or "LoRA" in stop else None
+        if not blocked and cut_stacks and prefix_check is not None and settings.activations is not False:
+            blocked = prefix_check(tuple(layout.blocks(order[:cut_stacks])))
         if settings.activations is False:
             decisions.append(PhaseCache(i, False, reason="cache.activations: false"))
             continue
         if blocked or "LoRA" in stop and not cut_stacks:
             reason = blocked or stop
             if settings.activations is True:
-                problems.append(f"schedule[{i}]: {reason}; set `cache.activations: auto` or false")
+                problems.setdefault(reason, []).append(i)
             decisions.append(PhaseCache(i, False, reason=reason))
             continue
         if not cut_stacks:
@@ -245,15 +244,20 @@ def decide(
             continue
         decisions.append(_sized(i, phase, units, order, cut_stacks, layout, bounds, model, data))
     if problems:
-        raise RecipeError(problems)
-    return _carry_and_fill(decisions, settings)
+        raise RecipeError(
+            [
+                f"{', '.join(f'schedule[{i}]' for i in phases)}: {reason}; set `cache.activations: auto` or false"
+                for reason, phases in problems.items()
+            ]
+        )
+    return _carry_and_fill(decisions, settings, data)
 
 
 def _sized(i, phase, units, order, cut_stacks, layout, bounds, model, data) -> PhaseCache:
     prefix = tuple(layout.blocks(order[:cut_stacks]))
     seq = data.seq_lengths[i]
-    pieces = max(1, data.chunk_length // seq)
-    slots = (data.rows or 0) * pieces
+    pieces = max(1, data.chunk_length // seq) if seq > 0 else 1
+    slots = (data.rows or 0) * pieces if seq > 0 else 0  # no slots: unknown rows or lengths turn the phase off
     start, end = bounds[i]
     visits = (end - start) * data.global_batch * pieces / slots if slots else 0.0
     return PhaseCache(
@@ -290,7 +294,7 @@ def step_cost_ratio(order, cut_stacks, units, layout, model: CacheModel) -> floa
     return (prefix + cached) / cached if cached else 1.0
 
 
-def _carry_and_fill(decisions: list[PhaseCache], settings: CacheSettings) -> list[PhaseCache]:
+def _carry_and_fill(decisions: list[PhaseCache], settings: CacheSettings, data: CacheData) -> list[PhaseCache]:
     """Phase by phase: a phase's expected hit rate counts the rows that the phases just before it, running cached,
     stored under its key (its own store, or one they filled alongside theirs); then ``auto`` keeps it on or not. A
     phase that runs cached also fills the shallower prefixes of the later phases that run cached (one forward
@@ -305,9 +309,10 @@ def _carry_and_fill(decisions: list[PhaseCache], settings: CacheSettings) -> lis
                 seen += prev.visits
             else:
                 break
-        misses = 1.0 - min(1.0, seen)
+        first = 1.0 - min(1.0, seen)  # a row's first visit in the phase misses unless an earlier phase stored it
+        misses = first + max(0.0, d.visits - first) * (1.0 - data.repeat)  # later visits: inputs may differ
         hit = max(0.0, 1.0 - misses / d.visits) if d.visits else 0.0
-        out[i] = _turn_on(_replace(d, hit_rate=hit), settings)
+        out[i] = _turn_on(_replace(d, hit_rate=hit), settings, data)
     for i, d in enumerate(out):
         if d.on and d.cut:
             shallower = [later.prefix for later in out[i + 1 :] if later.on and _fills(d, later)]
@@ -322,13 +327,21 @@ def _fills(d: PhaseCache, later: PhaseCache) -> bool:
     )
 
 
-def _turn_on(d: PhaseCache, settings: CacheSettings) -> PhaseCache:
+def _turn_on(d: PhaseCache, settings: CacheSettings, data: CacheData) -> PhaseCache:
     if not d.cut:
         return d
     if not d.slots:
-        return _replace(d, on=False, reason="the number of training rows is not known (a stream has no row ids)")
-    if settings.activations == "auto" and d.visits < 2 and d.hit_rate < 0.5:
-        return _replace(d, on=False, reason=f"each row is expected {d.visits:.2f} times in the phase (auto needs 2)")
+        return _replace(
+            d,
+            on=False,
+            reason="unknown: the number of training rows or their length is not known (a stream, or a dataset "
+            "whose rows are not token lists), so no store can be sized",
+        )
+    if settings.activations == "auto" and d.hit_rate < 0.5:
+        why = f"each row is expected {d.visits:.2f} times in the phase"
+        if data.repeat < 1:
+            why += f" and {data.repeat_note}"
+        return _replace(d, on=False, reason=f"{why}: expected hit rate {d.hit_rate:.0%} (auto needs 50%)")
     return d
 
 
@@ -356,3 +369,33 @@ def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[s
             f"{name:<14} {'on' if d.on else 'off':<5} {cut:<22} {hit:>8} {size:>12} {ratio:>6}  {d.reason}".rstrip()
         )
     return lines
+
+
+def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batch: bool = False) -> list[float | None]:
+    """Expected hit rate per rank of each cached phase under DDP on ``world`` ranks (None where the cache is off).
+    Each rank keeps its own store, and the sampler deals a row to a rank afresh each epoch, so a visit hits only if
+    the same rank stored the row before. Of a row's ``s`` earlier visits (stored by the cached phases just before,
+    as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all ranks together, ``N (q^s - q^(s+v))`` are a
+    rank's first, with ``q = 1 - 1/N``; every other visit hits. With the plan's per-device batch, s and v are N times
+    the one-process figures (N times the rows per step); with ``same_global_batch`` they are the same (the second
+    epoch then hits about 1/N of its rows)."""
+    q = 1.0 - 1.0 / world
+    rates: list[float | None] = []
+    for i, d in enumerate(decisions):
+        if not (d.on and d.cut):
+            rates.append(None)
+            continue
+        if world == 1:
+            rates.append(d.hit_rate)
+            continue
+        seen = 0.0
+        for prev in reversed(decisions[:i]):
+            if prev.on and prev.cut and (prev.key() == d.key() or _fills(prev, d)):
+                seen += prev.visits
+            else:
+                break
+        scale = 1 if same_global_batch else world
+        s, v = seen * scale, d.visits * scale
+        firsts = world * (q**s - q ** (s + v))
+        rates.append(max(0.0, 1.0 - firsts / v) if v else 0.0)
+    return rates

@@ -3,17 +3,22 @@ the storage check, and ``plan``'s per-phase decisions (which count the training 
 
 from __future__ import annotations
 
-from ..cache.activations import check_storage, dataset_rows
-from ..cache.policy import CacheData, CacheModel, CacheSettings, decide
+from ..cache.activations import check_storage
+from ..cache.policy import CacheData, CacheModel, decide
+from ..cache.rows import dataset_rows
 from ..data.loading import build_datasets
-from ..data.plane import DataPlane
 from ..rack.adapters import plan_adapters
 from .preflight import TOKENIZER_KEYS, load_tokenizer
 
 
+def lm_head(recipe) -> bool:
+    """Whether the run's output layer is a language-model head (a classifier is never tied to the embeddings)."""
+    return recipe.data.task != "classification"
+
+
 def data_of(recipe, args, rows: int | None) -> CacheData:
     """The decision's data view of a recipe (``rows``: training rows, if known)."""
-    plane = DataPlane.from_data(recipe.data)
+    plane = recipe.data.plane
     phases = recipe.schedule.phases
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
     seqs = tuple(plane.phase_length(p) for p in phases)
@@ -24,12 +29,16 @@ def data_of(recipe, args, rows: int | None) -> CacheData:
 def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
     """``activations: true`` where a phase cannot be exact: one RecipeError naming each ``schedule[i]``, before any
     weight loads."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    settings = recipe.cache
     if settings.activations is not True:
         return
     layout = recipe.schedule.layout(base)
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
-    model = CacheModel.from_config(config, (), 0, 4, sharded=bool(recipe.training.get("fsdp")))
+    neftune = recipe.training.get("neftune_noise_alpha")
+    sharded = bool(recipe.training.get("fsdp"))
+    model = CacheModel.from_config(
+        config, (), 0, 4, sharded=sharded, neftune_noise_alpha=neftune, lm_head=lm_head(recipe)
+    )
     decide(
         recipe.schedule,
         bounds,
@@ -50,36 +59,43 @@ def adapters_of(recipe, layout) -> dict:
 def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params: int, dtype_bytes: int):
     """Per-phase decisions for ``hf-stackwise plan`` (None with ``cache.activations: false``). The training rows are
     counted by tokenizing the data as ``train`` does (a mixture or a classification set: not counted)."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    settings = recipe.cache
     if settings.activations is False:
         return None
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
     sharded = bool(recipe.training.get("fsdp"))
-    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded=sharded)
+    neftune = recipe.training.get("neftune_noise_alpha")
+    model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded, neftune, lm_head(recipe))
     data = data_of(recipe, args, _count_rows(recipe, args, config))
     return decide(recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout))
 
 
 def _count_rows(recipe, args, config) -> int | None:
-    if recipe.data.get("datasets") or recipe.data.get("task", "clm") not in ("clm", "mlm", "diffusion"):
+    if recipe.data.mixture or recipe.data.task not in ("clm", "mlm", "diffusion"):
         return None
     tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
-    length = DataPlane.from_data(recipe.data).chunk_length(recipe.schedule)
+    length = recipe.data.plane.chunk_length(recipe.schedule)
     train, _ = build_datasets(recipe.data, tokenizer, length, args.seed)
     return len(train) if hasattr(train, "__len__") else None
 
 
-def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_dataset, total_steps: int) -> None:
+def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_dataset, resolved) -> None:
     """Before any weight loads: the stores the run will need fit in RAM, or the cache folder takes the rest."""
-    settings = CacheSettings.from_dict(getattr(recipe, "cache", None))
+    settings = recipe.cache
     if settings.activations is False:
         return
-    dtype = recipe.model.get("dtype", "auto")
+    dtype = recipe.model.dtype
     if dtype == "auto":
         dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     itemsize = {"bfloat16": 2, "float16": 2}.get(dtype.replace("torch.", ""), 4)
-    model = CacheModel.from_config(config, (), 0, itemsize)
-    resolved = recipe.schedule.resolve(total_steps)
+    model = CacheModel.from_config(
+        config,
+        (),
+        0,
+        itemsize,
+        neftune_noise_alpha=recipe.training.get("neftune_noise_alpha"),
+        lm_head=lm_head(recipe),
+    )
     layout = recipe.schedule.layout(base)
     data = data_of(recipe, args, dataset_rows(train_dataset))
     decisions = decide(

@@ -72,13 +72,22 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _print_phases(trace, total_steps: int) -> None:
+def _print_phases(trace, total_steps: int, stopped_at: int | None = None) -> None:
+    """One line per phase with its resolved steps and t range; with ``stopped_at`` (a run that ended before
+    ``total_steps``, e.g. early stopping), which phases ran, where the run stopped, and which never started."""
     bounds = [start for start, _, _ in trace] + [total_steps]
     for (start, name, stacks), end in zip(trace, bounds[1:]):
-        print(
+        line = (
             f"  {name:<16} steps {start:>6}-{end - 1:<6} t {start / total_steps:.2f}-{end / total_steps:.2f}  "
             f"train stacks {list(stacks)}"
         )
+        if stopped_at is not None and stopped_at <= start:
+            line += "  (not reached)"
+        elif stopped_at is not None and stopped_at < end:
+            line += f"  (stopped after step {stopped_at - 1}, t {stopped_at / total_steps:.2f})"
+        print(line)
+    if stopped_at is not None:
+        print(f"stopped early: {stopped_at} of {total_steps} steps ran (t {stopped_at / total_steps:.2f})")
 
 
 def _world_size(value: str | None) -> int:
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.world_size > 1:
                 from .plan_memory import format_per_rank
 
-                print(format_per_rank(plan, args.world_size))
+                print(format_per_rank(plan, args.world_size, recipe.training))
             if args.plot:
                 from ..report.plots import plot_timeline
 
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             prepared = run.prepare(recipe)
-            resolved = recipe.schedule.resolve(prepared.total_steps)
+            resolved = prepared.resolved
             stacks = len(prepared.rack["boundaries"]) - 1
             print(
                 f"{args.recipe}: valid. {stacks} stacks over {prepared.rack['num_blocks']} blocks "
@@ -200,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("preempted_at") is not None:
         return _preempted(args.recipe, args.overrides, summary)
     if _is_main_process():
-        _print_phases(summary["trace"], summary["global_step"])
+        total = summary.get("total_steps") or summary["global_step"]
+        stopped = summary["global_step"] if summary["global_step"] < total else None
+        _print_phases(summary["trace"], total, stopped)
         if summary["eval_loss_first"] is not None:
             print(f"eval loss: first {summary['eval_loss_first']:.4f} -> last {summary['eval_loss_last']:.4f}")
         if summary.get("hub_model_id"):

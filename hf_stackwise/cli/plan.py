@@ -144,6 +144,7 @@ class PhasePlan:
     data: dict
     memory: dict[str, float] = field(default_factory=dict)
     cache: object = None  # hf_stackwise.cache.policy.PhaseCache: the activation cache's decision
+    frozen_memory: dict | None = None  # autofreeze: the memory at the deepest allowed freeze
 
 
 @dataclass
@@ -169,6 +170,7 @@ class Plan:
     base_lr: float = 0.0
     unit_tensors: dict = field(default_factory=dict)  # unit -> {tensor name: (numel, bytes)}, for plan_memory
     tensor_rows: dict = field(default_factory=dict)  # tensor name -> dim 0 (FSDP2 shards rows)
+    quantized_tensors: set = field(default_factory=set)  # the 4-bit weights (their bytes: packed values and state)
 
     @property
     def num_stacks(self) -> int:
@@ -180,7 +182,7 @@ class Plan:
 
 
 def _dtype_name(recipe: Recipe, config) -> str:
-    dtype = recipe.model.get("dtype", "auto")
+    dtype = recipe.model.dtype
     if dtype != "auto":
         return dtype
     value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -216,19 +218,24 @@ def tensor_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
+def quantized_weights(skeleton, layers: str, quantization, skip) -> set[str]:
+    """Names of the weights a 4-bit base stores quantized: the blocks' linear layers outside ``skip``."""
+    if not quantization:
+        return set()
+    return {
+        f"{name}.weight"
+        for name, module in skeleton.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(layers + ".") and not _in_modules(name, skip)
+    }
+
+
 def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantization, skip) -> tuple[dict, dict, int]:
     """Parameter bytes and counts per unit (``{unit: {name: (numel, bytes)}}``), the weight bytes of the whole
     model (buffers included), and the parameter count."""
     from ..rack.rack import Rack
 
     rack = Rack(skeleton, layers, tuple(boundaries))
-    quantized = set()
-    if quantization:
-        quantized = {
-            f"{name}.weight"
-            for name, module in skeleton.named_modules()
-            if isinstance(module, nn.Linear) and name.startswith(layers + ".") and not _in_modules(name, skip)
-        }
+    quantized = quantized_weights(skeleton, layers, quantization, skip)
     double_quant = bool((quantization or {}).get("double_quant", True))
 
     def size(name: str, tensor: torch.Tensor) -> tuple[int, int]:
@@ -251,8 +258,9 @@ def _unit_tensors(skeleton, layers: str, boundaries, dtype_bytes: int, quantizat
     return units, weights, count
 
 
-def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targets: dict) -> dict:
-    """LoRA parameters per unit (float32): ``r × (in + out)`` per targeted linear layer of each covered block."""
+def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targets: dict, tensor_rows: dict) -> dict:
+    """LoRA parameters per unit (float32): A (``r × in``) and B (``out × r``) per targeted linear layer of each covered
+    block; their dim 0 goes into ``tensor_rows``."""
     from transformers.pytorch_utils import Conv1D
 
     blocks = skeleton.get_submodule(layers)
@@ -270,8 +278,10 @@ def _adapter_tensors(skeleton, layers: str, boundaries, adapter_plan: dict, targ
                     fan_in, fan_out = module.weight.shape
                 else:
                     continue
-                numel = cfg["r"] * (fan_in + fan_out)
-                units.setdefault(unit, {})[f"{layers}.{b}.{name}.lora.{adapter}"] = (numel, 4 * numel)
+                for part, rows, cols in (("lora_A", cfg["r"], fan_in), ("lora_B", fan_out, cfg["r"])):
+                    tensor = f"{layers}.{b}.{name}.{part}.{adapter}"
+                    units.setdefault(unit, {})[tensor] = (rows * cols, 4 * rows * cols)
+                    tensor_rows[tensor] = rows  # FSDP2 shards dim 0
     return units
 
 
@@ -300,6 +310,8 @@ def _releases(schedule) -> bool:
 
 def _mode(phase: Phase, num_stacks: int, new: tuple[int, ...] = ()) -> str:
     parts = [f"stacks {phase.adapter}" if phase.trainable_stacks(num_stacks, new) else "no stack"]
+    if phase.autofreeze is not None:
+        parts[0] += " (adaptive)"
     if phase.grow is not None:
         parts.insert(0, f"grow {phase.grow.op}")
     parts.append(f"trunk {phase.trunk}")
@@ -317,6 +329,12 @@ def _lr_text(phase: Phase, base_lr: float) -> tuple[float, str]:
         text += f", warmup {phase.warmup:g}"
     if phase.layer_lr_decay != 1.0:
         text += f", decay {phase.layer_lr_decay:g}"
+    if phase.span is not None:  # a generator entry's shape runs once over all its phases
+        span = phase.span
+        text += f" × {span['entry']}'s {span['lr_schedule']}" + (
+            f", warmup {span['warmup']:g}" if span["warmup"] else ""
+        )
+        text += " once over all its phases"
     return lr, text
 
 
@@ -325,35 +343,36 @@ def _phase_data(phase: Phase, recipe: Recipe) -> dict:
     for key in DATA_FIELDS:
         value = getattr(phase, key, None)
         if value is None and key in ("max_seq_length", "task"):
-            value = recipe.data.get(key, 512 if key == "max_seq_length" else "clm")
+            value = recipe.data.plane.max_seq_length if key == "max_seq_length" else recipe.data.task
         if value is not None:
             data[key] = value
     return data
 
 
-def total_steps_of(recipe: Recipe, args, config) -> int:
-    """``training.max_steps``; without it, epochs × steps per epoch, which needs the tokenized data."""
+def resolve_steps(recipe: Recipe, args, config, known):
+    """The phase boundaries: from ``training.max_steps`` (``known``); without it, epochs × steps per epoch, which
+    needs the tokenized data."""
     from .pipeline import TOKENIZER_KEYS, planned_total_steps
 
-    if args.max_steps and args.max_steps > 0:
-        return args.max_steps
+    if known is not None:
+        return known
     from ..data.loading import build_datasets
     from .preflight import load_tokenizer
 
     tokenizer = load_tokenizer(recipe, config, TOKENIZER_KEYS)
-    max_seq_length = recipe.data.get("max_seq_length", 512)
-    train, _ = build_datasets(recipe.data, tokenizer, max_seq_length, args.seed)
-    return planned_total_steps(args, len(train) if hasattr(train, "__len__") else None)
+    train, _ = build_datasets(recipe.data, tokenizer, recipe.data.plane.max_seq_length, args.seed)
+    return recipe.schedule.resolve(planned_total_steps(args, len(train) if hasattr(train, "__len__") else None))
 
 
 def make_plan(recipe: Recipe) -> Plan:
     """Resolve the recipe against the model's config (no weights, no data unless epochs need it, nothing written)."""
+    from ..freezing import deepest_state
     from ..rack.adapters import resolve_targets
     from ..rack.growth import allocate
     from ..schedule.layout import stack_sizes
     from .pipeline import check_recipe, meta_model
 
-    args, config, rack, skip, adapter_plan, _ = check_recipe(recipe)  # the checks `validate` and `train` run
+    args, config, rack, skip, adapter_plan, recipe, known = check_recipe(recipe)  # the checks `validate`/`train` run
     skeleton = meta_model(config, recipe)
     layers, base_boundaries = rack["layers"], rack["boundaries"]
     base = stack_sizes(base_boundaries)
@@ -362,15 +381,16 @@ def make_plan(recipe: Recipe) -> Plan:
     if layout.grows:  # grown blocks exist from the start (the superset rule) and stay in full precision
         allocate(skeleton, layers, layout)
         skip = [*skip, *(f"{layers}.{b}" for b in range(layout.num_base_blocks, layout.num_blocks))]
-    total_steps = total_steps_of(recipe, args, config)
-    resolved = recipe.schedule.resolve(total_steps)
+    resolved = resolve_steps(recipe, args, config, known)
+    total_steps = resolved.total_steps
 
     dtype = _dtype_name(recipe, config)
     dtype_bytes = DTYPE_BYTES[dtype]
-    quantization = recipe.model.get("quantization")
+    quantization = recipe.model.quantization
     units, weight_bytes, total_params = _unit_tensors(skeleton, layers, boundaries, dtype_bytes, quantization, skip)
     targets = resolve_targets(adapter_plan, skeleton.get_submodule(layers)) if adapter_plan else {}
-    for unit, tensors in _adapter_tensors(skeleton, layers, boundaries, adapter_plan, targets).items():
+    tensor_rows = {n: p.shape[0] for n, p in skeleton.named_parameters() if p.dim()}
+    for unit, tensors in _adapter_tensors(skeleton, layers, boundaries, adapter_plan, targets, tensor_rows).items():
         units.setdefault(unit, {}).update(tensors)
         weight_bytes += sum(b for _, b in tensors.values())
     ranks = _adapter_ranks(adapter_plan, targets)
@@ -400,26 +420,35 @@ def make_plan(recipe: Recipe) -> Plan:
         if phase.optimizer_state in ("reset", "release_idle"):  # reset: all freed; release_idle: the idle units'
             trained_so_far = set()  # (either way only this phase's units hold state from its first step on)
         trained_so_far |= set(state.trainable_units)
-        optimized = tensors_of(trained_so_far)
         data = _phase_data(phase, recipe)
         seq = data["max_seq_length"]
-        activations = (
-            batch
-            * seq
-            * _activation_bytes_per_token(
-                dims,
-                seq,
-                act,
-                state.trainable_units,
-                [(s, layout.stack_blocks(s)) for s in state.order],
-                ranks,
-                checkpointing,
+
+        def memory_of(state, trained, seq=seq) -> dict:
+            activations = (
+                batch
+                * seq
+                * _activation_bytes_per_token(
+                    dims,
+                    seq,
+                    act,
+                    state.trainable_units,
+                    [(s, layout.stack_blocks(s)) for s in state.order],
+                    ranks,
+                    checkpointing,
+                )
             )
-        )
-        grads = sum(b for _, b in trainable.values())
-        optimizer = states * sum(n * state_bytes if state_bytes else b for n, b in optimized.values())
-        memory = {"weights": weight_bytes, "gradients": grads, "optimizer": optimizer, "activations": activations}
-        memory["total"] = sum(memory.values())
+            grads = sum(b for _, b in tensors_of(state.trainable_units).values())
+            optimizer = states * sum(n * state_bytes if state_bytes else b for n, b in tensors_of(trained).values())
+            memory = {"weights": weight_bytes, "gradients": grads, "optimizer": optimizer, "activations": activations}
+            memory["total"] = sum(memory.values())
+            return memory
+
+        memory = memory_of(state, trained_so_far)
+        frozen_memory = None
+        if phase.autofreeze is not None:  # the deepest freeze: `release_idle` frees the frozen stacks' state
+            deepest = deepest_state(phase, state)
+            kept = deepest.trainable_units if phase.optimizer_state == "release_idle" else trained_so_far
+            frozen_memory = memory_of(deepest, kept)
         lr, lr_text = _lr_text(phase, args.learning_rate)
         phases.append(
             PhasePlan(
@@ -437,6 +466,7 @@ def make_plan(recipe: Recipe) -> Plan:
                 data=data,
                 memory=memory,
                 cache=cache[index] if cache else None,
+                frozen_memory=frozen_memory,
             )
         )
     notes = [
@@ -454,7 +484,7 @@ def make_plan(recipe: Recipe) -> Plan:
         notes.append(f"gradient accumulation {args.gradient_accumulation_steps}: activations are per micro-batch")
     return Plan(
         recipe_path=recipe.path,
-        model=recipe.model["name_or_path"],
+        model=recipe.model.name_or_path,
         model_type=config.model_type,
         dtype=dtype,
         quantization=quantization,
@@ -471,7 +501,8 @@ def make_plan(recipe: Recipe) -> Plan:
         schedule=recipe.schedule,
         base_lr=args.learning_rate,
         unit_tensors=units,
-        tensor_rows={n: p.shape[0] for n, p in skeleton.named_parameters() if p.dim()},
+        tensor_rows=tensor_rows,
+        quantized_tensors=quantized_weights(skeleton, layers, quantization, skip),
     )
 
 
@@ -566,6 +597,12 @@ def format_plan(plan: Plan) -> str:
             f"{p.name:<14} {_mib(m['weights']):>10} {_mib(m['gradients']):>10} {_mib(m['optimizer']):>10} "
             f"{_mib(m['activations']):>12} {_mib(m['total']):>10}"
         )
+        if p.frozen_memory is not None:  # autofreeze: the same phase at its deepest allowed freeze
+            m = p.frozen_memory
+            lines.append(
+                f"{'  frozen':<14} {_mib(m['weights']):>10} {_mib(m['gradients']):>10} {_mib(m['optimizer']):>10} "
+                f"{_mib(m['activations']):>12} {_mib(m['total']):>10}  ({p.name} at its deepest autofreeze)"
+            )
     peak = max(plan.phases, key=lambda p: p.memory["total"])
     lines.append(f"{'peak':<14} {'':>10} {'':>10} {'':>10} {'':>12} {_mib(peak.memory['total']):>10}  ({peak.name})")
     decisions = [p.cache for p in plan.phases] if plan.phases[0].cache else None

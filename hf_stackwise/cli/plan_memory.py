@@ -10,21 +10,36 @@ Both engines give every rank its own micro-batch, so activations per rank are th
   On top, what is all-gathered while it computes: the root's own parameters (embeddings, final norm, head —
   the root stays gathered from forward to backward) and two blocks (the one computing and the one prefetched),
   and the unsharded gradients of one trainable block and of the root's trainable units before their
-  reduce-scatter. Buffers are replicated.
+  reduce-scatter. Buffers are replicated. LoRA tensors shard like the rest (A on its ``r`` rows, B on its output
+  rows). A 4-bit weight's packed values shard in their storage dtype (``model.quantization.quant_storage``; ``auto``
+  packs them in the dtype FSDP2 gathers in), ``ceil(rows / N)`` rows of ``numel / 2 / storage bytes``; with
+  ``uint8`` storage accelerate leaves them whole on every rank. Their quantization state (absmax, code tables) is not
+  a parameter and stays whole on every rank.
 """
 
 from __future__ import annotations
 
 import math
 
+from ..cache.policy import per_rank_hit_rates
+from ..rack.quantization import quant_storage
 from ..schedule.phases import stack_unit
 from .plan import MIB, Plan, _mib
 
 ROOT_UNITS = ("embeddings", "head")
 
 
-def _shard(numel_bytes: tuple[int, int], rows: int | None, world: int) -> float:
+STORAGE_BYTES = {"uint8": 1, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _shard(numel_bytes: tuple[int, int], rows: int | None, world: int, storage: int = 0) -> float:
+    """Bytes a rank holds of one tensor; ``storage``: a 4-bit weight's storage bytes (0: not 4-bit)."""
     numel, nbytes = numel_bytes
+    if storage:  # half a byte per value, packed in the storage dtype, then the quantization state
+        if storage == 1:  # uint8: accelerate excludes it from sharding
+            return nbytes
+        packed = numel // 2
+        return math.ceil(packed // storage / world) * storage + (nbytes - packed)
     if not rows or numel == 0:
         return nbytes / world
     return nbytes * math.ceil(rows / world) / rows
@@ -38,13 +53,17 @@ def _unit_bytes(plan: Plan, units) -> dict[str, tuple[int, int]]:
     return found
 
 
-def per_rank(plan: Plan, world: int) -> list[dict]:
-    """One row per phase: ``{"phase", "ddp": {...}, "fsdp2": {...}}`` in bytes per rank."""
+def per_rank(plan: Plan, world: int, training: dict | None = None) -> list[dict]:
+    """One row per phase: ``{"phase", "ddp": {...}, "fsdp2": {...}}`` in bytes per rank (``training``: the recipe's
+    section, which picks a 4-bit base's storage dtype)."""
     rows_of = plan.tensor_rows
+    storage = STORAGE_BYTES[quant_storage(plan.quantization or {}, {**(training or {}), "fsdp": True})]
     every = _unit_bytes(plan, plan.unit_tensors)
     params = sum(b for _, b in every.values())
     buffers = max(plan.phases[0].memory["weights"] - params, 0) if plan.phases else 0
-    sharded_weights = sum(_shard(t, rows_of.get(n), world) for n, t in every.items()) + buffers
+    four_bit = plan.quantized_tensors
+    sharded = sum(_shard(t, rows_of.get(n), world, storage if n in four_bit else 0) for n, t in every.items())
+    sharded_weights = sharded + buffers
     root = _unit_bytes(plan, [u for u in plan.unit_tensors if u in ROOT_UNITS])
     blocks = [
         (plan.boundaries[s + 1] - plan.boundaries[s], sum(b for _, b in _unit_bytes(plan, [stack_unit(s)]).values()))
@@ -90,14 +109,14 @@ def _per_block(plan: Plan, unit: str) -> float:
 
 def _shard_fraction(plan: Plan, world: int) -> float:
     """Bytes a rank holds of a sharded tensor set, as a fraction of the whole (padding included)."""
-    every = _unit_bytes(plan, plan.unit_tensors)
+    every = {n: t for n, t in _unit_bytes(plan, plan.unit_tensors).items() if n not in plan.quantized_tensors}
     total = sum(b for _, b in every.values())
     return sum(_shard(t, plan.tensor_rows.get(n), world) for n, t in every.items()) / max(total, 1)
 
 
-def format_per_rank(plan: Plan, world: int) -> str:
+def format_per_rank(plan: Plan, world: int, training: dict | None = None) -> str:
     """The per-rank tables printed under the one-process estimate."""
-    rows = per_rank(plan, world)
+    rows = per_rank(plan, world, training)
     lines = [
         "",
         f"memory per rank on {world} ranks in MiB, DDP: weights and optimizer state replicated, the phase's "
@@ -125,7 +144,31 @@ def format_per_rank(plan: Plan, world: int) -> str:
             f"{row['phase']:<14} {_mib(f['weights']):>10} {_mib(f['gathered']):>10} {_mib(f['gradients']):>10} "
             f"{_mib(f['optimizer']):>10} {_mib(f['activations']):>12} {_mib(f['total']):>10}"
         )
+    lines += format_cache_per_rank(plan, world)
     ddp_peak = max(r["ddp"]["total"] for r in rows)
     fsdp_peak = max(r["fsdp2"]["total"] for r in rows)
     lines.append(f"peak per rank: DDP {ddp_peak / MIB:,.1f} MiB, FSDP2 {fsdp_peak / MIB:,.1f} MiB")
     return "\n".join(lines)
+
+
+def format_cache_per_rank(plan: Plan, world: int) -> list[str]:
+    """The activation cache under DDP: one store per rank, so a row hits only on the rank that stored it."""
+    decisions = [p.cache for p in plan.phases]
+    if not any(d is not None and d.on and d.cut for d in decisions):
+        return []
+    rates = per_rank_hit_rates(decisions, world)
+    same = per_rank_hit_rates(decisions, world, same_global_batch=True)
+    batch = plan.batch_size
+    lines = [
+        "",
+        f"activation cache per rank on {world} ranks, DDP: one store per rank, and the sampler deals a row to a rank "
+        "afresh each epoch, so it hits only where that rank stored it",
+        f"{'phase':<14} {'cache':<5} {f'hit rate per rank, batch {batch} each':>32} "
+        f"{f'same, global batch {batch}':>24} {'one process':>12}",
+    ]
+    for phase, d, rate, fixed in zip(plan.phases, decisions, rates, same):
+        if rate is None:
+            lines.append(f"{phase.name:<14} {'off':<5}")
+            continue
+        lines.append(f"{phase.name:<14} {'on':<5} {rate:>32.0%} {fixed:>24.0%} {d.hit_rate:>12.0%}")
+    return lines

@@ -66,7 +66,7 @@ def check_ranges(training: dict, args) -> list[str]:
 
 def check_evaluation(recipe, args) -> list[str]:
     """Evaluation asked for without eval data, and best-model settings without a metric."""
-    has_eval = recipe.data.get("eval") is not None or bool(recipe.data.get("eval_fraction"))
+    has_eval = recipe.data.has_eval
     asked = [f"training.eval_strategy: {_name(args.eval_strategy)!r}"] if _name(args.eval_strategy) != "no" else []
     asked += [f"training.{k}: true" for k in ("eval_on_start", "load_best_model_at_end") if getattr(args, k)]
     if asked and not has_eval:
@@ -87,6 +87,11 @@ def check_optimizer(args, schedule=None) -> list[str]:
     from transformers.trainer_optimizer import is_optimizer_factory
 
     name = _name(args.optim)
+    from ..optimizers import mode_switching_problem
+
+    switching = mode_switching_problem(name, "training.optim")  # refused by name: the package may be missing
+    if switching:
+        return [switching]
     cannot = (
         f"training.optim: {name!r} builds its own parameter groups (or takes the whole model), which a phase "
         "schedule cannot drive; use an AdamW variant (adamw_torch), SGD, Adafactor, RMSprop, Lion or another "
@@ -198,30 +203,68 @@ WEIGHT_FILES = (
 )
 
 
-def check_weights(recipe, path: str) -> None:
-    """A local model folder (not ``from_scratch``) must hold weights: a config alone loads random ones or fails."""
-    if recipe.model.get("from_scratch") or not os.path.isdir(path):
+def _cached_hub_files(recipe, repo_id: str, names: tuple[str, ...]) -> list[str] | None:
+    """Which of ``names`` the local HF cache holds for a Hub id; None when the Hub may still serve them (online)."""
+    import huggingface_hub
+
+    if not (huggingface_hub.is_offline_mode() or recipe.model.get("local_files_only")):
+        return None
+    subfolder = recipe.model.get("subfolder") or ""
+    found = []
+    for name in names:
+        try:
+            hit = huggingface_hub.try_to_load_from_cache(
+                repo_id,
+                f"{subfolder}/{name}" if subfolder else name,
+                cache_dir=recipe.model.get("cache_dir"),
+                revision=recipe.model.get("revision"),
+            )
+        except (ValueError, OSError):  # not a valid repo id: loading the config says so
+            return None
+        if isinstance(hit, str):
+            found.append(name)
+    return found
+
+
+def check_weights(recipe) -> None:
+    """The model (not ``from_scratch``) must have weights: a config alone loads random ones or fails. Only
+    ``train`` needs them (``plan`` and ``validate`` read the config); it runs this before anything loads. A local
+    folder is looked into; a Hub id offline (``HF_HUB_OFFLINE``, ``model.local_files_only``) is looked up in the
+    local HF cache; online the Hub is asked when the weights load."""
+    path = os.path.expanduser(recipe.model["name_or_path"])
+    if recipe.model.from_scratch:
         return
-    folder = os.path.join(path, recipe.model.get("subfolder") or "")
     gguf = recipe.model.get("gguf_file")
-    if gguf:
-        if not os.path.isfile(os.path.join(folder, gguf)):
-            raise RecipeError(f"model.gguf_file: {gguf!r} is not a file in {folder!r}; give the .gguf file's name")
+    names = (gguf,) if gguf else WEIGHT_FILES
+    if os.path.isdir(path):
+        folder = os.path.join(path, recipe.model.get("subfolder") or "")
+        found = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+        where = folder if recipe.model.get("subfolder") else path
+    elif not os.path.exists(path) and not path.startswith((".", "/", "~")) and path.count("/") == 1:  # a Hub id
+        found = _cached_hub_files(recipe, path, names)
+        where = f"{path} (in the local Hugging Face cache, offline)"
+        if found is None:
+            return
+    else:
         return
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
-        key, where = ("model.subfolder", folder) if recipe.model.get("subfolder") else ("model.name_or_path", path)
-        raise RecipeError(
-            f"{key}: {where!r} has a config but no weights ({' / '.join(WEIGHT_FILES)}); point it at a complete "
-            "model folder, or set `model.from_scratch: true` to initialise the architecture"
-        )
+    if found:
+        return
+    if gguf:
+        raise RecipeError(f"model.gguf_file: {gguf!r} is not a file in {where!r}; give the .gguf file's name")
+    key = "model.subfolder" if recipe.model.get("subfolder") else "model.name_or_path"
+    raise RecipeError(
+        f"{key}: {where!r} has a config but no weights ({' / '.join(WEIGHT_FILES)}); `train` needs them (`plan` and "
+        "`validate` do not): point it at a complete model folder, download the weights while online, or set "
+        "`model.from_scratch: true` to initialise the architecture"
+    )
 
 
 def load_tokenizer(recipe, config, keys: tuple[str, ...]):
     """The model folder's tokenizer, or a message naming ``model.name_or_path`` when it has none it can use."""
     from transformers import AutoTokenizer
 
-    name = recipe.model["name_or_path"]
-    kwargs = {k: recipe.model[k] for k in keys if k in recipe.model}
+    name = recipe.model.name_or_path
+    kwargs = {k: v for k, v in recipe.model.from_pretrained.items() if k in keys}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
@@ -237,7 +280,7 @@ def load_tokenizer(recipe, config, keys: tuple[str, ...]):
         raise RecipeError(
             f"model.name_or_path: the tokenizer of {name!r} has {base} tokens but the model's vocab_size is "
             f"{vocab}, so some token ids have no embedding; use the model's own tokenizer"
-            + (" or raise `model.config.vocab_size`" if recipe.model.get("from_scratch") else "")
+            + (" or raise `model.config.vocab_size`" if recipe.model.from_scratch else "")
         )
     return tokenizer
 

@@ -34,12 +34,6 @@ def check_recipe(data: dict, schedule, problems: list[str]) -> None:
             "`data.train` (and `data.eval`)"
         )
     for index, phase in enumerate(schedule.phases if schedule is not None else ()):
-        if phase.adapter == "lora" or phase.trunk == "lora":
-            problems.append(
-                f"schedule[{index}]: LoRA (`adapter: lora` / `trunk: lora`) is not supported with `data.task: "
-                "classification` yet (the export cannot rebuild the classifier from the base model); train the stacks "
-                "with their own weights (`adapter: full`)"
-            )
         for key in ("task", "max_seq_length"):
             if getattr(phase, key) is not None and not (key == "task" and phase.task == TASK):
                 problems.append(

@@ -9,12 +9,54 @@ gradient now — the same steps DDP itself takes when it is unpickled. The wrapp
 Trainer and accelerate hold (``no_sync`` and gradient accumulation keep working), nothing is broadcast (ranks
 are already identical), and each rank does the same at the same step, so the ranks stay bitwise equal: an
 element's all-reduce does not depend on which bucket holds it.
+
+Because the reducer holds exactly the phase's trainable parameters, DDP needs no search for unused parameters
+(``find_unused_parameters``, an extra autograd-graph walk per step and a warning on every rank when it finds
+none) as long as every trainable parameter takes part in every forward: the schedule sees to that for stacks,
+adapters, embeddings and head. What it cannot promise is a model that skips parameters by itself — MoE routing
+(an expert no token chose), layer drop, stochastic depth — which :func:`unused_parameter_reason` reads from the
+config; only then does hf_stackwise ask DDP to search (:func:`find_unused_parameters`).
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import RecipeError
+
+KEY = "training.ddp_find_unused_parameters"
+
+
+def unused_parameter_reason(config) -> str | None:
+    """Why a forward of this model may leave a trainable parameter without gradient, or None: a mixture of
+    experts (routing), layer drop or stochastic depth in the config."""
+    if config is None:
+        return None
+    values = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    for section in ("text_config", "decoder", "encoder"):  # composite configs keep the blocks' keys one level down
+        if isinstance(values.get(section), dict):
+            values = {**values[section], **values}
+    for key, value in sorted(values.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if "experts" in key and not key.endswith("per_tok") and value > 1:
+            return f"the model routes tokens to experts ({key}: {value}); an expert no token chose gets no gradient"
+        if ("layerdrop" in key or "drop_path" in key) and value > 0:
+            return f"the model drops whole layers at random ({key}: {value}); a dropped layer gets no gradient"
+    return None
+
+
+def find_unused_parameters(setting: bool | None, config) -> bool:
+    """DDP's ``find_unused_parameters`` for a run: the user's setting, else search only where the model may skip
+    parameters. Refuses ``false`` where it would fail ("Expected to have finished reduction ...")."""
+    reason = unused_parameter_reason(config)
+    if setting is False and reason is not None:
+        raise RecipeError(
+            f"{KEY}: false, but {reason}, and DDP then stops with 'Expected to have finished reduction in the prior "
+            "iteration'; leave it unset (hf_stackwise turns the search on for this model)"
+        )
+    return reason is not None if setting is None else setting
 
 
 def ddp_wrapper(model) -> DistributedDataParallel | None:

@@ -21,6 +21,10 @@ first training step, after wrapping, on the sharded parameters, identically on e
   (:func:`only_saved_state_trainable`), so a resumed run is bitwise the uninterrupted one.
 - The trainer's frozen-parameter checksums read each rank's local shard (:func:`local`); checkpoints and the final
   model are full state dicts gathered on rank 0 (``FULL_STATE_DICT``), the files export reads.
+- Growth initialises a new stack from the full tensors of its blocks and sources (:func:`gathered`), so a random
+  stack draws what one process draws. LoRA adapters are sharded like full weights; adapter runs gather them to save
+  and shard them to load. A 4-bit base shards when its packed weights are stored in the dtype FSDP2 gathers in
+  (``model.quantization.quant_storage: auto``); a float32 storage under a bf16 policy is refused (cast, measured).
 
 DeepSpeed ZeRO and FSDP1 fix the optimizer's partition (flat parameters) when they wrap the model: parameters frozen
 then are left out of the optimizer for good, and parameters frozen later keep moving through momentum and weight
@@ -117,11 +121,12 @@ def check_sharding(
     training: Mapping,
     schedule,
     base: int | tuple[int, ...],
-    quantized: bool = False,
+    quantized: bool | Mapping = False,
     env: Mapping[str, str] | None = None,
 ) -> str | None:
     """Refuse, naming the key and the reason, a sharded run that would be wrong or is not verified; returns the
-    engine (None without sharding). Reads the recipe and the rack only, so it runs before any weight loads."""
+    engine (None without sharding). Reads the recipe and the rack only, so it runs before any weight loads.
+    ``quantized``: the recipe's ``model.quantization`` (or True for a 4-bit base)."""
     engine, where, config = requested_engine(training, env)
     if engine is None:
         return None
@@ -155,23 +160,6 @@ def check_sharding(
             "writes only sharded state), so neither `hf-stackwise export` nor the checkpoint layout work; use "
             "FULL_STATE_DICT"
         )
-    problems = []
-    if schedule.uses_lora():
-        problems.append(
-            "the schedule trains LoRA adapters: their training matches one process under FSDP2 (measured 7.5e-9), "
-            "but adapter runs checkpoint and save their trained tensors from unsharded parameters, which sharded "
-            "parameters are not gathered for; train adapters under DDP"
-        )
-    if schedule.grows():
-        problems.append(
-            "the schedule grows the rack: a grown stack initialised at random draws other values on sharded "
-            "parameters than in one process (measured 0.13 off after 2 steps), so the run depends on the number "
-            "of ranks; train growth under DDP"
-        )
-    if quantized:
-        problems.append("model.quantization: 4-bit bases train through LoRA adapters, which FSDP2 runs do not use")
-    if problems:
-        raise RecipeError([f"{where} (FSDP2): {p}" for p in problems])
     launched = (env if env is not None else os.environ).get("ACCELERATE_MIXED_PRECISION", "no")
     mixed = bool(training.get("bf16") or training.get("fp16")) or launched in ("bf16", "fp16")
     if training.get("fp16") or launched == "fp16":
@@ -179,9 +167,26 @@ def check_sharding(
             f"training.fp16 with {where} (FSDP2): fp16 loss scaling of sharded gradients is not verified with phase "
             "transitions; use `bf16: true`"
         )
+    storage = quantized.get("quant_storage", "auto") if isinstance(quantized, Mapping) else "auto"
+    if quantized and mixed and storage in ("float32", "float16"):
+        raise RecipeError(
+            f"model.quantization.quant_storage: {storage} with bf16 under {where} (FSDP2): the bf16 mixed-precision "
+            "policy casts every floating parameter to bfloat16 before gathering it, the packed 4-bit bytes included "
+            "(measured: RuntimeError \"shape '[64, 32]' is invalid for input of size 1024\"); use "
+            "`quant_storage: bfloat16` (or `auto`)"
+        )
     if mixed and changes:
         check_torch_version()
     return engine
+
+
+def storage_settings(training: Mapping, env: Mapping[str, str] | None = None) -> dict:
+    """What picks a 4-bit base's storage dtype (``quant_storage: auto``): whether the run shards with FSDP2 and
+    computes in bf16, from the recipe or from accelerate's launch environment."""
+    env = os.environ if env is None else env
+    engine = requested_engine(training, env)[0]
+    bf16 = bool(training.get("bf16")) or env.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
+    return {"fsdp": engine == "fsdp2", "bf16": bf16}
 
 
 def check_torch_version(version: str | None = None) -> None:
@@ -203,9 +208,14 @@ def sharding_settings(args) -> dict:
     return {k: getattr(args, k, None) for k in keys}
 
 
-def quantized(model) -> bool:
-    """Whether the model was loaded quantized (bitsandbytes)."""
-    return getattr(getattr(model, "config", None), "quantization_config", None) is not None
+def quantized(model) -> dict | bool:
+    """A quantized model's storage dtype as ``model.quantization`` names it (``{"quant_storage": ...}``), else
+    False."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return False
+    config = config if isinstance(config, dict) else config.to_dict()
+    return {"quant_storage": str(config.get("bnb_4bit_quant_storage", "uint8")).removeprefix("torch.")}
 
 
 # ---- what the trainer calls under FSDP2 ------------------------------------------------------------------------
@@ -253,6 +263,53 @@ def mixed_precision(accelerator) -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """A rank's own shard of a sharded parameter (the tensor itself otherwise)."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@contextlib.contextmanager
+def gathered(*modules: torch.nn.Module):
+    """Inside the context the modules hold full (unsharded) plain tensors in place of their FSDP2 shards; on exit
+    each rank keeps its own shard of what the context left in them. Every rank must enter it, with the same modules
+    (each full tensor is one all-gather). Growth initialises new stacks this way, so a grown stack is the same
+    function of the full tensors, the seed and the step whatever the number of ranks (DTensor's random ops draw
+    per shard: measured 0.13 off). Without sharded parameters it changes nothing."""
+    from torch.distributed.tensor import distribute_tensor
+
+    swapped, seen = [], set()
+    for module in modules:
+        for owner in module.modules():
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            for name, param in list(owner._parameters.items()):
+                if param is None or not hasattr(param, "full_tensor"):
+                    continue
+                full = torch.nn.Parameter(param.full_tensor().detach().clone(), requires_grad=param.requires_grad)
+                if name == "weight" and getattr(owner, "quant_state", None) is not None:  # packed 4-bit bytes
+                    full = _packed_4bit(full, owner)
+                owner._parameters[name] = full
+                swapped.append((owner, name, param, full))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, param, full in swapped:
+                owner._parameters[name] = param
+                shard = distribute_tensor(full.detach(), param.device_mesh, param.placements, src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+
+
+def _packed_4bit(full: torch.Tensor, module) -> torch.nn.Parameter:
+    """A gathered packed weight as the ``Params4bit`` it is in one process (FSDP2 keeps its quantization state on the
+    module, as bitsandbytes does for FSDP), so growth can dequantize it."""
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(
+        full.data,
+        requires_grad=False,
+        quant_state=module.quant_state,
+        quant_storage=full.dtype,
+        bnb_quantized=True,
+    )
 
 
 def arranged_state_dict(state_dict: dict, layers_path: str, blocks: list[int]) -> dict:

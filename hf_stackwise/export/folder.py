@@ -141,17 +141,18 @@ def load_adapted(folder: str, manifest: dict, dequantize: bool):
             f"export: the base model of {folder!r} ({base!r}) is not available to merge the adapters into"
         )
     quantization = manifest.get("quantization") if dequantize else None
+    labels = _label_kwargs(manifest)  # a classifier: the run's label set, so the head has the trained shape
     if quantization:  # re-create the same 4-bit base, then dequantize it: merge in full precision
         from transformers import BitsAndBytesConfig
 
         from ..rack.quantization import disable_cpu_repack
 
         config = BitsAndBytesConfig.from_dict(quantization)
-        model = auto_class.from_pretrained(base, dtype=torch.float32, quantization_config=config)
+        model = auto_class.from_pretrained(base, dtype=torch.float32, quantization_config=config, **labels)
         disable_cpu_repack(model)
         model = model.dequantize()
     else:
-        model = auto_class.from_pretrained(base, dtype=torch.float32)
+        model = auto_class.from_pretrained(base, dtype=torch.float32, **labels)
     layers = manifest["run"]["rack"]["layers"]
     layout = _layout(manifest)
     if layout.grows:
@@ -159,6 +160,18 @@ def load_adapted(folder: str, manifest: dict, dequantize: bool):
     peft_model = attach_adapters(model, plan, layers)
     load_trainable(peft_model, os.path.join(folder, TRAINABLE_WEIGHTS_NAME))
     return peft_model
+
+
+def _label_kwargs(manifest: dict) -> dict:
+    """``from_pretrained`` config overrides that give a classification base the run's label set and pad id."""
+    classifier = manifest.get("classifier")
+    if not classifier:
+        return {}
+    id2label = {int(i): name for i, name in classifier["id2label"].items()}
+    kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": {n: i for i, n in id2label.items()}}
+    if classifier.get("pad_token_id") is not None:
+        kwargs["pad_token_id"] = classifier["pad_token_id"]
+    return kwargs
 
 
 def write_adapters(folder: str, manifest: dict, target: str) -> None:

@@ -58,7 +58,17 @@ class SavingMixin:
             # "arranged": the folder's model holds exactly phase.blocks, in that order; "physical": every block
             # in storage order (or, in adapter runs, the trained tensors of stackwise_trainable.safetensors)
             "weights": "physical" if checkpoint or self.adapter_plan else "arranged",
+            **self._classifier_manifest(),
         }
+
+    def _classifier_manifest(self) -> dict:
+        """A classifier's label set and pad id: what an adapter run's export needs to rebuild its head."""
+        model = self._base_model()
+        if not type(model).__name__.endswith("ForSequenceClassification"):
+            return {}
+        config = model.config
+        labels = {str(i): name for i, name in config.id2label.items()}
+        return {"classifier": {"id2label": labels, "pad_token_id": config.pad_token_id}}
 
     def _stores_function(self) -> bool:
         """Whether the blocks in storage order are the function the producing phase runs (no growth, full depth)."""
@@ -84,11 +94,12 @@ class SavingMixin:
         output_dir = output_dir or self.args.output_dir
         checkpoint = self._saving_checkpoint
         if self.adapter_plan:
+            tensors = self._trainable_tensors()
             if self.args.should_save:
                 os.makedirs(output_dir, exist_ok=True)
                 if not checkpoint:  # a run folder must not keep a model of an earlier save
                     remove_model_files(output_dir, self.adapter_plan)
-                save_trainable(self._trainable_tensors(), output_dir)
+                save_trainable(tensors, output_dir)
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -107,8 +118,8 @@ class SavingMixin:
     def _trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Every ever-trainable tensor of an adapter run: fully trained stacks are not part of PEFT's adapters, and
         resume needs them exactly."""
-        return {
-            name: param.detach().cpu().contiguous()
+        return {  # FSDP2: each sharded tensor gathered in full (every rank calls `_save` then)
+            name: (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().cpu().contiguous()
             for name, param, owners in self._params
             if any(u in self._saved_units for u in owners)
         }

@@ -1,13 +1,18 @@
 """Exact change detection for frozen tensors: checksums over their raw bytes, in chunks, on their own device.
 
 A tensor's bytes are read as signed 32-bit words ``w_i`` (a final partial word is padded with zero bytes) and
-three sums are kept modulo 2**64: ``Σ w_i``, ``Σ i·w_i`` and ``Σ (w_i² mod 2**32)``, with ``i`` the word's
-position in the tensor. The first sum alone changes whenever one word changes (the change is
+three sums are kept modulo 2**64: ``Σ w_i``, ``Σ i·w_i`` and ``Σ m(w_i)²``, with ``i`` the word's position in the
+tensor and ``m(w)`` the high 32 bits of ``w·K mod 2**64`` (``K`` an odd 64-bit constant, the golden ratio's
+``0x9E3779B97F4A7C15``): a multiplicative mix that spreads every bit of ``w`` into the bits squared, so the third
+sum does not vanish on structured words (a plain ``Σ w²`` taken mod 2**32 is zero for every word whose low 16
+bits are zero: float32 1.0, 2.0, 4.0, ...). The first sum alone changes whenever one word changes (the change is
 nonzero and smaller than 2**32); the first two together change whenever the changes are confined to two
 words of a tensor under 16 GiB (``(i - j)·Δ`` cannot be a multiple of 2**64). A wider change goes unseen
 only if all three sums coincide, which no optimizer update or in-place write does short of crafting it.
 Any dtype is read the same way (float, bfloat16, int8, bitsandbytes' packed uint8), so the check is
 bit-exact: ``torch.equal`` tensors of one dtype and shape have equal checksums, and -0.0 differs from 0.0.
+Checksums live in memory only (the frozen check of a phase, an activation store's signature): a store signed
+with a former definition no longer matches and is rebuilt, never served.
 
 The bytes are never copied as a whole: each chunk of ``chunk_bytes`` is read in place (a misaligned view or a
 non-contiguous tensor copies one chunk), with two int64 buffers of ``2 × chunk_bytes`` (positions, products),
@@ -23,6 +28,7 @@ from collections.abc import Iterable
 import torch
 
 CHUNK_BYTES = 1 << 20  # 1 MiB of raw bytes per chunk: 256 Ki words
+MIX = 0x9E3779B97F4A7C15 - (1 << 64)  # odd: w ↦ w·MIX is a bijection mod 2**64 (as a signed int64)
 
 
 def tensor_checksums(tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> list[tuple | None]:
@@ -90,7 +96,10 @@ def _accumulate(total: torch.Tensor, part: torch.Tensor, start: int, buffers) ->
     torch.mul(part, index, out=product)  # int32 · int64 → int64
     total[0] += chunk_sum
     total[1] += product.sum() + chunk_sum * start  # Σ (start + j)·w_j
-    torch.mul(part, part, out=product)  # the squares, modulo 2**32: a nonlinear mix
+    product.copy_(part)  # the mix, in place: m(w) = (w·MIX mod 2**64) >> 32, then its square mod 2**64
+    product.mul_(MIX)
+    product.bitwise_right_shift_(32)
+    product.mul_(product)
     total[2] += product.sum()
 
 

@@ -102,7 +102,18 @@ def load_trainable(model: torch.nn.Module, path: str) -> None:
         raise ResumeError(f"training.resume_from_checkpoint: {path} holds {missing[0]}, which this model lacks")
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name].copy_(tensor)
+            copy_full(params[name], tensor)
+
+
+def copy_full(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter; an FSDP2-sharded one (a ``DTensor``) keeps its own rank's shard."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(tensor)
 
 
 MODEL_FILES = (

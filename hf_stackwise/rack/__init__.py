@@ -2,5 +2,5 @@
 (``growth``), per-stack and trunk LoRA through PEFT (``adapters``) and 4-bit bases through bitsandbytes
 (``quantization``).
 
-May import: errors, schedule.
+May import: errors, deferred, schedule.
 """

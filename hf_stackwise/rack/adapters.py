@@ -8,8 +8,11 @@ Phases only flip which adapters' parameters train (the superset rule: all are in
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
+from ..deferred import without_bitsandbytes
 from ..schedule.layout import Layout
 from ..schedule.phases import DEFAULT_LORA, LORA_KEYS, TRUNK_ADAPTER, RecipeError, Schedule
 
@@ -71,6 +74,15 @@ def resolve_targets(plan: dict[str, dict], blocks: nn.ModuleList) -> dict[str, l
     return targets
 
 
+def classifier_modules(model: nn.Module) -> list[str] | None:
+    """A sequence classifier's head modules (``classifier``, ``score``: its top-level modules besides the backbone
+    that hold weights), which train as PEFT's ``modules_to_save``; None for other models."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    backbone = getattr(model, "base_model_prefix", "")
+    return [n for n, m in model.named_children() if n != backbone and any(True for _ in m.parameters())] or None
+
+
 def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
     """Wrap ``model`` in a PeftModel carrying every planned adapter, all active."""
     from peft import LoraConfig, get_peft_model
@@ -78,8 +90,13 @@ def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
     targets = resolve_targets(plan, model.get_submodule(layers_path))
     pattern = layers_path.rpartition(".")[2]
     peft_model = None
-    for name, cfg in plan.items():
+    heads = classifier_modules(model)
+    # the classifier's copy belongs to the first adapter created: sorted, so the export (which reads the plan back
+    # from JSON) names it as training did
+    for name in sorted(plan) if heads else plan:
+        cfg = plan[name]
         config = LoraConfig(
+            modules_to_save=heads if peft_model is None else None,  # once: one trained copy of the classifier
             r=cfg["r"],
             lora_alpha=cfg["alpha"],
             lora_dropout=cfg["dropout"],
@@ -87,9 +104,12 @@ def attach_adapters(model: nn.Module, plan: dict[str, dict], layers_path: str):
             layers_to_transform=cfg["blocks"],
             layers_pattern=pattern,
         )
-        if peft_model is None:
-            peft_model = get_peft_model(model, config, adapter_name=name)
-        else:
-            peft_model.add_adapter(name, config)
+        with without_bitsandbytes(), warnings.catch_warnings():  # a full-precision base: no bitsandbytes import
+            # PEFT 0.21 reads transformers 5's deprecated `is_gradient_checkpointing`: not the user's doing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            if peft_model is None:
+                peft_model = get_peft_model(model, config, adapter_name=name)
+            else:
+                peft_model.add_adapter(name, config)
     peft_model.base_model.set_adapter(list(plan))
     return peft_model

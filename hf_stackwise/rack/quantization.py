@@ -12,6 +12,7 @@ import importlib.util
 import torch
 from torch import nn
 
+from ..deferred import bitsandbytes_loaded
 from ..schedule.layout import stack_sizes
 from ..schedule.phases import RecipeError, Schedule, stack_unit
 
@@ -59,8 +60,25 @@ def quantization_identity(settings: dict | None = None, bnb: dict | None = None)
     return None
 
 
-def bnb_config(settings: dict, skip_modules: list[str]):
-    """``BitsAndBytesConfig`` for the recipe's ``model.quantization`` section."""
+STORAGE = ("auto", "uint8", "float32", "bfloat16", "float16")
+
+
+def quant_storage(settings: dict, training: dict | None = None) -> str:
+    """The dtype bitsandbytes packs 4-bit weights in (``bnb_4bit_quant_storage``). ``auto``: ``uint8`` in one process
+    or under DDP; under FSDP2 the dtype FSDP2 gathers parameters in (``bfloat16`` with ``bf16: true``, else
+    ``float32``), so the packed weights shard like every other parameter (accelerate leaves ``uint8`` ones whole on
+    every rank) and a bf16 ``MixedPrecisionPolicy`` does not cast the packed bytes."""
+    storage = settings.get("quant_storage", "auto")
+    if storage != "auto":
+        return storage
+    training = training or {}
+    if not training.get("fsdp"):
+        return "uint8"
+    return "bfloat16" if training.get("bf16") else "float32"
+
+
+def bnb_config(settings: dict, skip_modules: list[str], training: dict | None = None):
+    """``BitsAndBytesConfig`` for the recipe's ``model.quantization`` section (``training``: the storage dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -68,6 +86,7 @@ def bnb_config(settings: dict, skip_modules: list[str]):
         bnb_4bit_quant_type=settings.get("quant_type", "nf4"),
         bnb_4bit_use_double_quant=settings.get("double_quant", True),
         bnb_4bit_compute_dtype=DTYPES[settings.get("compute_dtype", "float32")],
+        bnb_4bit_quant_storage=getattr(torch, quant_storage(settings, training)),
         llm_int8_skip_modules=skip_modules,
     )
 
@@ -75,8 +94,8 @@ def bnb_config(settings: dict, skip_modules: list[str]):
 def disable_cpu_repack(model: nn.Module) -> int:
     """Work around bitsandbytes 0.50.2 on AVX512-BF16 CPUs: an eval forward without grad repacks every Linear4bit
     for a gemv kernel, after which gradients through the base, merges and saves go wrong. Returns the count."""
-    if not getattr(model, "is_quantized", False) and not hasattr(model, "peft_config"):
-        return 0
+    if not bitsandbytes_loaded() or (not getattr(model, "is_quantized", False) and not hasattr(model, "peft_config")):
+        return 0  # no 4-bit layer can exist before bitsandbytes is imported (hf_stackwise.deferred)
     import bitsandbytes as bnb
 
     count = 0
@@ -89,7 +108,7 @@ def disable_cpu_repack(model: nn.Module) -> int:
 
 def check_full_blocks_not_quantized(model: nn.Module, rack, schedule: Schedule) -> None:
     """A stack trained with `adapter: full` must hold real (not 4-bit) weights."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if not bitsandbytes_loaded():
         return
     import bitsandbytes as bnb
 

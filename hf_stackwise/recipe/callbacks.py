@@ -31,10 +31,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+ROW_TASKS = ("classification", "sft")  # the rows (labelled texts, conversations) fix the task of every phase
+
+
 def run_metrics(data: dict, schedule) -> tuple[str, tuple[str, ...]]:
     """The run's task (as named in messages) and the eval metrics it produces."""
     task = data.get("task", "clm")
     phase_tasks = {p.task or task for p in schedule.phases} if schedule is not None else {task}
+    if task in ROW_TASKS:  # its rows fix the task in every phase; a phase `task` there is refused on its own
+        phase_tasks = {task}
     if phase_tasks & set(MASKED_TASKS):
         return "mlm / diffusion", TASK_METRICS["masked"]
     return task, TASK_METRICS.get(task, ("loss",))

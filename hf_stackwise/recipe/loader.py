@@ -3,7 +3,8 @@
 
 ``load_recipe`` reads a file, applies command-line overrides (``--training.max_steps 10``) and
 validates the whole recipe statically (keys, types, schedule), raising one :class:`RecipeError` that
-lists every problem with its key path. Checks that need the model's config (layer counts) or the data
+lists every problem with its key path. Each section is parsed here once, into the typed, frozen sections of
+:mod:`hf_stackwise.recipe.sections`. Checks that need the model's config (layer counts) or the data
 happen in :mod:`hf_stackwise.cli.pipeline`, still before any weight is loaded.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, field
 
 import yaml
 
@@ -24,6 +24,15 @@ from ..data.sft_recipe import SFT_KEYS, check_sft_recipe
 from ..persist.checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from ..schedule.phases import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora, phase_defaults
 from .callbacks import check_callbacks
+from .sections import (
+    FROM_PRETRAINED_KEYS,
+    DataSection,
+    ModelSection,
+    RackSection,
+    Recipe,
+    Section,
+    TrainingSection,
+)
 
 SECTIONS = ("model", "rack", "adapters", "data", "schedule", "training", "callbacks", "cache")
 
@@ -46,18 +55,7 @@ def load_yaml(text):
 
 ADAPTERS_KEYS = (*LORA_KEYS, "trunk_r", "trunk_alpha")
 MODEL_KEYS = ("name_or_path", "dtype", "quantization", "from_scratch", "config")
-QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype")
-# from_pretrained keyword arguments a recipe may pass through the `model` section
-FROM_PRETRAINED_KEYS = (
-    "revision",
-    "subfolder",
-    "trust_remote_code",
-    "attn_implementation",
-    "gguf_file",
-    "local_files_only",
-    "cache_dir",
-    "low_cpu_mem_usage",
-)
+QUANTIZATION_KEYS = ("bits", "quant_type", "double_quant", "compute_dtype", "quant_storage")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 RACK_KEYS = ("blocks_per_stack", "boundaries", "layers")
 DATA_KEYS = (
@@ -90,26 +88,6 @@ TRAINING_OWNED_ELSEWHERE = {
     "data_plane": "the top-level `data:` section and the phases' data fields",
     "activation_cache": "the top-level `cache:` section",
 }
-
-
-@dataclass
-class Recipe:
-    """A statically validated recipe; sections stay plain dicts/lists (JSON-friendly)."""
-
-    model: dict
-    rack: dict
-    adapters: dict
-    data: dict
-    schedule: Schedule
-    training: dict
-    raw: dict
-    path: str | None = None
-    callbacks: dict = field(default_factory=dict)
-    cache: dict = field(default_factory=dict)  # the activation cache (hf_stackwise.cache.policy.CacheSettings)
-
-    @property
-    def resume_from_checkpoint(self):
-        return self.training.get("resume_from_checkpoint")
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, object]]:
@@ -198,6 +176,11 @@ def _check_model(model, problems: list[str]) -> dict:
                 problems.append(f"model.quantization.quant_type: {quant.get('quant_type')!r} is not nf4 or fp4")
             if not isinstance(quant.get("double_quant", True), bool):
                 problems.append(f"model.quantization.double_quant: {quant.get('double_quant')!r} is not true/false")
+            if quant.get("quant_storage", "auto") not in ("auto", "uint8", "float32", "bfloat16", "float16"):
+                problems.append(
+                    f"model.quantization.quant_storage: {quant.get('quant_storage')!r} is not auto, uint8, float32, "
+                    "bfloat16 or float16 (auto: the dtype FSDP2 shards in, uint8 otherwise)"
+                )
             if quant.get("compute_dtype", "float32") not in ("float32", "bfloat16", "float16"):
                 problems.append(
                     f"model.quantization.compute_dtype: {quant.get('compute_dtype')!r} is not float32, bfloat16 "
@@ -333,8 +316,9 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     check_preference_recipe(data, schedule, problems)
     labels.check_recipe(data, schedule, problems)
     callbacks = check_callbacks(raw.get("callbacks"), data, schedule, training, problems)
+    cache = None
     try:
-        CacheSettings.from_dict(raw.get("cache"))
+        cache = CacheSettings.from_dict(raw.get("cache"))
     except RecipeError as err:
         problems.extend(err.problems)
     if schedule is not None and model.get("quantization") and not schedule.uses_lora():
@@ -347,16 +331,16 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
     if problems:
         raise RecipeError(problems)
     return Recipe(
-        model=model,
-        rack=rack,
-        adapters=adapters,
-        data=data,
+        model=ModelSection.parse(model),
+        rack=RackSection.parse(rack),
+        adapters=Section(adapters),
+        data=DataSection.parse(data),
         schedule=schedule,
-        training=training,
+        training=TrainingSection.parse(training),
         raw=raw,
         path=path,
-        callbacks=callbacks,
-        cache=raw.get("cache") or {},
+        callbacks=Section(callbacks),
+        cache=cache,
     )
 
 

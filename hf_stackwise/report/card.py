@@ -67,6 +67,9 @@ def phase_table(run: dict, total_steps: int | None) -> str:
             lr_text += f", warm-up {phase.warmup:g}"
         if phase.layer_lr_decay != 1.0:
             lr_text += f", layer decay {phase.layer_lr_decay:g}"
+        if phase.span is not None:  # a generator entry's shape, once over all its phases
+            warm = f", warm-up {phase.span['warmup']:g}" if phase.span["warmup"] else ""
+            lr_text += f" × {phase.span['entry']}'s {phase.span['lr_schedule']}{warm} over all its phases"
         depth = phase.active_depth(num_stacks)
         active = f"0–{depth - 1}" if depth > 1 else "0"
         rows.append(
@@ -102,6 +105,23 @@ def _loss_plot(folder: str, target: str) -> str | None:
     return None
 
 
+def freeze_lines(manifest: dict) -> list[str]:
+    """The card's "Adaptive freezing" section: when each stack froze (``autofreeze`` phases), and why."""
+    decisions = manifest.get("freeze_decisions")
+    if decisions is None:
+        return []
+    names = [p.get("name") for p in manifest["run"].get("schedule", [])]
+    lines = ["## Adaptive freezing", ""]
+    if not decisions:
+        return [*lines, "No stack froze (the `autofreeze` criterion never fired).", ""]
+    lines += ["| phase | step | stacks frozen | grad-norm change | threshold |", "|---|---|---|---|---|"]
+    for d in decisions:
+        changes = ", ".join(f"{c:.3g}" for c in d["changes"])
+        phase = names[d["phase"]] if d["phase"] < len(names) else d["phase"]
+        lines.append(f"| {phase} | {d['step']} | {_stacks(d['stacks'])} | {changes} | {d['threshold']:.3g} |")
+    return [*lines, ""]
+
+
 def build_card(folder: str, target: str, manifest: dict, adapters: bool = False, name: str | None = None) -> str:
     """The card's text for an export of ``folder`` (a run or checkpoint) into ``target``; draws ``loss.png`` there."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -135,6 +155,7 @@ def build_card(folder: str, target: str, manifest: dict, adapters: bool = False,
     if manifest.get("quantization"):
         lines.append("- **Base precision:** 4-bit (bitsandbytes); adapters were merged into the dequantized base")
     lines += ["", "## Schedule", "", phase_table(run, total), ""]
+    lines += freeze_lines(manifest)
     why_no_plot = _loss_plot(folder, target)
     lines += ["## Training loss", ""]
     lines.append(f"![training loss by phase]({LOSS_PLOT})" if why_no_plot is None else f"No plot: {why_no_plot}.")

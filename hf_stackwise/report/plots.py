@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass
 
 from ..data.labels import CONFUSION_NAME
-from ..persist.checkpoint import FORMAT_VERSION, RUN_MANIFEST_NAME, TRAINER_STATE_NAME, complete_checkpoints, read_json
+from ..persist.checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RUN_MANIFEST_NAME,
+    TRAINER_STATE_NAME,
+    complete_checkpoints,
+    read_json,
+)
 from ..schedule.layout import stack_sizes
 from ..schedule.phases import RecipeError, Schedule, StackwiseError, lora_unit, stack_unit, trunk_unit
 
@@ -82,12 +89,20 @@ def timeline_cells(schedule: Schedule, base, total_steps: int | None = None) -> 
     return cells
 
 
-def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0, total_steps: int | None = None) -> str:
+def plot_timeline(
+    schedule: Schedule,
+    base,
+    path: str,
+    base_lr: float = 1.0,
+    total_steps: int | None = None,
+    freezes: list[dict] | None = None,
+) -> str:
     """The schedule over t: per phase, one row per rack position (bottom = position 0), coloured by mode, stacks
     grown at the phase's start hatched; the phase's peak learning rate as a line.
 
     ``base``: the model's stack count (or stack sizes) before growth; ``total_steps``: the run length, so phases
-    end where the run's resolved steps end them (without it, at the recipe's ``until``)."""
+    end where the run's resolved steps end them (without it, at the recipe's ``until``); ``freezes``: the run's
+    ``autofreeze`` decisions, drawn as a dashed line at each freeze step and the frozen stacks grey from there."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
@@ -111,6 +126,13 @@ def plot_timeline(schedule: Schedule, base, path: str, base_lr: float = 1.0, tot
             ax.text((c.start + c.end) / 2, c.position, f"id {c.stack}", ha="center", va="center", fontsize=7)
     for phase, (start, end) in zip(schedule.phases, spans, strict=True):
         ax.text((start + end) / 2, rows - 0.35, phase.name, ha="center", va="bottom", fontsize=8)
+    for freeze in freezes or [] if total_steps else []:
+        t, end = freeze["step"] / total_steps, spans[freeze["phase"]][1]
+        for position in freeze["positions"]:
+            ax.barh(position, end - t, left=t, color=COLORS["frozen"], edgecolor="#555555", height=0.8)
+        ax.axvline(t, color="#1f77b4", linestyle="--", linewidth=1)
+        label = f"froze {', '.join(map(str, freeze['positions']))}"
+        ax.text(t, -0.55, label, color="#1f77b4", fontsize=7, ha="left", va="bottom")
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, rows + 0.2)
     ticks = range(0, rows, max(1, rows // 16))
@@ -194,6 +216,17 @@ def _trainer_state(run_dir: str) -> dict | None:
     return None
 
 
+def freeze_points(run_dir: str) -> list[dict]:
+    """The run's ``autofreeze`` decisions (``{phase, step, positions, ...}``): from the final save's
+    ``stackwise_state.json``, else the last complete checkpoint's; empty when none froze."""
+    candidates = [os.path.join(run_dir, MANIFEST_NAME)]
+    candidates += [os.path.join(c, MANIFEST_NAME) for c in reversed(complete_checkpoints(run_dir))]
+    for path in candidates:
+        if os.path.isfile(path):
+            return read_json(path).get("freeze_decisions") or []
+    return []
+
+
 def log_history(run_dir: str) -> list[dict]:
     """The run's log history: the final trainer_state.json, else the last complete checkpoint's."""
     state = _trainer_state(run_dir)
@@ -238,7 +271,8 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     total_steps = run.get("total_steps") or run_total_steps(run_dir)
     loss = plot_loss(history, os.path.join(out_dir, "loss.png"))
     schedule_png = os.path.join(out_dir, "schedule.png")
-    timeline = plot_timeline(schedule, stack_sizes(bounds), schedule_png, base_lr, total_steps)
+    freezes = freeze_points(run_dir)
+    timeline = plot_timeline(schedule, stack_sizes(bounds), schedule_png, base_lr, total_steps, freezes)
     written = [timeline, loss]
     confusion = os.path.join(run_dir, CONFUSION_NAME)
     if os.path.isfile(confusion) and read_json(confusion).get("evals"):

@@ -10,7 +10,10 @@ size), so every rank expands the same phases and the rack state stays a function
 - ``sample: {pool: [..] | all, k: 2, every: 0.05, seed: 0}`` trains ``k`` stacks drawn from the pool every
   ``every`` of normalized time (layer sampling, LISA); draw ``j`` is seeded by ``(seed, j)``.
 
-Generated phases are named ``<name>-1``, ``<name>-2``, ... and carry the entry's other phase fields.
+Generated phases are named ``<name>-1``, ``<name>-2``, ... and carry the entry's other phase fields, except its
+rate shape: the entry's ``warmup``, ``lr_schedule`` and ``lr_schedule_kwargs`` run once over the entry's whole span
+(one warm-up, one decay; each generated phase carries them as its ``span``). A generated phase's own shape goes in
+the generator's ``each: {warmup, lr_schedule, lr_schedule_kwargs}`` and multiplies the span's.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import math
 import random
 from dataclasses import dataclass
 
+from .rates import parse_rate_fields
+
 GENERATORS = {
-    "cycle": {"stacks": "all", "order": "descending", "k": 1, "rounds": 1, "seed": 0},
-    "sample": {"pool": "all", "k": 2, "every": 0.05, "seed": 0},
+    "cycle": {"stacks": "all", "order": "descending", "k": 1, "rounds": 1, "seed": 0, "each": None},
+    "sample": {"pool": "all", "k": 2, "every": 0.05, "seed": 0, "each": None},
 }
+SPAN_KEYS = ("warmup", "lr_schedule", "lr_schedule_kwargs")  # the entry's rate shape: once over its whole span
 POOL_KEY = {"cycle": "stacks", "sample": "pool"}
 ORDERS = ("descending", "ascending", "random")
 NOT_IN_GENERATOR = ("train", "grow")  # the generator sets `train`; growth would repeat in every phase
@@ -132,12 +138,24 @@ def _expand_one(entry: dict, kind: str, index: int, start: float, rack, problems
         )
     if len(problems) > before or pool is None:
         return None
+    each = spec["each"] if spec["each"] is not None else {}
+    if not isinstance(each, dict) or any(key not in SPAN_KEYS for key in each):
+        problems.append(
+            f"{spec_path}.each: {each!r} is not a mapping of {', '.join(SPAN_KEYS)} (each generated phase's own "
+            "rate shape; the entry's own keys run once over its whole span)"
+        )
+        return None
+    if each and parse_rate_fields(each, f"{spec_path}.each", problems) and len(problems) > before:
+        return None
     groups = _cycle(pool, spec) if kind == "cycle" else _sample(pool, spec, until - start)
-    fields = {k: v for k, v in entry.items() if k not in (kind, "name", "until")}
+    fields = {k: v for k, v in entry.items() if k not in (kind, "name", "until", *SPAN_KEYS)}
+    span = {key: entry[key] for key in SPAN_KEYS if key in entry}
+    if span:
+        fields["span"] = {"entry": name, **span}
     n = len(groups)
     ends = [_end(start, until, (j + 1) / n) for j in range(n)] if kind == "cycle" else _sample_ends(start, until, spec)
     return [
-        {**fields, "name": f"{name}-{j + 1}", "until": end, "train": list(group)}
+        {**fields, **each, "name": f"{name}-{j + 1}", "until": end, "train": list(group)}
         for j, (group, end) in enumerate(zip(groups, ends, strict=True))
     ]
 

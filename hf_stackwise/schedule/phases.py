@@ -14,6 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from ..errors import RecipeError, StackwiseError  # noqa: F401  (StackwiseError is re-exported)
+from .autofreeze import AutoFreeze, check_adapters, check_phase, parse_autofreeze
 from .data_fields import (  # noqa: F401  (re-exported)
     MASK_SCHEDULES,
     MASKED_TASKS,
@@ -21,9 +22,29 @@ from .data_fields import (  # noqa: F401  (re-exported)
     parse_data_fields,
     phase_defaults,
 )
-from .generators import Origin, expand, generator_of
+from .generators import GENERATORS, SPAN_KEYS, Origin, expand, generator_of
 from .layout import GROW_KEYWORD, Grow, Layout, NewStack, build_layout, parse_grow
-from .rates import LR_SCHEDULES, parse_rate_fields, phase_step_kwargs  # noqa: F401  (re-exported)
+from .rates import (  # noqa: F401  (re-exported)
+    LR_SCHEDULES,
+    lr_shape_problems,
+    parse_rate_fields,
+    phase_step_kwargs,
+    shape_factor,
+)
+from .units import (  # noqa: F401  (re-exported)
+    DEFAULT_LORA,
+    EMBEDDINGS,
+    HEAD,
+    LORA_KEYS,
+    TRUNK_ADAPTER,
+    _is_int,
+    _is_number,
+    check_lora,
+    lora_unit,
+    stack_unit,
+    trunk_unit,
+    unit_level,
+)
 
 TRAIN_KEYWORDS = ("top", "all", "none", GROW_KEYWORD)
 LIST_KEYWORDS = ("top", GROW_KEYWORD)  # allowed inside a list of stack indices: `train: [top]`, `[2, new]`
@@ -51,71 +72,11 @@ PHASE_KEYS = (
     "mask_rate",
     "mask_schedule",
     "data",
+    "autofreeze",
 )
 OPTIMIZER_STATES = ("keep", "reset", "release_idle")
 ADAPTER_MODES = ("full", "lora")
 TRUNK_MODES = ("frozen", "lora")
-LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
-DEFAULT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # `adapters:` defaults
-EMBEDDINGS = "embeddings"
-HEAD = "head"
-TRUNK_ADAPTER = "trunk"  # PEFT adapter name of the trunk LoRA; stack adapters are named stack_<i>
-
-
-def stack_unit(index: int) -> str:
-    """Name of the parameter unit (and optimizer group) of stack ``index``'s own weights."""
-    return f"stack_{index}"
-
-
-def lora_unit(index: int) -> str:
-    """Unit of the LoRA adapter that trains stack ``index`` (``adapter: lora``)."""
-    return f"stack_{index}.lora"
-
-
-def trunk_unit(index: int) -> str:
-    """Unit of the trunk adapter's parameters inside stack ``index`` (``trunk: lora``)."""
-    return f"stack_{index}.trunk"
-
-
-def unit_level(unit: str) -> int:
-    """Stack index of a stack unit (any kind); -1 for the embeddings."""
-    if unit == EMBEDDINGS:
-        return -1
-    return int(unit.removeprefix("stack_").split(".")[0])
-
-
-def check_lora(value, path: str, problems: list[str]) -> None:
-    """Validate a LoRA settings mapping (`adapters:` section or a phase's `lora:`)."""
-    if not isinstance(value, dict):
-        problems.append(f"{path}: expected a mapping with keys among {', '.join(LORA_KEYS)}")
-        return
-    for key in value:
-        if key not in LORA_KEYS:
-            problems.append(f"{path}.{key}: unknown LoRA setting; known settings are {', '.join(LORA_KEYS)}")
-    r = value.get("r")
-    if r is not None and not (_is_int(r) and r >= 1):
-        problems.append(f"{path}.r: {r!r} is not a positive integer (the LoRA rank)")
-    alpha = value.get("alpha")
-    if alpha is not None and not (_is_number(alpha) and alpha > 0):
-        problems.append(f"{path}.alpha: {alpha!r} is not a positive number")
-    dropout = value.get("dropout")
-    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
-        problems.append(f"{path}.dropout: {dropout!r} is not a probability in [0, 1)")
-    targets = value.get("target_modules")
-    if (
-        targets is not None
-        and targets != "all-linear"
-        and not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
-    ):
-        problems.append(f"{path}.target_modules: {targets!r} is not `all-linear` or a list of module names")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -145,6 +106,9 @@ class Phase:
     mask_rate: float | tuple[float, float] | None = None  # a rate, or a (start, end) ramp over the phase
     mask_schedule: str = "linear"  # shape of a mask_rate ramp: linear | cosine
     data: dict | None = None  # mixture weights over the datasets named in `data.datasets`
+    # a generator entry's rate shape, run once over all the phases it generated: {entry, warmup, lr_schedule, ...}
+    span: dict | None = None
+    autofreeze: AutoFreeze | None = None  # trainable stacks freeze bottom-up when they converge (see .autofreeze)
 
     def active_depth(self, num_stacks: int) -> int:
         """Number of stacks that run in this phase (``num_stacks``: the rack's size in this phase)."""
@@ -198,6 +162,12 @@ class Phase:
         data["grow"] = self.grow.to_dict() if self.grow is not None else None
         if isinstance(self.mask_rate, tuple):
             data["mask_rate"] = list(self.mask_rate)
+        if self.span is None:  # only generated phases carry it: other schedules keep their fingerprint
+            del data["span"]
+        if self.autofreeze is None:  # only adaptive phases carry it: other schedules keep their fingerprint
+            del data["autofreeze"]
+        else:
+            data["autofreeze"] = self.autofreeze.to_dict()
         return data
 
 
@@ -207,8 +177,11 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         problems.append(f"{path}: expected a mapping of phase fields, got {type(raw).__name__}")
         return None
     for key in raw:
-        if key not in PHASE_KEYS:
-            problems.append(f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}")
+        if key not in PHASE_KEYS and key != "span":  # `span` is written by a generator (see generators.py)
+            problems.append(
+                f"{path}.{key}: unknown phase field; known fields are {', '.join(PHASE_KEYS)}, and an entry of its "
+                f"own may generate phases with {' or '.join(GENERATORS)}"
+            )
     values: dict = {"name": raw.get("name", f"phase{index}")}
     if not isinstance(values["name"], str) or not values["name"]:
         problems.append(f"{path}.name: {values['name']!r} is not a non-empty string")
@@ -258,7 +231,13 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
 
     for key in (EMBEDDINGS, HEAD):
         value = raw.get(key)
-        if value is not None and value not in TRAIN_OR_FREEZE:
+        if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off/true/false as booleans
+            problems.append(
+                f"{path}.{key}: {value!r}: YAML reads yes/no/on/off/true/false as a boolean; write "
+                f"`{key}: train` or `{key}: freeze`"
+            )
+            value = None
+        elif value is not None and value not in TRAIN_OR_FREEZE:
             problems.append(f"{path}.{key}: {value!r} is not one of {TRAIN_OR_FREEZE}")
             value = None
         values[key] = value
@@ -288,7 +267,24 @@ def _parse_phase(raw, index: int, previous_until: float, problems: list[str], pa
         optimizer_state = "keep"
     values["optimizer_state"] = optimizer_state
     values.update(parse_data_fields(raw, path, problems))
+    values["span"] = _parse_span(raw.get("span"), path.split(".")[0], problems)
+    values["autofreeze"] = parse_autofreeze(raw.get("autofreeze"), f"{path}.autofreeze", problems)
+    if values["autofreeze"] is not None and values["train"] == "none":
+        problems.append(f"{path}.autofreeze: the phase trains no stack (`train: none`), so nothing could freeze")
+    if values["autofreeze"] is not None:
+        problems += check_adapters(values["adapter"], values["trunk"], f"{path}.autofreeze")
     return Phase(**values)
+
+
+def _parse_span(raw, path: str, problems: list[str]) -> dict | None:
+    """A generated phase's ``span``: its entry's name and rate shape, checked like a phase's (under the entry)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("entry"), str):
+        problems.append(f"{path}.span: {raw!r} is not a generator entry's rate shape")
+        return None
+    shape = parse_rate_fields(raw, path, problems)
+    return {"entry": raw["entry"], **{key: shape[key] for key in SPAN_KEYS}}
 
 
 @dataclass(frozen=True)
@@ -298,13 +294,19 @@ class Schedule:
     phases: tuple[Phase, ...]
     origins: tuple[Origin, ...] = field(default=(), compare=False, repr=False)  # the entry each phase comes from
     source: tuple | None = field(default=None, compare=False, repr=False)  # (raw list, defaults) with generators
+    raw: list | None = field(default=None, compare=False, repr=False)  # the list as written (the trainer's input)
 
     @classmethod
-    def from_list(cls, raw, defaults: dict | None = None, racks: dict | None = None) -> Schedule:
+    def from_list(cls, raw, defaults: dict | None = None) -> Schedule:
         """Parse and validate the recipe's ``schedule`` list; raises one :class:`RecipeError` listing all problems.
 
         ``defaults``: phase fields a phase gets when it does not give them (the task's, see ``phase_defaults``);
         they become part of the parsed phases, so ``to_list`` and the fingerprint carry them."""
+        return cls._parse(raw, defaults, None)
+
+    @classmethod
+    def _parse(cls, raw, defaults: dict | None, racks: dict | None) -> Schedule:
+        """:meth:`from_list`, with generators over ``all`` expanded against ``racks`` (see :meth:`for_rack`)."""
         problems: list[str] = []
         if not isinstance(raw, list) or not raw:
             raise RecipeError("schedule: expected a non-empty list of phases, each with at least `until`")
@@ -327,7 +329,7 @@ class Schedule:
             problems.append(f"schedule[{len(raw) - 1}].until: {phases[-1].until} but the last phase must end at 1.0")
         if problems:
             raise RecipeError(list(dict.fromkeys(problems)))  # a generator's fields are reported once
-        return cls(tuple(phases), tuple(origins), source)
+        return cls(tuple(phases), tuple(origins), source, raw)
 
     def key_path(self, index: int, key: str = "") -> str:
         """Recipe key path of phase ``index``'s ``key`` (a generated phase points into its generator)."""
@@ -343,7 +345,7 @@ class Schedule:
             if origin.generator is not None and origin.index not in racks:
                 size = len(layout.orders[index])
                 racks[origin.index] = (size, self.phases[index].active_depth(size))
-        return Schedule.from_list(*self.source, racks=racks)
+        return Schedule._parse(*self.source, racks)
 
     def to_list(self) -> list[dict]:
         return [p.to_dict() for p in self.phases]
@@ -406,6 +408,9 @@ class Schedule:
                     )
                 if beyond:
                     continue
+            if phase.autofreeze is not None:
+                trainable = phase.trainable_stacks(num_stacks, new)
+                problems += check_phase(phase.autofreeze, trainable, depth, f"{path}.autofreeze")
             if not phase.trainable_units(num_stacks, layout.orders[index], new):
                 problems.append(
                     f"{path}: phase {phase.name!r} trains nothing (`train: none`, embeddings and head frozen); "
@@ -448,6 +453,8 @@ class Schedule:
                     f"{path}: phase {phase.name!r} gets no optimizer step at {total_steps} "
                     f"total steps (ends at step {end}); raise `training.max_steps` or widen the phase"
                 )
+            if phase.autofreeze is not None and end > start:
+                problems += phase.autofreeze.check_length(end - start, self.key_path(index, "autofreeze"), phase.name)
             bounds.append((start, end))
             start = max(start, end)
         if problems:
@@ -519,54 +526,39 @@ class ResolvedSchedule:
         return self._cache[key]
 
     def check_lr_shapes(self) -> None:
-        """Phases with ``lr_schedule_kwargs`` give a finite, non-negative rate over their steps at this run length
-        (e.g. ``num_decay_steps`` no longer than the phase)."""
-        problems = []
-        for index, phase in enumerate(self.schedule.phases):
-            if not phase.lr_schedule_kwargs:
-                continue
-            start, end = self.bounds[index]
-            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, end - start)
-            long = [k for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_steps") and v > end - start]
-            if long:
-                problems.append(
-                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the "
-                    f"phase has {end - start} at this run length; give fewer steps or a fraction (e.g. 0.2)"
-                )
-                continue
-            probes = sorted({start, (start + end) // 2, end - 1, *range(start, min(end, start + 3))})
-            try:
-                factors = [self.lr_factor(step) for step in probes]
-            except (ValueError, TypeError, ZeroDivisionError) as err:
-                problems.append(f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {err}")
-                continue
-            bad = [f for f in factors if not (f >= 0 and f < float("inf"))]
-            if bad:
-                problems.append(
-                    f"{self.schedule.key_path(index)}.lr_schedule_kwargs: {phase.lr_schedule!r} gives a rate factor "
-                    f"of {bad[0]} over this phase's {end - start} steps; check that step counts fit the phase"
-                )
+        """Phases (and generator spans) with ``lr_schedule_kwargs`` give a finite, non-negative rate over their steps
+        at this run length (e.g. ``num_decay_steps`` no longer than the phase)."""
+        problems = lr_shape_problems(self)
         if problems:
             raise RecipeError(problems)
+
+    def span_bounds(self, index: int) -> tuple[int, int] | None:
+        """Steps ``[start, end)`` of the generator entry phase ``index`` came from, when that entry has a rate shape
+        (its consecutive phases with the same ``span``); None otherwise."""
+        span = self.schedule.phases[index].span
+        if span is None:
+            return None
+        first = last = index
+        phases = self.schedule.phases
+        while first > 0 and phases[first - 1].span == span:
+            first -= 1
+        while last + 1 < len(phases) and phases[last + 1].span == span:
+            last += 1
+        return self.bounds[first][0], self.bounds[last][1]
 
     def lr_factor(self, step: int, base_lr: float = 1.0) -> float:
         """Shape of the learning rate inside the phase of ``step``: its ``warmup``, then its ``lr_schedule``, as
         transformers computes them over the phase's steps (``base_lr``: the rate a phase without
-        ``learning_rate`` uses, which absolute kwargs such as ``min_lr`` are relative to)."""
+        ``learning_rate`` uses, which absolute kwargs such as ``min_lr`` are relative to); a generated phase's
+        factor is multiplied by its entry's shape over the entry's whole span."""
         index = self.phase_index(step)
         phase = self.schedule.phases[index]
-        start, end = self.bounds[index]
-        length = end - start
-        position = min(step, end - 1) - start
         peak = phase.learning_rate if phase.learning_rate is not None else base_lr
-        key = (index, peak)
-        if key not in self._factors:
-            from .lr_schedules import phase_factor
-
-            warmup_steps = min(round(phase.warmup * length), length - 1)  # always leave a step at full rate
-            kwargs = phase_step_kwargs(phase.lr_schedule_kwargs, length)
-            self._factors[key] = phase_factor(phase.lr_schedule, kwargs, warmup_steps, length, peak)
-        return self._factors[key](position)
+        factor = shape_factor(self._factors, ("phase", index, peak), phase, self.bounds[index], step, peak)
+        span = self.span_bounds(index)
+        if span is not None:
+            factor *= shape_factor(self._factors, ("span", span, peak), phase.span, span, step, peak)
+        return factor
 
     def unit_lr(self, step: int, unit: str, base_lr: float, num_stacks: int | tuple[int, ...]) -> float:
         """Learning rate of ``unit`` at ``step``; 0 for a unit that does not train then.

@@ -85,3 +85,58 @@ def phase_step_kwargs(kwargs: dict | None, length: int) -> dict:
         if key.startswith("num_") and key.endswith("_steps") and isinstance(value, float) and 0 < value < 1:
             out[key] = max(1, round(value * length))
     return out
+
+
+def shape_factor(cache: dict, key, shape, bounds: tuple[int, int], step: int, peak: float) -> float:
+    """The factor at ``step`` of a rate ``shape`` (a phase, or a generator span's dict: ``warmup``, ``lr_schedule``,
+    ``lr_schedule_kwargs``) run over the steps ``bounds = [start, end)``; the shape function is kept in ``cache``."""
+    start, end = bounds
+    length = end - start
+    if key not in cache:
+        from .lr_schedules import phase_factor
+
+        get = shape.get if isinstance(shape, dict) else lambda name: getattr(shape, name)
+        warmup_steps = min(round(get("warmup") * length), length - 1)  # always leave a step at full rate
+        kwargs = phase_step_kwargs(get("lr_schedule_kwargs"), length)
+        cache[key] = phase_factor(get("lr_schedule"), kwargs, warmup_steps, length, peak)
+    return cache[key](min(step, end - 1) - start)
+
+
+def lr_shape_problems(resolved) -> list[str]:
+    """Problems of a resolved schedule's rate shapes with ``lr_schedule_kwargs`` (each phase's, each generator
+    span's): step counts longer than the shape, or a factor that is negative or not finite at this run length."""
+    problems = []
+    shapes = {}  # one entry per phase and per generator span
+    for index, phase in enumerate(resolved.schedule.phases):
+        shapes[("phase", index)] = (phase.lr_schedule, phase.lr_schedule_kwargs, resolved.bounds[index], index)
+        span = resolved.span_bounds(index)
+        if span is not None:
+            shapes.setdefault(
+                ("span", span), (phase.span["lr_schedule"], phase.span["lr_schedule_kwargs"], span, index)
+            )
+    for (kind, _), (name, kwargs, (start, end), index) in shapes.items():
+        if not kwargs:
+            continue
+        path = resolved.schedule.key_path(index)
+        what = "phase" if kind == "phase" else "entry's span"
+        kwargs = phase_step_kwargs(kwargs, end - start)
+        long = [k for k, v in kwargs.items() if k.startswith("num_") and k.endswith("_steps") and v > end - start]
+        if long:
+            problems.append(
+                f"{path}.lr_schedule_kwargs.{long[0]}: {kwargs[long[0]]} steps, but the {what} has "
+                f"{end - start} at this run length; give fewer steps or a fraction (e.g. 0.2)"
+            )
+            continue
+        probes = sorted({start, (start + end) // 2, end - 1, *range(start, min(end, start + 3))})
+        try:
+            factors = [resolved.lr_factor(step) for step in probes]
+        except (ValueError, TypeError, ZeroDivisionError) as err:
+            problems.append(f"{path}.lr_schedule_kwargs: {err}")
+            continue
+        bad = [f for f in factors if not (f >= 0 and f < float("inf"))]
+        if bad:
+            problems.append(
+                f"{path}.lr_schedule_kwargs: {name!r} gives a rate factor of {bad[0]} over this {what}'s "
+                f"{end - start} steps; check that step counts fit it"
+            )
+    return list(dict.fromkeys(problems))

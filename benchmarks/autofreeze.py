@@ -1,0 +1,235 @@
+"""Adaptive freezing against full fine-tuning of every stack: time to the end and the held-out metric.
+
+Run it (CPU only, offline, after `make assets`; the issue's protocol is the default: 3 seeds, arms interleaved, one
+torch thread, on a quiet machine)::
+
+    python benchmarks/autofreeze.py                         # or: make bench
+    python benchmarks/autofreeze.py --seeds 1 --minilm-steps 60 --smollm2-steps 24   # a reduced run
+
+**Jobs**, each run through the same code as `hf-stackwise train`:
+
+* ``minilm``: `recipes/minilm/classify_autofreeze.yaml` (all-MiniLM-L6-v2, 3 stacks of 2 blocks, standard-library
+  docstrings labelled by package, 6 classes, the fixed held-out split): ``--minilm-steps`` steps of
+  ``--minilm-batch`` texts cut at ``--minilm-seq`` tokens (several epochs over the 517 training texts). Metric:
+  accuracy and macro-F1 on the whole held-out set.
+* ``smollm2``: `recipes/smollm2-135m/autofreeze.yaml` (SmolLM2-135M-Instruct, 5 stacks of 6, tied embeddings/head
+  frozen) over the first ``--smollm2-rows`` chunks of the Python-docs corpus, ``--smollm2-steps`` steps of
+  ``--smollm2-batch`` rows (so each row is seen several times and the cache can replay the frozen prefix). Metric:
+  held-out loss on ``--eval-rows`` chunks of the eval text.
+
+**Arms**, interleaved per seed (the order alternates): ``full``: the recipe with ``autofreeze`` removed (every stack
+it trains trains to the end); ``autofreeze``: the recipe as shipped. Same data, steps, seed and learning rates.
+
+Reported per run: wall and CPU time of ``train()`` (the process's CPU time, all threads), the held-out metric at the
+end, the cache's hit rate (rows served from the store / rows looked up), and the freeze decisions (step, stacks).
+Summary per job: the mean time ratio full / autofreeze and the metric difference. Targets (from the issue): ≥ 1.5×
+less time with accuracy within 0.5 points (classification) or held-out loss within +1% (causal LM) on at least one
+job. A report, not a test: the exit status is 0 whatever the numbers; the load average is stored (other work on the
+machine distorts wall times, CPU times less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {
+    "minilm": os.path.join(ROOT, "recipes", "minilm", "classify_autofreeze.yaml"),
+    "smollm2": os.path.join(ROOT, "recipes", "smollm2-135m", "autofreeze.yaml"),
+}
+ARMS = ("full", "autofreeze")
+TARGET_SPEEDUP = 1.5
+TARGET_ACCURACY_POINTS = 0.5
+TARGET_LOSS_RELATIVE = 0.01
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), help="jobs to run (default: both)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--minilm-steps", type=int, default=200, help="default 200 (~6 epochs at batch 16)")
+    parser.add_argument("--minilm-batch", type=int, default=16)
+    parser.add_argument("--minilm-seq", type=int, default=128)
+    parser.add_argument("--smollm2-steps", type=int, default=96, help="default 96 (6 epochs of 64 rows at batch 4)")
+    parser.add_argument("--smollm2-batch", type=int, default=4)
+    parser.add_argument("--smollm2-seq", type=int, default=128)
+    parser.add_argument("--smollm2-rows", type=int, default=64, help="training chunks (default 64)")
+    parser.add_argument("--eval-rows", type=int, default=32, help="SmolLM2 held-out chunks (default 32)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "autofreeze.json"))
+    return parser
+
+
+def corpus(rows: int, seq: int, folder: str) -> str:
+    """The first lines of the Python-docs training text holding about ``rows`` chunks of ``seq`` SmolLM2 tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct"))
+    kept, tokens = [], 0
+    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
+        for line in f:
+            if tokens >= rows * seq + seq // 2:
+                break
+            kept.append(line)
+            tokens += len(tokenizer(line)["input_ids"])
+    path = os.path.join(folder, "train.txt")
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return path
+
+
+def arm_recipe(job: str, arm: str, seed: int, opts, folder: str, train_file: str | None) -> dict:
+    """The shipped recipe with the arm's schedule, the budget, no checkpoints and no evals during training."""
+    with open(RECIPES[job]) as f:
+        raw = yaml.safe_load(f)
+    raw = copy.deepcopy(raw)
+    if arm == "full":
+        for phase in raw["schedule"]:
+            phase.pop("autofreeze", None)
+    steps, batch, seq = (
+        (opts.minilm_steps, opts.minilm_batch, opts.minilm_seq)
+        if job == "minilm"
+        else (opts.smollm2_steps, opts.smollm2_batch, opts.smollm2_seq)
+    )
+    raw["data"]["max_seq_length"] = seq
+    if train_file is not None:
+        raw["data"]["train"] = {"path": "text", "data_files": train_file}
+        raw["data"]["max_eval_samples"] = opts.eval_rows
+    raw.pop("callbacks", None)
+    training = raw["training"]
+    for key in ("save_total_limit", "eval_steps", "save_steps"):
+        training.pop(key, None)
+    training.update(
+        output_dir=os.path.join(folder, f"{job}-{arm}-{seed}"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=max(1, steps // 10),
+        seed=seed,
+        disable_tqdm=True,
+        use_cpu=True,
+        report_to="none",
+    )
+    return raw
+
+
+def run_one(job: str, arm: str, seed: int, opts, folder: str, train_file: str | None) -> dict:
+    from transformers import PrinterCallback
+
+    from hf_stackwise.cli import pipeline as run
+    from hf_stackwise.recipe.loader import validate_recipe
+
+    recipe = validate_recipe(arm_recipe(job, arm, seed, opts, folder, train_file))
+    prepared = run.prepare(recipe)
+    trainer = run.build_trainer(prepared)
+    trainer.remove_callback(PrinterCallback)
+    start, cpu = time.perf_counter(), time.process_time()
+    trainer.train()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    metrics = trainer.evaluate()
+    stats = trainer.cache_stats()
+    result = {
+        "job": job,
+        "arm": arm,
+        "seed": seed,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "steps": trainer.state.global_step,
+        "eval_loss": metrics["eval_loss"],
+        "cache_hit_rate": stats["hit_rate"],
+        "cache_rows_looked_up": stats["rows"],
+        "freezes": [{"step": d["step"], "stacks": d["stacks"]} for d in trainer.freeze_decisions()],
+    }
+    for key in ("accuracy", "f1"):
+        if f"eval_{key}" in metrics:
+            result[key] = metrics[f"eval_{key}"]
+    metric = f"accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"eval loss {result['eval_loss']:.4f}"
+    freezes = ", ".join(f"{d['stacks']}@{d['step']}" for d in result["freezes"]) or "none"
+    print(
+        f"{job:>8} {arm:>10} seed {seed}: {metric}  {seconds:.0f} s wall, {cpu:.0f} s CPU, cache hits "
+        f"{stats['hit_rate']:.2f}, freezes {freezes}",
+        flush=True,
+    )
+    return result
+
+
+def summarize(results: list[dict]) -> dict:
+    """Per job: mean times, metric means, the time ratios full / autofreeze and the targets."""
+    summary = {}
+    for job in sorted({r["job"] for r in results}):
+        arms = {arm: [r for r in results if r["job"] == job and r["arm"] == arm] for arm in ARMS}
+        if not all(arms.values()):
+            continue
+        mean = {arm: {k: statistics.mean(r[k] for r in rows) for k in ("seconds", "cpu_seconds", "eval_loss")}
+                for arm, rows in arms.items()}  # fmt: skip
+        for arm, rows in arms.items():
+            if "accuracy" in rows[0]:
+                mean[arm]["accuracy"] = statistics.mean(r["accuracy"] for r in rows)
+                mean[arm]["f1"] = statistics.mean(r["f1"] for r in rows)
+        wall = mean["full"]["seconds"] / mean["autofreeze"]["seconds"]
+        cpu = mean["full"]["cpu_seconds"] / mean["autofreeze"]["cpu_seconds"]
+        entry = {"mean": mean, "wall_ratio_full_over_autofreeze": wall, "cpu_ratio_full_over_autofreeze": cpu}
+        if "accuracy" in mean["full"]:
+            points = 100 * (mean["autofreeze"]["accuracy"] - mean["full"]["accuracy"])
+            entry["accuracy_points_autofreeze_minus_full"] = points
+            quality = points >= -TARGET_ACCURACY_POINTS
+        else:
+            relative = mean["autofreeze"]["eval_loss"] / mean["full"]["eval_loss"] - 1
+            entry["eval_loss_relative_autofreeze_vs_full"] = relative
+            quality = relative <= TARGET_LOSS_RELATIVE
+        entry["target_met"] = bool(cpu >= TARGET_SPEEDUP and quality)
+        summary[job] = entry
+    return summary
+
+
+def main(argv=None) -> None:
+    opts = make_parser().parse_args(argv)
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers.utils import logging
+
+    torch.set_num_threads(opts.threads)
+    logging.set_verbosity_error()
+    jobs = opts.only or list(RECIPES)
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        train_file = corpus(opts.smollm2_rows, opts.smollm2_seq, folder) if "smollm2" in jobs else None
+        for seed in range(opts.seeds):
+            for job in jobs:
+                order = ARMS if seed % 2 == 0 else ARMS[::-1]
+                for arm in order:
+                    results.append(run_one(job, arm, seed, opts, folder, train_file if job == "smollm2" else None))
+    summary = summarize(results)
+    for job, entry in summary.items():
+        quality = (
+            f"accuracy {entry['accuracy_points_autofreeze_minus_full']:+.2f} points"
+            if "accuracy_points_autofreeze_minus_full" in entry
+            else f"eval loss {100 * entry['eval_loss_relative_autofreeze_vs_full']:+.2f}%"
+        )
+        print(
+            f"{job}: full / autofreeze wall {entry['wall_ratio_full_over_autofreeze']:.2f}x, CPU "
+            f"{entry['cpu_ratio_full_over_autofreeze']:.2f}x; {quality}; target met: {entry['target_met']}"
+        )
+    os.makedirs(os.path.dirname(opts.out), exist_ok=True)
+    with open(opts.out, "w") as fh:
+        json.dump(
+            {"options": vars(opts), "load_average": list(os.getloadavg()), "results": results, "summary": summary},
+            fh,
+            indent=1,
+        )
+    print(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
