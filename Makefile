@@ -38,6 +38,7 @@ bench: assets
 	$(PYTHON) benchmarks/ddp.py
 	$(PYTHON) benchmarks/cache.py
 	$(PYTHON) benchmarks/autofreeze.py
+	$(PYTHON) benchmarks/preference.py
 
 # docs/results.md and docs/images/results/: every schedule side by side (about an hour on 2 idle cores; resumable,
 # runs already in benchmarks/results/ with the same settings are skipped). Bigger machines: BUDGET=4.

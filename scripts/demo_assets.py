@@ -12,6 +12,10 @@
   `pydoc_data.topics` entry, answered by the first paragraphs of its text, plus a question per public
   function of a few standard-library modules, answered by the first paragraph of its docstring; every
   seventh conversation has two question/answer turns. Every tenth conversation is held out for eval.
+- Preference pairs (`prompt` / `chosen` / `rejected` JSON lines) from the same question/answer pairs: the
+  real answer is chosen; the rejected one is another topic's answer (even rows) or the real answer corrupted
+  (odd rows: its words shuffled, keeping the first two), a plausible wrong answer either way. Every tenth pair is
+  held out for eval.
 - A labelled classification set: first paragraphs of the docstrings of six standard-library packages, each
   labelled by its top-level package, as JSON lines `{"text", "label"}` with a fixed held-out fifth.
 
@@ -206,6 +210,43 @@ def chat_sft(cache_dir: str = ".cache") -> tuple[str, str]:
     return train, evaluation
 
 
+def preference_pairs() -> list[dict]:
+    """`{"prompt", "chosen", "rejected"}` rows from :func:`chat_pairs` (see the module docstring)."""
+    import random
+
+    pairs = chat_pairs()
+    rows = []
+    for i, (question, answer) in enumerate(pairs):
+        if i % 2 == 0:  # another topic's answer: half the list away, so neighbours (similar topics) are not used
+            rejected = pairs[(i + len(pairs) // 2) % len(pairs)][1]
+        else:
+            words = answer.split()
+            tail = words[2:]
+            random.Random(i).shuffle(tail)
+            rejected = " ".join(words[:2] + tail)
+        if rejected.strip() == answer.strip():
+            continue
+        rows.append({"prompt": question, "chosen": answer, "rejected": rejected})
+    return rows
+
+
+def preference_set(cache_dir: str = ".cache") -> tuple[str, str]:
+    """Train/eval JSON lines of preference pairs (see the module docstring)."""
+    import json
+
+    folder = os.path.join(cache_dir, "data")
+    train, evaluation = os.path.join(folder, "pydoc_pref_train.jsonl"), os.path.join(folder, "pydoc_pref_eval.jsonl")
+    if os.path.isfile(train) and os.path.isfile(evaluation):
+        return train, evaluation
+    os.makedirs(folder, exist_ok=True)
+    rows = preference_pairs()
+    for path, held_out in ((train, False), (evaluation, True)):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for k, row in enumerate(rows) if (k % 10 == 9) == held_out)
+        os.replace(path + ".tmp", path)
+    return train, evaluation
+
+
 CLASSIFY_PACKAGES = ("asyncio", "email", "http", "logging", "unittest", "xml")  # the six labels
 CLASSIFY_PER_CLASS = 110  # at most this many texts per package (the smallest has about that many)
 
@@ -290,4 +331,5 @@ if __name__ == "__main__":
     print(minilm_folder(cache))
     print(stdlib_docstrings(cache))
     print(*chat_sft(cache))
+    print(*preference_set(cache))
     print(*classification_set(cache))

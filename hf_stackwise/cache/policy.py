@@ -190,6 +190,11 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
         return f"data.task {phase_task} draws a new mask every step, so no row's inputs repeat and nothing would hit"
     if phase_task == "sft":
         return "data.task sft: TRL builds the batches, which carry no row ids for the cache"
+    if phase_task == "dpo":
+        return (
+            "data.task dpo: TRL's preference collator concatenates each batch's chosen and rejected rows, padded "
+            "to the batch's longest, and carries no row ids, so no stored hidden state could be matched to a row"
+        )
     if EMBEDDINGS in units:
         return "the embeddings train, so the prefix is not frozen"
     if model.tied and HEAD in units:

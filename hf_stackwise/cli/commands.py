@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
             plan = make_plan(recipe)
             print(format_plan(plan))
+            if recipe.data.get("task") == "dpo":  # the reference's memory per phase, each way
+                from .preference import format_reference
+
+                print("\n" + format_reference(plan, recipe, run.load_config(recipe)))
             if args.world_size > 1:
                 from .plan_memory import format_per_rank
 

@@ -29,6 +29,7 @@ from transformers import (
 from ..data import classification
 from ..data.loading import build_datasets, build_sources
 from ..data.mixture import MixtureDataset
+from ..data.preference import build_preference_datasets
 from ..data.sft import build_sft_datasets, check_causal, sft_config_fields
 from ..distributed.ddp import find_unused_parameters
 from ..distributed.sharding import check_sharding, storage_settings
@@ -50,6 +51,7 @@ from ..schedule.layout import stack_sizes
 from ..schedule.phases import MASKED_TASKS, RecipeError, ResolvedSchedule
 from ..trainer import StackwiseArguments, StackwiseTrainer
 from .cache_checks import check_recipe_cache, check_recipe_storage
+from .preference import check_reference, dpo_classes, dpo_fields, is_dpo
 from .preflight import (
     TOKENIZER_KEYS,
     check_arguments,
@@ -122,11 +124,12 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
     training = launch_settings(recipe.training.arguments)
     training.update(training_arguments(recipe.callbacks, training))
-    known = {f.name for f in fields(StackwiseArguments) if f.init}
+    arguments_class = dpo_classes()[0] if is_dpo(recipe) else StackwiseArguments  # beta, loss_type, reference, ...
+    known = {f.name for f in fields(arguments_class) if f.init}
     unknown = [k for k in training if k not in known]
     if unknown:
         raise RecipeError([f"training.{k}: not a TrainingArguments field; check the spelling" for k in unknown])
-    hints = typing.get_type_hints(StackwiseArguments)
+    hints = typing.get_type_hints(arguments_class)
     for key, value in training.items():
         # YAML 1.1 reads `save_strategy: no` as false: mean the string where the field takes no boolean
         if value is False and key in hints and not _matches(False, hints[key]) and _matches("no", hints[key]):
@@ -138,7 +141,9 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     ]  # transformers annotates `fsdp` as a string but asks for `fsdp: true`
     if wrong:
         raise RecipeError(wrong)
-    arguments_class, extra = StackwiseArguments, {}
+    extra = {}
+    if is_dpo(recipe):  # StackwiseArguments combined with trl.DPOConfig (hf_stackwise.integrations.dpo_trainer)
+        extra = dpo_fields(recipe, recipe.data.plane.max_seq_length)
     if recipe.data.task == "sft":  # StackwiseArguments combined with trl.SFTConfig (hf_stackwise.data.sft)
         arguments_class = sft_classes()[0]
         extra = sft_config_fields(recipe.data, recipe.data.plane.chunk_length(recipe.schedule))
@@ -255,7 +260,7 @@ def meta_model(config, recipe: Recipe | None = None):
     """The model built on the meta device: every module and parameter shape, no memory, no weights (the config
     is copied: growth checks edit the skeleton's)."""
     model_class = auto_model_class(recipe) if recipe is not None else AutoModelForCausalLM
-    if recipe is not None and recipe.data.task == "sft":
+    if recipe is not None and recipe.data.task in ("sft", "dpo"):
         check_causal(config)
     if model_class is AutoModelForSequenceClassification:
         classification.needs_model_class(config)
@@ -366,6 +371,8 @@ def check_recipe(recipe: Recipe) -> Checked:
     if args.max_steps and args.max_steps > 0:  # every phase gets a step: known before any data or weight loads
         resolved = recipe.schedule.resolve(args.max_steps)
     check_recipe_cache(recipe, args, config, sizes)
+    if is_dpo(recipe):
+        check_reference(recipe, config, sizes)
     return Checked(args, config, topology, skip_modules, plan, recipe, resolved)
 
 
@@ -396,6 +403,9 @@ def load_data(recipe: Recipe, args: StackwiseArguments, config, tokenizer, known
                 "step count for the phase boundaries; set `training.max_steps`"
             )
         sft_train, sft_eval = build_sft_datasets(data, tokenizer, recipe.model.name_or_path, length, args.seed)
+    if is_dpo(recipe):  # preference pairs, validated here; TRL tokenizes them (below: the same path as sft rows)
+        sft = True
+        sft_train, sft_eval = build_preference_datasets(data, tokenizer, recipe.model.name_or_path, args.seed)
     if classifies(recipe):  # labelled rows; the label set goes into the config before any weight loads
         train_dataset, eval_dataset = classification.build_datasets(
             data, tokenizer, plane.max_seq_length, args.seed, config
@@ -489,6 +499,8 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     trainer_class = StackwiseTrainer
     if prepared.recipe.data.task == "sft":  # TRL's SFTTrainer tokenizes, labels, packs and collates
         trainer_class, task["data_collator"] = sft_classes()[1], None
+    if is_dpo(prepared.recipe):  # TRL's DPOTrainer tokenizes and collates the pairs; the reference: reference.py
+        trainer_class, task["data_collator"] = dpo_classes()[1], None
     if classifies(prepared.recipe):  # padding collator, metrics, the confusion log
         extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer)
         task = {**task, **extra, "callbacks": task["callbacks"] + extra["callbacks"]}

@@ -55,7 +55,7 @@ class DataPlaneMixin:
         """A pure function of (batch, phase of ``step``, seed): rows split to the phase's length, then corrupted
         for ``mlm`` / ``diffusion`` with generators seeded by (seed, step, row)."""
         state = self.data_state(step)
-        if state is None or state.task == "classification":  # whole labelled rows, padded per batch: untouched
+        if state is None or state.task in ("classification", "dpo"):  # whole rows / pairs, padded per batch: untouched
             return inputs
         if state.task == "sft":  # conversations: a shorter phase truncates them
             return truncate_for_phase(inputs, state.max_seq_length, self.data_plane.chunk_length(self.schedule))
@@ -144,17 +144,21 @@ class DataPlaneMixin:
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """Adds ``<prefix>_masked_accuracy`` when the eval masks (a masked task), ``<prefix>_perplexity`` when it
-        does not and the model is a causal LM (its loss is then a mean token cross-entropy); a classification run
-        reports accuracy / F1 / precision / recall through ``compute_metrics``."""
+        does not and the loss is a causal LM's mean token cross-entropy (not DPO's); a classification run reports
+        accuracy / F1 / precision / recall through ``compute_metrics``."""
         self._masked_counts = torch.zeros(2, dtype=torch.long)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         if self._vocab is not None:
             counts = self.accelerator.reduce(self._masked_counts.to(self.args.device), reduction="sum")
             output.metrics[f"{metric_key_prefix}_masked_accuracy"] = float(counts[0]) / max(int(counts[1]), 1)
-        elif output.metrics.get(f"{metric_key_prefix}_loss") is not None and is_causal_lm(self.model):
+        elif self._token_loss() and output.metrics.get(f"{metric_key_prefix}_loss") is not None:
             loss = output.metrics[f"{metric_key_prefix}_loss"]
             output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
         return output
+
+    def _token_loss(self) -> bool:
+        """Whether the eval loss is a mean token cross-entropy (a causal LM; not DPO's preference loss)."""
+        return is_causal_lm(self.model) and not (self.data_plane is not None and self.data_plane.task == "dpo")
 
     def _classifies(self) -> bool:
         return self.data_plane is not None and self.data_plane.task == "classification"

@@ -1,4 +1,5 @@
-"""The schedule inside other libraries' trainers: TRL's ``SFTTrainer`` (``sft_trainer``).
+"""The schedule inside other libraries' trainers: TRL's ``SFTTrainer`` (``sft_trainer``) and ``DPOTrainer``
+(``dpo_trainer``, with the reference model held three ways in ``reference``).
 
-May import: data, errors, schedule, trainer.
+May import: data, errors, rack, schedule, trainer.
 """

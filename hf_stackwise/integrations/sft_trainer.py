@@ -59,21 +59,7 @@ class StackwiseSFTTrainer(StackwiseTrainer, trl.SFTTrainer):
             self._check_packed_isolation()
 
     def _keep_adapter_dtype(self) -> None:
-        """TRL casts a quantized base's trainable tensors to bf16 (the QLoRA paper's choice); keep the
-        recipe's compute dtype instead, as the plain stackwise trainer does."""
-        config = getattr(self._base_model().config, "quantization_config", None)
-        dtype = (
-            config.get("bnb_4bit_compute_dtype")
-            if isinstance(config, dict)
-            else getattr(config, "bnb_4bit_compute_dtype", None)
-        )
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if dtype is None or dtype == torch.bfloat16:
-            return
-        for param in self.model.parameters():
-            if param.requires_grad and param.dtype == torch.bfloat16:
-                param.data = param.data.to(dtype)
+        keep_adapter_dtype(self._base_model(), self.model)
 
     def _check_packed_isolation(self) -> None:
         """Whether packed examples attend to each other: run two short sequences packed (position ids
@@ -101,3 +87,21 @@ class StackwiseSFTTrainer(StackwiseTrainer, trl.SFTTrainer):
                 "packed examples attend to each other (the position ids restart per example, but the attention "
                 "mask does not separate them); use an attention implementation that does, or `packing: false`"
             )
+
+
+def keep_adapter_dtype(base, model) -> None:
+    """TRL casts a quantized base's trainable tensors to bf16 (the QLoRA paper's choice); keep the recipe's compute
+    dtype instead, as the plain stackwise trainer does."""
+    config = getattr(base.config, "quantization_config", None)
+    dtype = (
+        config.get("bnb_4bit_compute_dtype")
+        if isinstance(config, dict)
+        else getattr(config, "bnb_4bit_compute_dtype", None)
+    )
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None or dtype == torch.bfloat16:
+        return
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.to(dtype)

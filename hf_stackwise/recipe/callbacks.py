@@ -20,6 +20,7 @@ TASK_METRICS = {
     "clm": ("loss", "perplexity"),
     "masked": ("loss", "masked_accuracy"),
     "classification": CLASSIFICATION_METRICS,
+    "dpo": ("loss", "rewards/accuracies", "rewards/margins"),  # TRL's held-out preference metrics
 }
 LOWER_IS_BETTER = ("loss", "perplexity")
 # TrainingArguments early stopping sets; the recipe does not set them itself

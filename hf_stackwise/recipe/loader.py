@@ -19,6 +19,7 @@ import yaml
 from ..cache.policy import CacheSettings
 from ..data import labels
 from ..data.plane import check_data_plane
+from ..data.preference_recipe import check_preference_recipe
 from ..data.sft_recipe import SFT_KEYS, check_sft_recipe
 from ..persist.checkpoint import RECIPE_NAME, RUN_MANIFEST_NAME
 from ..schedule.phases import LORA_KEYS, TASKS, RecipeError, Schedule, check_lora, phase_defaults
@@ -312,6 +313,7 @@ def validate_recipe(raw, path: str | None = None) -> Recipe:
         raise RecipeError(problems)
     check_data_plane(data, schedule, problems)
     check_sft_recipe(data, schedule, problems)
+    check_preference_recipe(data, schedule, problems)
     labels.check_recipe(data, schedule, problems)
     callbacks = check_callbacks(raw.get("callbacks"), data, schedule, training, problems)
     cache = None

@@ -13,8 +13,8 @@ def _is_int(value) -> bool:
 
 
 # causal LM; masked LM (80/10/10); masked diffusion (rate drawn per sequence); chat / instruction SFT; sequence
-# classification
-TASKS = ("clm", "mlm", "diffusion", "sft", "classification")
+# classification; preference pairs (DPO through TRL)
+TASKS = ("clm", "mlm", "diffusion", "sft", "classification", "dpo")
 MASKED_TASKS = ("mlm", "diffusion")
 MASK_SCHEDULES = ("linear", "cosine")  # how a `mask_rate: [start, end]` ramp moves across its phase
 
