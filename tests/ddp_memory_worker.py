@@ -62,6 +62,8 @@ def main(output_dir: str, mode: str, resume: str | None = None) -> None:
         blocks_per_stack=1,
         logging_steps=1,
         dataloader_drop_last=True,
+        # the superset reducer holds frozen stacks, which produce no gradient: it needs the search (as it did)
+        ddp_find_unused_parameters=True if mode == "superset" else None,
     )
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     trainer = StackwiseTrainer(model=tiny_causal_lm("llama"), args=args, train_dataset=data)
