@@ -39,6 +39,8 @@ bench: assets
 	$(PYTHON) benchmarks/cache.py
 	$(PYTHON) benchmarks/autofreeze.py
 	$(PYTHON) benchmarks/preference.py
+	$(PYTHON) benchmarks/ddp_tolerance.py
+	$(PYTHON) benchmarks/cache_ddp_store.py
 
 # docs/results.md and docs/images/results/: every schedule side by side (about an hour on 2 idle cores; resumable,
 # runs already in benchmarks/results/ with the same settings are skipped). Bigger machines: BUDGET=4.
