@@ -16,6 +16,7 @@ PAGE = ROOT / "docs" / "python-api.md"
 SHORTER = {"max_steps=300": "max_steps=4", "length=128": "length=32", "logging_steps=10": "logging_steps=1"}
 SHORTER["per_device_train_batch_size=8"] = "per_device_train_batch_size=2"
 SHORTER_SFT = {"max_steps=300": "max_steps=2", "max_length=512,": "max_length=64, per_device_train_batch_size=2,"}
+SHORTER_DPO = {"max_steps=120": "max_steps=2", "max_length=256,": "max_length=48, per_device_train_batch_size=2,"}
 
 
 def blocks() -> list[str]:
@@ -52,8 +53,9 @@ def fresh_clone(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_block_of_the_python_api_page_runs_as_written(fresh_clone):
-    train, export, sft = blocks()
+    train, export, sft, dpo = blocks()
     assert "StackwiseTrainer(" in train and "export(" in export and "StackwiseSFTTrainer(" in sft
+    assert "StackwiseDPOTrainer(" in dpo
 
     trained = run_block(shortened(train, SHORTER))
     assert trained["trainer"].state.global_step == 4
@@ -73,3 +75,6 @@ def test_every_block_of_the_python_api_page_runs_as_written(fresh_clone):
     tuned = run_block(shortened(sft, SHORTER_SFT))
     assert tuned["trainer"].state.global_step == 2
     assert [p for _, p, _ in tuned["trainer"].resolved.trace(5)] == ["top", "lora"]
+
+    aligned = run_block(shortened(dpo, SHORTER_DPO))
+    assert aligned["trainer"].state.global_step == 2 and aligned["trainer"].reference_way == "shared"

@@ -34,8 +34,8 @@ def test_cache_true_on_the_minilm_classifier_names_dropout_once(in_root, capsys)
     assert main(["validate", ULMFIT, "--cache.activations", "true"]) == 2
     lines = error_lines(capsys)
     assert lines == [
-        "hf-stackwise: error: schedule[0], schedule[1]: the model applies dropout (hidden_dropout_prob=0.1), so the "
-        "prefix's output differs between visits; set `cache.activations: auto` or false"
+        "hf-stackwise: error: schedule[0], schedule[1]: model.config.attention_probs_dropout_prob=0.1: the prefix is "
+        "stochastic in training mode, so its output differs between visits; set `cache.activations: auto` or false"
     ]
 
 

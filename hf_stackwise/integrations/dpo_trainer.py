@@ -5,7 +5,9 @@ Importing this module imports trl."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 
 import trl
 from datasets import Dataset
@@ -154,10 +156,24 @@ class StackwiseDPOTrainer(StackwiseTrainer, trl.DPOTrainer):
         return self.rack.boundaries[self.reference_cuts[index]]
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self._prefix is None:
-            return super()._compute_loss(model, inputs, return_outputs)
-        with self._prefix.capture(self.rack.blocks, self._reference_cut()):
-            return super()._compute_loss(model, inputs, return_outputs)
+        with trl_reads_deprecated_checkpointing():
+            if self._prefix is None:
+                return super()._compute_loss(model, inputs, return_outputs)
+            with self._prefix.capture(self.rack.blocks, self._reference_cut()):
+                return super()._compute_loss(model, inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        with trl_reads_deprecated_checkpointing():
+            return super().compute_ref_log_probs(model, inputs)
+
+
+@contextlib.contextmanager
+def trl_reads_deprecated_checkpointing():
+    """TRL 1.16's reference forward reads transformers 5's deprecated ``is_gradient_checkpointing``: not the user's
+    doing, so not their warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def resolve_reference(way: str, train_dataset, schedule, sizes: tuple[int, ...], tied: bool) -> str:
