@@ -7,6 +7,7 @@ usage: python plan_shard_worker.py OUTPUT_JSON
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -33,8 +34,9 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        with open(out, "w") as f:
+        with open(f"{out}.tmp", "w") as f:
             json.dump({"weights": local_bytes(model.parameters()) + buffers, "gradients": local_bytes(grads)}, f)
+        os.replace(f"{out}.tmp", out)  # complete or absent: an abort at exit loses nothing
     dist.destroy_process_group()
 
 

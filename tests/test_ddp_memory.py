@@ -92,7 +92,13 @@ def test_plan_predicts_the_measured_fsdp2_shards_per_rank(tmp_path, tiny_llama_d
     """A raw FSDP2 run (fully_shard per block, then the root) of the same tiny Llama on 2 ranks: rank 0's parameter
     shards plus buffers, and its gradient shards after training stack 1 and the head, are what `plan` predicts."""
     out = tmp_path / "shards.json"
-    torchrun("plan_shard_worker.py", str(out))
+    try:
+        torchrun("plan_shard_worker.py", str(out))
+    except AssertionError as err:
+        # FSDP2 on gloo may abort at process exit after its results are written (facts.md: about 2 launches in 30);
+        # the worker writes them atomically, so a file that exists is the run's whole result
+        if not (out.exists() and "SIGABRT" in str(err)):
+            raise
     measured = json.loads(out.read_text())
     recipe = {
         "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
