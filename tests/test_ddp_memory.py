@@ -95,7 +95,7 @@ def test_plan_predicts_the_measured_fsdp2_shards_per_rank(tmp_path, tiny_llama_d
     try:
         torchrun("plan_shard_worker.py", str(out))
     except AssertionError as err:
-        # FSDP2 on gloo may abort at process exit after its results are written (facts.md: about 2 launches in 30);
+        # FSDP2 on gloo may abort at process exit after its results are written (measured: about 2 launches in 30);
         # the worker writes them atomically, so a file that exists is the run's whole result
         if not (out.exists() and "SIGABRT" in str(err)):
             raise

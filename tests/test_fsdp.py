@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -37,7 +38,11 @@ def launch(root, mode: str, ranks: int, worker: str = "fsdp_worker.py") -> None:
     if ranks > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
     cmd += [worker, str(root), mode]
+    before = set(os.listdir(root))
     for attempt in (1, 2):
+        for name in set(os.listdir(root)) - before:  # a retry starts from what the failed attempt found
+            path = os.path.join(root, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         result = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
         if result.returncode == 0:
             return
