@@ -521,6 +521,7 @@ class StackwiseTrainer(FaultTolerance, AutoFreezeMixin, SavingMixin, DataPlaneMi
             self._resume_manifest = check_resumable(resume_from_checkpoint, identity)
         else:
             check_output_dir(args.output_dir, identity, resuming=False, overwrite=args.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes into it
         if args.should_save:
             if resume_from_checkpoint is None and args.overwrite_output_dir and os.path.isdir(args.output_dir):
                 for name in os.listdir(args.output_dir):
