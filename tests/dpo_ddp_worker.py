@@ -16,8 +16,9 @@ import torch.distributed as dist
 from conftest import build_tokenizer, tiny_causal_lm
 from datasets import Dataset
 from demo_assets import preference_pairs
+from test_dpo import dpo_args
 
-from hf_stackwise.integrations.dpo_trainer import StackwiseDPOConfig, StackwiseDPOTrainer
+from hf_stackwise.integrations.dpo_trainer import StackwiseDPOTrainer
 
 SCHEDULE = [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "upper", "until": 1.0, "train": [2, 3]}]
 
@@ -27,22 +28,14 @@ def main(output_dir: str, per_device: int) -> None:
     rows = [{k: v[:160] for k, v in r.items()} for r in preference_pairs()[:32]]
     rank = int(os.environ.get("RANK", "0"))
     for way in ("shared", "copy"):
-        args = StackwiseDPOConfig(
-            output_dir=os.path.join(output_dir, way),
-            max_steps=6,
+        args = dpo_args(
+            output_dir,
+            way,
+            way,
+            schedule=SCHEDULE,
             per_device_train_batch_size=per_device,
             learning_rate=1e-4,  # AdamW: a 1e-3 step turns last-bit gradient differences into 1e-5
-            max_length=96,
             pad_to_multiple_of=96,  # every batch the same shape, on 2 ranks of 2 pairs as in 1 process of 4
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
-            blocks_per_stack=1,
-            schedule=SCHEDULE,
-            reference=way,
-            beta=0.1,
             disable_tqdm=True,
         )
         trainer = StackwiseDPOTrainer(

@@ -5,6 +5,8 @@ config, fp32 CPU, real preference pairs from Python's docs."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_causal_lm
@@ -34,7 +36,7 @@ def preference_rows(count: int, offset: int = 0) -> list[dict]:
 
 def dpo_args(tmp_path, name: str, reference: str, schedule=TOP, **overrides) -> StackwiseDPOConfig:
     settings = dict(
-        output_dir=str(tmp_path / name),
+        output_dir=os.path.join(str(tmp_path), name),
         max_steps=6,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
