@@ -42,8 +42,9 @@ bench: assets
 	$(PYTHON) benchmarks/ddp_tolerance.py
 	$(PYTHON) benchmarks/cache_ddp_store.py
 
-# docs/results.md and docs/images/results/: every schedule side by side (about an hour on 2 idle cores; resumable,
-# runs already in benchmarks/results/ with the same settings are skipped). Bigger machines: BUDGET=4.
+# docs/results.md and docs/images/results/: every arm of every task with a tuned rate, at equal steps, equal FLOPs
+# and a longer horizon (two runs at a time; the hours it took are on the page; resumable: runs already in
+# benchmarks/results/page/ with the same settings are skipped). Bigger machines: BUDGET=4.
 BUDGET ?= 1
 bench-report: assets
 	$(PYTHON) benchmarks/results.py --budget $(BUDGET)

@@ -1,10 +1,11 @@
 """Render ``docs/results.md`` and its plots from the JSON files of ``benchmarks/results.py`` (and nothing else).
 
-    python benchmarks/report.py                                   # benchmarks/results -> docs/results.md
+    python benchmarks/report.py                                        # benchmarks/results/page -> docs/results.md
     python benchmarks/report.py --results benchmarks/results/quick --out /tmp/results.md --images /tmp/img
 
-Only runs made with the settings of the results folder's ``manifest.json`` (the last invocation) are used; runs
-missing from the folder show as "not run yet", refused or failed ones with their reason.
+Only runs made with the settings of the results folder's ``manifest.json`` are used; runs missing from the folder
+show as "not run yet", refused or failed ones with their reason. ``render(..., write=False)`` returns the page text
+without drawing (``tests/test_results_report.py`` compares it with the committed page).
 """
 
 from __future__ import annotations
@@ -12,170 +13,53 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import statistics
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import report_tasks as rt  # noqa: E402
+import results_arms as arms  # noqa: E402
+
 MIB = 1024 * 1024
-BUSY = 0.25  # above this share of the CPU taken by other processes, step times are not compared
-TIE = 0.02  # held-out loss differences below this (nats) count as a tie whatever the seed spread
-ARMS = {  # the order and labels of benchmarks/results.py (kept here so the page renders without importing it)
-    "full": "full fine-tuning",
-    "lora": "LoRA (r 8, every stack)",
-    "qlora-trunk": "QLoRA trunk (4-bit blocks, LoRA top r 16 + trunk r 4)",
-    "unfreeze": "gradual unfreezing (the demo's schedule)",
-    "badam": "BAdam (block-coordinate cycle)",
-    "lisa": "LISA (sampled stacks)",
-    "llama-pro": "LLaMA Pro expansion (4-bit trunk)",
-}
-RECIPES = {
-    "full": "`recipes/demo.yaml`, one phase `train: all`, lr 5e-5",
-    "lora": "`recipes/demo.yaml`, one phase `train: [0..4], adapter: lora`, lr 1e-3",
-    "qlora-trunk": "`recipes/demo.yaml` + 4-bit nf4, `train: [top], adapter: lora, trunk: lora`, lr 1e-3",
-    "unfreeze": "`recipes/demo.yaml` (its schedule)",
-    "badam": "`recipes/smollm2-135m/badam.yaml`",
-    "lisa": "`recipes/smollm2-135m/lisa.yaml`",
-    "llama-pro": "`recipes/smollm2-135m/llama_pro.yaml`",
-}
+BASELINES = {"clm": ("full", "lora", "qlora-trunk"), "classify": ("full", "head"), "dpo": ("full", "lora")}
+LONG = 4  # the longer horizon, in multiples of the task's steps (benchmarks/results.py)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--results", default=os.path.join(HERE, "results"))
+    parser.add_argument("--results", default=os.path.join(HERE, "results", "page"))
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--images", default=os.path.join(ROOT, "docs", "images", "results"))
     return parser
 
 
-def load(folder: str) -> tuple[dict, dict]:
-    """(manifest, {file name: result}) for the runs made with the manifest's settings."""
+def load(folder: str) -> tuple[dict, dict, dict]:
+    """(manifest, {(task, arm, rate, seed, steps): run}, {growth file name: run}) for the manifest's settings."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
-    runs = {}
+    settings = manifest["settings"]
+    runs, growth = {}, {}
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        name = os.path.basename(path)
-        if name == "manifest.json" or name.startswith("cache"):
+        name = os.path.basename(path)[: -len(".json")]
+        if name == "manifest":
             continue
         with open(path) as f:
             result = json.load(f)
-        if result.get("settings") == manifest["settings"]:
-            runs[name[: -len(".json")]] = result
-    return manifest, runs
-
-
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        if name.startswith("growth-"):
+            if result.get("settings") == settings["growth"]:
+                growth[name] = result
+        elif result.get("task") in settings["tasks"] and result.get("settings") == settings["tasks"][result["task"]]:
+            if result.get("quick") == settings["quick"]:
+                runs[(result["task"], result["arm"], result["rate"], result["seed"], result["steps"])] = result
+    return manifest, runs, growth
 
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def fmt(value, spec: str = ".3f", missing: str = "–") -> str:
-    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
-# ---- fine-tuning ---------------------------------------------------------------------------------------------
-
-
-def finetune_rows(runs: dict, seeds: int) -> dict:
-    """arm -> summary over its seeds (ok runs), with the reason of any run that is not ok."""
-    full = {s: runs.get(f"finetune-full-seed{s}") for s in range(seeds)}
-    rows = {}
-    for arm in ARMS:
-        done, problems = [], []
-        for seed in range(seeds):
-            run = runs.get(f"finetune-{arm}-seed{seed}")
-            if run is None:
-                problems.append("not run yet")
-            elif run.get("status") == "not run":
-                problems.append(str(run.get("reason")))
-            elif run.get("status") != "ok":
-                problems.append(f"{run.get('status')}: {run.get('reason')}")
-            else:
-                done.append(run)
-        row = {"arm": arm, "runs": done, "problems": list(dict.fromkeys(problems))}
-        if done:
-            row["loss"] = mean_spread([r["eval_loss"] for r in done])
-            row["losses"] = [r["eval_loss"] for r in done]
-            row["peak_rss"] = statistics.median(r["peak_rss_kib"] * 1024 for r in done)
-            row["net_peak"] = statistics.median((r["peak_rss_kib"] - r["base_rss_kib"]) * 1024 for r in done)
-            row["optim"] = max(r["optimizer_state_bytes_max"] for r in done)
-            counted = [r["requires_grad_params_end"] for r in done if "requires_grad_params_end" in r]
-            row["trainable"] = max(counted or [r["trainable_params_end"] for r in done])
-            row["step_s"] = statistics.median(r["step_s"] for r in done)
-            row["other_cpu"] = statistics.median(r["other_cpu"] or 0.0 for r in done)
-            ratios = [
-                r["step_s"] / full[r["seed"]]["step_s"]
-                for r in done
-                if full.get(r["seed"]) and full[r["seed"]].get("status") == "ok"
-            ]
-            row["step_ratio"] = statistics.median(ratios) if ratios else None
-        rows[arm] = row
-    return rows
-
-
-def finetune_table(rows: dict, baseline: float | None) -> list[str]:
-    lines = [
-        "| arm | held-out loss (mean ± sd) | seeds | vs before | peak RSS MiB | net peak MiB | optimizer state MiB "
-        "| trainable values (last phase) | step s | step / full | other CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for arm, row in rows.items():
-        if not row["runs"]:
-            reason = "; ".join(p for p in row["problems"] if p != "not run yet") or "yet"
-            lines.append(
-                f"| {ARMS[arm]} | not run {'yet' if reason == 'yet' else '— ' + reason} | 0 | | | | | | | | |"
-            )
-            continue
-        mean, sd = row["loss"]
-        note = f" ({len(row['problems'])} missing: {'; '.join(row['problems'])})" if row["problems"] else ""
-        change = fmt(mean - baseline, "+.3f") if baseline is not None else "–"
-        lines.append(
-            f"| {ARMS[arm]} | {mean:.3f} ± {sd:.3f}{note} | {len(row['runs'])} | {change} | "
-            f"{row['peak_rss'] / MIB:.0f} | {row['net_peak'] / MIB:.0f} | {row['optim'] / MIB:.1f} | "
-            f"{row['trainable']:,} | {row['step_s']:.2f} | {fmt(row['step_ratio'], '.2f')} | "
-            f"{100 * row['other_cpu']:.0f}% |"
-        )
-    return lines
-
-
-def findings(rows: dict, baseline: float | None) -> list[str]:
-    """Plain sentences: where a schedule helped and where it did not, against full fine-tuning and LoRA."""
-    out = []
-    full = rows.get("full")
-    if not full or not full["runs"]:
-        return ["- Full fine-tuning did not run, so nothing is compared against it."]
-    f_mean, f_sd = full["loss"]
-    for arm, row in rows.items():
-        if arm == "full" or not row["runs"]:
-            continue
-        mean, sd = row["loss"]
-        noise = max(sd, f_sd, TIE)
-        delta = mean - f_mean
-        several = min(len(row["runs"]), len(full["runs"])) > 1
-        spread = f"seed sd ≤ {max(sd, f_sd):.3f}" if several else "one seed: no spread measured"
-        if delta > noise:
-            verdict = f"ends **above** full fine-tuning's held-out loss by {delta:.3f} ({spread}): "
-            verdict += "at this budget it did not match full fine-tuning"
-        elif delta < -noise:
-            verdict = f"ends **below** full fine-tuning's held-out loss by {-delta:.3f} ({spread})"
-        else:
-            verdict = f"ends level with full fine-tuning ({delta:+.3f}, {spread}; ties below {TIE} or the sd)"
-        memory = row["peak_rss"] / full["peak_rss"]
-        mem = f"peak RSS {memory:.2f}× full's" + (" (no saving)" if memory >= 0.95 else "")
-        optim = row["optim"] / full["optim"] if full["optim"] else float("nan")
-        speed, busy = row["step_ratio"], max(row["other_cpu"], full["other_cpu"])
-        pace = "" if speed is None else f", a step {speed:.2f}× full's" + (" (slower)" if speed > 1.05 else "")
-        if speed is not None and busy > BUSY:
-            pace = f", step times not comparable (other processes took up to {100 * busy:.0f}% of the CPU)"
-        worse = ""
-        if baseline is not None and mean > baseline:
-            worse = f"; its held-out loss is **worse than before training** ({baseline:.3f})"
-        out.append(f"- **{ARMS[arm]}** {verdict}; {mem}, optimizer state {optim:.2f}× full's{pace}{worse}.")
-    return out
 
 
 # ---- progressive stacking ----------------------------------------------------------------------------------
@@ -316,222 +200,247 @@ def cache_section(folder: str) -> list[str]:
     return lines
 
 
-# ---- plots -------------------------------------------------------------------------------------------------
+# ---- the tasks ---------------------------------------------------------------------------------------------
 
 
-def growth_curves(runs: dict, seeds: int) -> list[tuple[str, int, list]]:
-    curves = [(arm, s, runs.get(f"growth-{arm}-seed{s}")) for arm in ("full", "grow") for s in range(seeds)]
-    return [(a, s, r["curve"]) for a, s, r in curves if r and r.get("status") == "ok"]
+def stages(name: str, runs: dict, choices: dict, seeds: int, steps: int) -> dict:
+    """{stage: {arm: Group}}: equal steps, equal FLOPs and (where run) the longer horizon."""
+    task = arms.TASKS[name]
+    chosen = {arm: c for arm, c in choices.items() if c.get("rate") is not None}
+    out = {"equal steps": {a: rt.group(runs, name, a, c["rate"], steps, seeds) for a, c in chosen.items()}}
+    flops = {a: rt.group(runs, name, a, c["rate"], c["flop_steps"], seeds) for a, c in chosen.items()
+             if c.get("flop_steps")}  # fmt: skip
+    if flops:
+        out["equal FLOPs"] = flops
+    long = {a: rt.group(runs, name, a, chosen[a]["rate"], LONG * steps, seeds) for a in task.long if a in chosen}
+    if any(g.runs for g in long.values()):
+        out["longer horizon"] = long
+    return out
 
 
-def plot_names(rows: dict, runs: dict, seeds: int) -> list[tuple[str, str]]:
-    """(file, alt text) of the plots the results call for; :func:`plots` draws exactly these."""
-    made = []
-    if any(r["runs"] for r in rows.values()):
-        made += [
-            ("finetune-loss.png", "Held-out loss per arm"),
-            ("finetune-cost.png", "Peak memory, optimizer state and step time per arm"),
-            ("finetune-curves.png", "Training loss per arm"),
+def title(stage: str) -> str:
+    return stage[0].upper() + stage[1:]
+
+
+def ordering(task, groups: dict) -> list[str]:
+    sign = 1 if task.lower_is_better else -1
+    means = {a: statistics.fmean(v) for a, g in groups.items() if (v := g.values(task))}
+    return sorted(means, key=lambda a: sign * means[a])
+
+
+def horizon_lines(task, by_stage: dict) -> list[str]:
+    long = by_stage.get("longer horizon")
+    if not long:
+        return []
+    short = {a: by_stage["equal steps"][a] for a in long if a in by_stage["equal steps"]}
+    before, after = ordering(task, short), ordering(task, long)
+    labels = [task.arms[a].label for a in after]
+    words = "the same as" if before == after else "**not** the same as"
+    lines = [f"- **Longer horizon**: at {LONG}× the steps the order by test {task.metric} is {', '.join(labels)} — "
+             f"{words} at 1× ({', '.join(task.arms[a].label for a in before)})."]  # fmt: skip
+    return lines + rt.verdicts(task, long, task.full, f"{LONG}× the steps")
+
+
+def baseline_words(name: str, task, by_stage: dict) -> list[str]:
+    """Where no stack-wise arm is on the FLOPs front: say so, and where their case would have to come from."""
+    points = rt.end_points(task, by_stage)
+    front = rt.pareto([(a, f, m) for a, f, m, _ in points], task.lower_is_better)
+    on_front = {a for a, _, _ in front}
+    if not front or on_front - set(BASELINES[name]):
+        return []
+    eq = by_stage.get("equal steps", {})
+    full = eq.get(task.full)
+    cheaper = []
+    for arm, g in eq.items():
+        if arm in BASELINES[name] or not g.runs or not full or not full.runs:
+            continue
+        mem = g.median("peak_rss_kib") / full.median("peak_rss_kib")
+        cpu = g.median("cpu_s") / full.median("cpu_s") if full.median("cpu_s") else float("nan")
+        cheaper.append(f"{task.arms[arm].label} (peak RSS {mem:.2f}×, CPU per run {cpu:.2f}× full's)")
+    return [
+        f"- **No stack-wise schedule is on the FLOPs front here**: {', '.join(task.arms[a].label for a in on_front)} "
+        "give the best model for every budget measured. Their case has to come from what a step costs at larger "
+        "scale — memory that decides whether a model fits, and steps that skip the frozen prefix: "
+        + ("; ".join(cheaper) if cheaper else "no stack-wise arm finished")
+        + "."
+    ]
+
+
+def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: str, write: bool) -> list[str]:
+    task = arms.TASKS[name]
+    s = manifest["settings"]["tasks"][name]
+    seeds = manifest.get("seeds") or 3
+    choices = (manifest.get("choices") or {}).get(name) or {}
+    lines = [f"## {task.title}", ""]
+    if not choices:
+        return [*lines, "Not run yet.", ""]
+    by_stage = stages(name, runs, choices, seeds, s["steps"])
+    full_runs = by_stage["equal steps"].get(task.full)
+    before = [r["before"]["test"][task.metric] for r in (full_runs.runs if full_runs else [])
+              if task.metric in (r.get("before") or {}).get("test", {})]  # fmt: skip
+    lines += [
+        f"{task.arms[task.full].label.capitalize()} and every other arm train `{task.model}` for {s['steps']} steps "
+        f"of batch {s['batch_size']} × {s['seq_len']} tokens (equal steps), then for full fine-tuning's FLOPs "
+        f"(equal FLOPs). The test {task.metric} "
+        + (f"before training is **{before[0]:.3f}**." if before else "before training was not recorded."),
+        "",
+        f"**Rate grid** (seed 0, {s['steps']} steps; validation {task.metric}, the chosen factor in bold; the factor "
+        "multiplies every learning rate of the arm's recipe):",
+        "",
+        *rt.grid_table(task, name, runs, choices, s["steps"]),
+        "",
+        "Where each arm's schedule comes from: "
+        + "; ".join(f"{a.label}: `{a.recipe}`{' — ' + a.origin if a.origin else ''}" for a in task.arms.values())
+        + ".",
+        "",
+    ]
+    full = lambda stage: by_stage[stage].get(task.full)  # noqa: E731
+    for stage, groups in by_stage.items():
+        lines += [f"**{title(stage)}**:", "", *rt.summary_table(task, groups, full(stage)), ""]
+    lines += ["**What it says** (written by the report from the numbers above; an arm is better or worse only when "
+              "the 95% intervals of the two means do not overlap):", ""]  # fmt: skip
+    for stage in ("equal steps", "equal FLOPs"):
+        if stage in by_stage:
+            lines += rt.verdicts(task, by_stage[stage], task.full, title(stage))
+    if "lora" in task.arms and "equal FLOPs" in by_stage:
+        lines += [v for v in rt.verdicts(task, by_stage["equal FLOPs"], "lora", "Equal FLOPs") if "against LoRA" in v
+                  or "against DPO with LoRA" in v if "full" not in v.split("**")[1]]  # fmt: skip
+    lines += horizon_lines(task, by_stage)
+    budget = (by_stage.get("equal FLOPs") or {}).get(task.full)
+    if budget and budget.median("flops"):
+        b = budget.median("flops")
+        named = [
+            ("a quarter of full fine-tuning's budget", b / 4),
+            ("half of it", b / 2),
+            ("full fine-tuning's budget", b),
         ]
-    if growth_curves(runs, seeds):
-        made.append(("growth.png", "Progressive stacking against full depth, eval loss by compute"))
-    return made
+        if "longer horizon" in by_stage:
+            named.append((f"{LONG}× that budget", LONG * b))
+        lines += rt.budget_lines(task, by_stage, named)
+    lines += rt.pareto_lines(task, by_stage, by_stage.get("equal FLOPs") or by_stage["equal steps"])
+    lines += baseline_words(name, task, by_stage)
+    if write:
+        import report_plots
 
-
-def plots(rows: dict, baseline, runs: dict, seeds: int, target, images: str) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(images, exist_ok=True)
-    made = plot_names(rows, runs, seeds)
-    names = {name for name, _ in made}
-    done = [a for a, r in rows.items() if r["runs"]]
-    if "finetune-loss.png" in names:
-        fig, ax = plt.subplots(figsize=(8, 3.6))
-        means = [rows[a]["loss"][0] for a in done]
-        sds = [rows[a]["loss"][1] for a in done]
-        ax.barh(done, means, xerr=sds, color="#8fb3d9", capsize=3)
-        for i, a in enumerate(done):
-            ax.plot(rows[a]["losses"], [i] * len(rows[a]["losses"]), "k.", ms=4)
-        if baseline is not None:
-            ax.axvline(baseline, color="grey", ls="--", label=f"before training {baseline:.3f}")
-            ax.legend(loc="lower right", fontsize=8)
-        low = min(min(rows[a]["losses"]) for a in done)
-        high = max(max(rows[a]["losses"]) for a in done + ([] if baseline is None else []))
-        high = max(high, baseline or high)
-        ax.set_xlim(low - 0.1 * (high - low + 0.05), high + 0.1 * (high - low + 0.05))
-        ax.invert_yaxis()
-        ax.set_xlabel("held-out loss after training (bars: mean ± sd, dots: seeds; lower is better)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(images, "finetune-loss.png"), dpi=110)
-        plt.close(fig)
-
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
-        axes[0].barh(done, [rows[a]["peak_rss"] / MIB for a in done], color="#d9a98f")
-        axes[0].set_xlabel("peak RSS, MiB")
-        axes[1].barh(done, [rows[a]["optim"] / MIB for a in done], color="#a9d98f")
-        axes[1].set_xlabel("optimizer state, MiB (largest)")
-        axes[2].barh(done, [rows[a]["step_ratio"] or 0 for a in done], color="#c7a9e0")
-        axes[2].axvline(1.0, color="grey", ls="--")
-        axes[2].set_xlabel("step time / full fine-tuning's")
-        axes[0].invert_yaxis()
-        fig.tight_layout()
-        fig.savefig(os.path.join(images, "finetune-cost.png"), dpi=110)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(8, 3.8))
-        for a in done:
-            by_step: dict[int, list[float]] = {}
-            for r in rows[a]["runs"]:
-                for step, loss in r["loss_curve"]:
-                    by_step.setdefault(step, []).append(loss)
-            steps = sorted(by_step)
-            mean = [statistics.fmean(by_step[s]) for s in steps]
-            width = max(1, len(steps) // 10)
-            smooth = [statistics.fmean(mean[max(0, i - width + 1) : i + 1]) for i in range(len(mean))]
-            ax.plot(steps, smooth, label=a)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean over seeds, smoothed)")
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.path.join(images, "finetune-curves.png"), dpi=110)
-        plt.close(fig)
-
-    curves = growth_curves(runs, seeds)
-    if "growth.png" in names:
-        fig, ax = plt.subplots(figsize=(8, 3.8))
-        colors = {"full": "#1f77b4", "grow": "#d62728"}
-        for arm, seed, curve in curves:
-            ax.plot([c[2] / 1e9 for c in curve], [c[3] for c in curve], color=colors[arm], alpha=0.7,
-                    label=arm if seed == 0 else None)  # fmt: skip
-        if target:
-            ax.axhline(target["target"], color="grey", ls="--", label=f"target {target['target']:.3f}")
-        ax.set_xlabel("training GFLOPs")
-        ax.set_ylabel("eval loss")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(images, "growth.png"), dpi=110)
-        plt.close(fig)
-    return made
+        report_plots.task_plots(name, task, by_stage, images)
+    lines += [
+        "",
+        f"![{task.title}: test {task.metric} against training FLOPs]({image_rel}/{name}-flops.png)",
+        f"![{task.title}: test {task.metric} against peak memory]({image_rel}/{name}-memory.png)",
+        "",
+    ]
+    return lines
 
 
 # ---- the page ----------------------------------------------------------------------------------------------
 
 
-def header(manifest: dict, runs: dict) -> list[str]:
-    m, s = manifest["machine"], manifest["settings"]
-    done = [r for r in runs.values() if "started" in r]
-    loads = [r["load_before"][0] for r in done] + [r["load_after"][0] for r in done]
-    other = [r["other_cpu"] for r in done if r.get("other_cpu") is not None]
-    dates = sorted(r["started"] for r in done)
-    total = sum(r.get("wall_s", 0) for r in done)
-    threads = sorted({r["torch_threads"] for r in done if "torch_threads" in r})
+def header(manifest: dict, runs: dict, growth: dict) -> list[str]:
+    m = manifest["machine"]
+    done = [r for r in list(runs.values()) + list(growth.values()) if "wall_s" in r]
+    dates = sorted(r["started"] for r in runs.values() if "started" in r)
+    loads = [x for r in runs.values() if "load_before" in r for x in (r["load_before"][0], r["load_after"][0])]
+    invocations = manifest.get("invocations") or []
     ram = f"{m['ram_bytes'] / 1024**3:.1f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
+    threads = sorted({r["torch_threads"] for r in runs.values() if "torch_threads" in r})
     lines = [
-        f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC), "
-        f"{total / 60:.0f} minutes of runs in all; commit `{m.get('commit')}`.",
-        f"- **Budget**: {'`--quick` (development) — ' if s['quick'] else ''}`--budget {s['budget']}`: fine-tuning "
-        f"{s['steps']} steps × batch {s['batch_size']} × {s['seq_len']} tokens, {plural(manifest['seeds'], 'seed')}, "
-        f"held-out eval on {s['eval_samples']} chunks of {s['seq_len']} tokens; growth {s['growth']['steps']} steps.",
+        f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC); "
+        f"{plural(len(done), 'run')}, {sum(r['wall_s'] for r in done) / 3600:.1f} hours of runs in all, "
+        f"{sum(i['seconds'] for i in invocations) / 3600:.1f} hours of wall time over "
+        f"{plural(len(invocations), 'invocation')} of `benchmarks/results.py` (runs two at a time); commit "
+        f"`{m.get('commit')}`.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
         "- **Versions**: " + ", ".join(f"{k.replace('-', '_')} {v}" for k, v in m["versions"].items()) + ".",
     ]
     if loads:
         lines.append(
-            f"- **Load average** (1 min, at the start and end of each run): min {min(loads):.1f}, median "
-            f"{statistics.median(loads):.1f}, max {max(loads):.1f}; other processes used a median "
-            f"{100 * statistics.median(other or [0]):.0f}% of the machine's CPU during the runs. "
-            + (
-                "**The machine was busy: the wall times below are distorted** (losses, memory and state bytes are "
-                "not)."
-                if statistics.median(other or [0]) > 0.1
-                else "The machine was quiet enough for the wall times to mean something."
-            )
+            f"- **Load average** (1 min, at each run's start and end): median {statistics.median(loads):.1f}, max "
+            f"{max(loads):.1f} on {m['cores']} cores. FLOPs, losses, accuracies and memory do not depend on it; CPU "
+            "times do a little (two runs share the memory bus), wall times more: the page compares CPU times only."
         )
     return lines
 
 
+def protocol(manifest: dict) -> list[str]:
+    t = manifest["settings"]["tasks"]
+    return [
+        "## The protocol",
+        "",
+        "Fixed before any run and the same for every arm (`benchmarks/results.py`, `benchmarks/results_arms.py`):",
+        "",
+        "1. **Splits.** Each task has a training set, a validation split and a test split, disjoint: causal LM — "
+        "train `pydoc_train.txt`, test the first chunks of `pydoc_eval.txt`, validation chunks from its second half; "
+        "classification — train `stdlib_classify_train.jsonl` without every 6th row, validation those rows, test "
+        "`stdlib_classify_eval.jsonl`; preference — train `pydoc_pref_train.jsonl`, test and validation the two "
+        "halves of `pydoc_pref_eval.jsonl`.",
+        "2. **Rate grid.** Each arm runs its recipe's learning rates × ⅓, 1 and 3 on seed 0 and is scored on the "
+        "validation split; when the best factor is at an edge the grid grows by ×3 past it (at most twice). Rates are "
+        "never chosen on the test split.",
+        f"3. **Seeds.** The chosen factor runs {plural(manifest.get('seeds') or 3, 'seed')} (seed 0 is the grid's "
+        "run); the page reports the test metric's mean, sd and 95% Student-t interval over them.",
+        "4. **Equal steps and equal FLOPs.** Every arm runs the task's steps ("
+        + ", ".join(f"{k} {v['steps']}" for k, v in t.items())
+        + "); then the number of steps that spends full fine-tuning's training FLOPs (cheaper steps run more of "
+        "them, at most 8×). FLOPs are counted by PyTorch's FLOP counter (`torch.utils.flop_counter`) around every "
+        "optimizer step — machine-independent; evals are not counted.",
+        f"5. **Longer horizon.** The main causal-LM arms also run {LONG}× the steps at the factor chosen at 1×.",
+        "6. **Words from numbers.** An arm is called better or worse than another only when the 95% intervals of "
+        "their means do not overlap; otherwise it is a tie. Each run is its own process with 1 torch thread; arms "
+        "are interleaved and the order alternates from seed to seed.",
+        "",
+    ]
+
+
 def render(folder: str, out: str, images: str, write: bool = True) -> str:
     """The page's text; with ``write``, also the page at ``out`` and its plots under ``images``."""
-    manifest, runs = load(folder)
-    s = manifest["settings"]
-    seeds = manifest.get("seeds") or 1 + max([r.get("seed", 0) for r in runs.values()] or [0])
-    manifest["seeds"] = seeds
-    base = runs.get("finetune-baseline")
-    baseline = base["eval_loss"] if base and base.get("status") == "ok" else None
-    rows = finetune_rows(runs, seeds)
-    growth_lines, _ = growth_section(runs, seeds, s["growth"])
-    target = runs.get("growth-target")
-    made = plots(rows, baseline, runs, seeds, target, images) if write else plot_names(rows, runs, seeds)
+    manifest, runs, growth = load(folder)
+    manifest.setdefault("seeds", 3)
     rel = os.path.relpath(images, os.path.dirname(os.path.abspath(out)))
-    image = {name: f"![{alt}]({rel}/{name})" for name, alt in made}
+    if write:
+        os.makedirs(images, exist_ok=True)
     page = [
-        "# Results: what each schedule buys",
+        "# Results: which schedule gives the best model for its compute and memory",
         "",
         "Every number on this page comes from `benchmarks/results.py` (one JSON file per run under "
-        "`benchmarks/results/`) and was rendered by `benchmarks/report.py`; `make bench-report` runs both. "
+        "`benchmarks/results/page/`) and was rendered by `benchmarks/report.py`; `make bench-report` runs both. "
         "Re-run it on your machine: the numbers are whatever the machine shows, whichever way they come out.",
         "",
-        *header(manifest, runs),
+        *header(manifest, runs, growth),
         "",
-        "## Fine-tuning SmolLM2-135M on Python's documentation",
-        "",
-        f"Every arm trains SmolLM2-135M-Instruct (float32; 4-bit nf4 blocks where the recipe quantizes) for "
-        f"{s['steps']} steps of {s['batch_size']} × {s['seq_len']} tokens of CPython's documentation (the corpus "
-        f"of `make demo`), with the data order of its seed, and is scored on the same held-out text: the mean "
-        f"cross-entropy on the first {s['eval_samples']} chunks of `.cache/data/pydoc_eval.txt`. "
-        + (f"Before training that loss is **{baseline:.3f}**. " if baseline is not None else "")
-        + "Each run is its own process (its peak RSS is its own). The step-time ratio divides by the full "
-        "fine-tuning run of the same seed, run back to back with it.",
-        "",
-        *finetune_table(rows, baseline),
-        "",
-        "Columns: *vs before* = change from the float32 model's held-out loss before training (the 4-bit arms "
-        "start a little off it: quantizing moves it), *peak RSS* = `ru_maxrss` of the run's process (median over "
-        "seeds; includes Python, torch and the tokenizer), *net peak* = peak RSS minus the RSS before the weights "
-        "load, *optimizer state* = bytes of every tensor in the optimizer's state, the largest after any step "
-        "(BAdam-style `release_idle`/`reset` phases keep it small), *trainable values* = parameter values that "
-        "train in the last phase, *step s* = median wall time of a step, *step / full* = median over seeds of that "
-        "ratio, *other CPU* = the share of the machine's CPU other processes used during the run. sd = sample "
-        "standard deviation over seeds.",
-        "",
-        "Where each arm's schedule comes from:",
-        "",
-        *[f"- {ARMS[a]}: {RECIPES[a]}" for a in ARMS],
-        "",
-        "**What it says** (written by the report from the numbers above):",
-        "",
-        *findings(rows, baseline),
-        "",
-        *[image[n] for n in ("finetune-loss.png", "finetune-cost.png", "finetune-curves.png") if n in image],
-        "",
-        "## Progressive stacking from scratch against full depth",
-        "",
-        *growth_lines,
-        "",
-        *([image["growth.png"]] if "growth.png" in image else []),
-        "",
+        *protocol(manifest),
+    ]
+    for name in arms.TASKS:
+        page += task_section(name, runs, manifest, images, rel, write)
+    g = manifest["settings"]["growth"]
+    growth_lines, _ = growth_section(growth, manifest["seeds"], g)
+    curves = [(a, s, r["curve"]) for a in ("full", "grow") for s in range(manifest["seeds"])
+              if (r := growth.get(f"growth-{a}-seed{s}")) and r.get("status") == "ok"]  # fmt: skip
+    if write and curves:
+        import report_plots
+
+        report_plots.growth_plot(curves, growth.get("growth-target"), images)
+    page += ["## Progressive stacking from scratch against full depth", "", *growth_lines, ""]
+    if curves:
+        page += [f"![Progressive stacking against full depth, eval loss by compute]({rel}/growth.png)", ""]
+    page += [
         "## The activation cache",
         "",
         "Step-cost ratios of the cached frozen trunk against recomputing it, from `benchmarks/results/cache*.json`:",
         "",
-        *cache_section(folder),
+        *cache_section(os.path.dirname(os.path.abspath(folder))),
         "",
         "## Re-run it",
         "",
         "```bash",
-        "make bench-report                                  # the default budget (about an hour on 2 idle cores)",
+        "make bench-report                                  # every stage, two runs at a time",
+        "python benchmarks/results.py --only clm --arms full,lora   # one task, some arms",
         "python benchmarks/results.py --budget 4            # 4x the steps on a bigger machine",
-        "python benchmarks/results.py --seeds 5 --steps 200 --seq-len 256",
         "python benchmarks/report.py                        # re-render this page from the JSON files",
         "```",
         "",
-        "`benchmarks/results.py` skips runs whose JSON file exists with the same settings and recipe text, so a long "
-        "job can be split; delete `benchmarks/results/` to start over. The wall times need a quiet machine; the "
-        "losses, optimizer-state bytes and (to tens of MiB) peak RSS do not.",
+        "`benchmarks/results.py` skips runs whose JSON file exists with the same settings, recipe and splits, so a "
+        "long job can be split or interrupted; delete `benchmarks/results/page/` to start over.",
         "",
     ]
     text = "\n".join(page).replace("\n\n\n", "\n\n")

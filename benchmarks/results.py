@@ -1,49 +1,48 @@
-"""The measurements behind ``docs/results.md``: every schedule side by side on real weights and real text, and
-progressive stacking against full depth; one JSON file per run under ``benchmarks/results/``.
+"""The measurements behind ``docs/results.md``: for each task, every arm users would pick, with a tuned learning rate,
+at equal steps, at equal FLOPs and (for the main causal-LM arms) at a longer horizon; one JSON file per run under
+``benchmarks/results/page/``.
 
 Run it (CPU only, offline, after ``make assets``), then render the page::
 
     make bench-report                              # = python benchmarks/results.py && python benchmarks/report.py
-    python benchmarks/results.py --quick           # a few minutes: 1 seed, 20 steps, into benchmarks/results/quick/
-    python benchmarks/results.py --budget 4        # 4x the steps (fine-tuning and growth) on a bigger machine
-    python benchmarks/results.py --only finetune --arms full,lisa --seeds 3
+    python benchmarks/results.py --quick           # development: steps / 8, 1 seed, into benchmarks/results/quick/
+    python benchmarks/results.py --only clm --arms full,lora
+    python benchmarks/results.py --jobs 1          # one run at a time (default: 2, one per core)
 
-Resumable: a run whose JSON file exists with the same settings (and the same recipe text) is skipped, so a long
-job can be split across invocations or interrupted; delete a file to re-run it. Runs that were not run (a recipe
-missing or refused) or failed are retried at the next invocation.
+**The protocol** (the page prints it before any number; ``results_arms.py`` holds the tasks, arms and splits):
 
-**Fine-tuning** (SmolLM2-135M-Instruct from ``.cache/models``, float32 except the 4-bit trunks): every arm trains
-``--steps`` optimizer steps of batch ``--batch-size`` × ``--seq-len`` tokens of CPython's documentation
-(``.cache/data/pydoc_train.txt``, as ``make demo``), and is scored by the same held-out eval: the mean
-cross-entropy on the first ``--eval-samples`` chunks of ``.cache/data/pydoc_eval.txt``. The arms (``ARMS``) take
-their schedule from the named recipe; the model, data and training sections are replaced by the common ones above
-(each recipe keeps its phases, adapters, quantization and ``training.learning_rate``). ``training.seed`` is the
-seed (model-side randomness and data order; the same order for every arm of a seed); a ``sample``/``cycle``
-generator's own ``seed`` is offset by it, so each seed draws other layers. Each run is a fresh subprocess, so its
-peak RSS (``ru_maxrss``) is its own. Per run: the held-out loss after training, peak RSS and peak RssAnon, the
-optimizer-state bytes (largest over the steps, after each step), trainable values, the median wall time of a
-step (``on_step_begin`` to ``on_step_end``, the first step left out), the training-loss curve, the load average
-and the share of the machine's CPU other processes used meanwhile. Within a seed the arms run back to back,
-in alternating order from seed to seed, so each arm's step time has a full fine-tuning run of the same seed
-measured next to it for the ratio.
+1. *Rate grid.* Every arm runs its recipe's rates (every ``learning_rate`` of its schedule) times ⅓, 1 and 3, on
+   seed 0, for the task's steps, and is scored on the **validation** split. If the best factor is at an edge of the
+   grid, the grid grows by another factor 3 past it (at most twice).
+2. *Seeds.* The best factor (validation) runs seeds 0, 1 and 2 (seed 0 is the grid's run) and is scored on the
+   **test** split.
+3. *Equal FLOPs.* The budget is full fine-tuning's training FLOPs at the task's steps (median over its seeds); every
+   other arm runs, 3 seeds at its best factor, the number of steps that spends that budget (its FLOPs per step
+   from its own runs; cheaper steps run more of them, at most 8×). Where that is within 5% of the task's steps the
+   equal-step runs stand for it.
+4. *Longer horizon* (causal LM, the arms of ``Task.long``): 4× the steps, 3 seeds, at the factor tuned at 1×.
 
-**Progressive stacking** reuses ``benchmarks/growth.py`` (a byte-level Llama from a config, copy growth 1 → 2
-→ 4 blocks against 4 blocks from the start; see its docstring): the full-depth runs go first, then the target
-loss is fixed from them (median over seeds of their eval loss at ``--target-at`` of the budget) and written to
-``growth-target.json`` before any growth run starts.
+Every run evaluates both splits before training, a few times during it and at its end, so each gives a curve of
+the metric against its cumulative training FLOPs. FLOPs come from PyTorch's FLOP counter over every optimizer step
+(machine-independent); CPU time is each run's process time over the same spans; each run is its own process with
+1 torch thread; runs of different arms are interleaved (the order alternates from seed to seed), ``--jobs`` at a
+time. Resumable: a run whose JSON file exists with the same settings, recipe and splits is skipped; failed runs are
+retried at the next invocation.
 
-**Activation cache**: ``benchmarks/results/cache*.json`` is rendered if present; if ``benchmarks/cache.py``
-exists and takes ``--out``, it is run once to produce ``cache.json``.
+**Progressive stacking** reuses ``benchmarks/growth.py`` (unchanged protocol: a target fixed from the full-depth
+runs before any growth run). **Activation cache**: ``benchmarks/results/cache*.json`` is rendered if present.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
-import hashlib
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -52,302 +51,69 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import results_arms as arms  # noqa: E402
 from common import cpu_jiffies  # noqa: E402
 
-MODEL = ".cache/models/SmolLM2-135M-Instruct"
-TRAIN = ".cache/data/pydoc_train.txt"
-EVAL = ".cache/data/pydoc_eval.txt"
-RESULTS = os.path.join(HERE, "results")
-TAG = "RESULTS-BENCH "
-QUANTIZATION = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-
-# arm -> (label, recipe whose schedule it runs, inline replacements of that recipe's sections or None)
-ARMS = {
-    "full": (
-        "full fine-tuning",
-        "recipes/demo.yaml",
-        {"schedule": [{"name": "full", "until": 1.0, "train": "all", "learning_rate": 5.0e-5}], "adapters": None},
-    ),
-    "lora": (
-        "LoRA (r 8, all linear layers, every stack)",
-        "recipes/demo.yaml",
-        {
-            "schedule": [
-                {"name": "lora", "until": 1.0, "train": [0, 1, 2, 3, 4], "adapter": "lora", "learning_rate": 1.0e-3}
-            ],
-            "adapters": {"r": 8, "alpha": 16},
-        },
-    ),
-    "qlora-trunk": (
-        "QLoRA trunk (4-bit blocks; LoRA r 16 on the top stack, r 4 trunk adapter below)",
-        "recipes/demo.yaml",
-        {
-            "schedule": [
-                {
-                    "name": "trunk",
-                    "until": 1.0,
-                    "train": ["top"],
-                    "adapter": "lora",
-                    "trunk": "lora",
-                    "learning_rate": 1.0e-3,
-                }
-            ],
-            "adapters": {"r": 16, "alpha": 32, "trunk_r": 4},
-            "quantization": QUANTIZATION,
-        },
-    ),
-    "unfreeze": ("gradual unfreezing (the demo's schedule)", "recipes/demo.yaml", None),
-    "badam": ("BAdam (block-coordinate cycle)", "recipes/smollm2-135m/badam.yaml", None),
-    "lisa": ("LISA (sampled stacks)", "recipes/smollm2-135m/lisa.yaml", None),
-    "llama-pro": ("LLaMA Pro expansion (4-bit trunk)", "recipes/smollm2-135m/llama_pro.yaml", None),
-}
-# training keys a recipe keeps (rates and optimizer); everything else comes from the common settings
-KEEP_TRAINING = ("learning_rate", "weight_decay", "optim", "lr_scheduler_type", "warmup_ratio", "max_grad_norm")
+RESULTS = os.path.join(HERE, "results", "page")
+TAG = "RESULTS-RUN "
+GROWTH_TAG = "RESULTS-GROWTH "
+GRID = (1 / 3, 1.0, 3.0)
+EXTEND, MAX_EXTENSIONS, FLOP_CAP, SAME = 3.0, 2, 8, 0.05
+LONG = 4
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="development run: 1 seed, 20 steps, results/quick/")
+    parser.add_argument("--quick", action="store_true", help="development run: steps / 8, 1 seed, results/quick/")
     parser.add_argument("--budget", type=float, default=1.0, help="multiply every step count by this (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default 40 x budget)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 64)")
-    parser.add_argument("--eval-samples", type=int, default=None, help="held-out chunks (default 32)")
-    parser.add_argument("--arms", default=",".join(ARMS), help="fine-tuning arms (default: all)")
-    parser.add_argument("--growth-steps", type=int, default=None, help="growth runs' steps (default 400 x budget)")
-    parser.add_argument("--only", choices=("finetune", "growth", "cache"), default=None)
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results[/quick])")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads in every run (default: torch's own)"
-    )
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
-    parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)  # kind arm seed
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each on 1 thread (default 2)")
+    parser.add_argument("--only", choices=(*arms.TASKS, "growth", "cache"), default=None)
+    parser.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of the tasks)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/page[/quick])")
+    parser.add_argument("--timeout", type=float, default=5400, help="seconds allowed per run")
+    parser.add_argument("--growth-worker", nargs=2, default=None, help=argparse.SUPPRESS)  # arm seed
     return parser
 
 
 def settings_from(opts) -> dict:
-    """The settings that make two runs comparable (stored in every JSON file; the number of seeds is not one of
-    them: seed 0 of a 1-seed invocation is seed 0 of a 3-seed one)."""
-    quick = opts.quick
-    steps = opts.steps or max(1, round((20 if quick else 40) * opts.budget))
-    return {
-        "steps": steps,
-        "batch_size": opts.batch_size,
-        "seq_len": opts.seq_len or (32 if quick else 64),
-        "eval_samples": opts.eval_samples or (8 if quick else 32),
-        "growth": {
-            "steps": opts.growth_steps or max(20, round((60 if quick else 400) * opts.budget)),
-            "depth": 4,
-            "batch_size": 16,
-            "seq_len": 64,
-            "lr": 2e-3,
-            "eval_every": 10 if quick else 20,
-            "target_at": 0.75,
-        },
-        "quick": quick,
-        "budget": opts.budget,
+    """What makes two runs comparable, per task (stored in every JSON file; the number of seeds is not part of it)."""
+    scale = opts.budget / (8 if opts.quick else 1)
+    tasks = {}
+    for name, task in arms.TASKS.items():
+        tasks[name] = {
+            "steps": max(4, round(task.steps * scale)),
+            "batch_size": task.batch_size,
+            "seq_len": task.seq_len,
+            "eval_samples": 8 if opts.quick else 32,
+            "evals": 1 if name == "dpo" else 2,  # evals in a run (plus one before training in the grid's runs)
+        }
+    growth = {
+        "steps": max(20, round((60 if opts.quick else 400) * opts.budget)),
+        "depth": 4,
+        "batch_size": 16,
+        "seq_len": 64,
+        "lr": 2e-3,
+        "eval_every": 10 if opts.quick else 20,
+        "target_at": 0.75,
     }
+    return {"tasks": tasks, "growth": growth, "quick": opts.quick, "budget": opts.budget}
 
 
-# ---- one run, inside a worker subprocess ---------------------------------------------------------------
+# ---- running ---------------------------------------------------------------------------------------------
 
 
-def arm_recipe(arm: str, seed: int, settings: dict, output_dir: str) -> tuple[dict | None, str | None, str]:
-    """(raw recipe, sha1 of the recipe file, reason) -- raw None with the reason when the recipe is missing."""
-    import yaml
-
-    _, path, inline = ARMS[arm]
-    full_path = os.path.join(ROOT, path)
-    if not os.path.isfile(full_path):
-        return None, None, f"{path} does not exist (yet)"
-    with open(full_path, "rb") as f:
-        text = f.read()
-    raw = yaml.safe_load(text)
-    for key, value in (inline or {}).items():
-        if key == "quantization":
-            raw["model"]["quantization"] = value
-        elif value is None:
-            raw.pop(key, None)
-        else:
-            raw[key] = value
-    raw["model"]["name_or_path"] = MODEL
-    raw["data"] = {
-        "train": {"path": "text", "data_files": TRAIN},
-        "eval": {"path": "text", "data_files": EVAL},
-        "max_eval_samples": settings["eval_samples"],
-        "text_column": "text",
-        "max_seq_length": settings["seq_len"],
-        "task": "clm",
-    }
-    training = {k: v for k, v in (raw.get("training") or {}).items() if k in KEEP_TRAINING}
-    training.update(
-        output_dir=output_dir,
-        overwrite_output_dir=True,
-        max_steps=settings["steps"],
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=8,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        disable_tqdm=True,
-    )
-    raw["training"] = training
-    for phase in raw.get("schedule") or []:
-        for generator in ("sample", "cycle"):
-            if isinstance(phase, dict) and isinstance(phase.get(generator), dict):
-                spec = phase[generator]
-                spec["seed"] = (spec.get("seed", 0) if isinstance(spec.get("seed", 0), int) else 0) + seed
-    return raw, hashlib.sha1(text).hexdigest(), ""
+def rate_tag(rate: float) -> str:
+    return f"{rate:.4g}".replace(".", "p")
 
 
-def optimizer_state_bytes(trainer) -> int:
-    import torch
-
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    if optimizer is None:
-        return 0
-    return sum(
-        v.nelement() * v.element_size()
-        for per_param in optimizer.state.values()
-        for v in per_param.values()
-        if isinstance(v, torch.Tensor)
-    )
-
-
-def finetune_worker(arm: str, seed: int, settings: dict) -> dict:
-    import statistics
-    import tempfile
-
-    import memory
-    from transformers import PrinterCallback, TrainerCallback
-
-    from hf_stackwise.cli import pipeline as run
-    from hf_stackwise.errors import StackwiseError
-    from hf_stackwise.recipe.loader import validate_recipe
-
-    memory.quiet_libraries()
-    with tempfile.TemporaryDirectory(prefix="stackwise-results-") as tmp:
-        raw, sha, reason = arm_recipe(arm, seed, settings, os.path.join(tmp, "run"))
-        result = {"recipe": ARMS[arm][1], "recipe_sha1": sha}
-        if raw is None:
-            return {**result, "status": "not run", "reason": reason}
-        try:
-            prepared = run.prepare(validate_recipe(raw, ARMS[arm][1]))
-        except StackwiseError as err:
-            return {**result, "status": "not run", "reason": " ".join(str(err).split())}
-        base = memory.status_kib("VmRSS")["VmRSS"]
-        sampler = memory.AnonSampler()
-        model = run.load_model(prepared)
-        trainer = run.build_trainer(prepared, model=model)
-        trainer.remove_callback(PrinterCallback)
-        spans, state = [], {"max": 0, "begin": 0.0}
-
-        class Probe(TrainerCallback):
-            def on_step_begin(self, args, st, control, **kwargs):
-                state["begin"] = time.perf_counter()
-
-            def on_step_end(self, args, st, control, **kwargs):
-                spans.append(time.perf_counter() - state["begin"])
-                state["max"] = max(state["max"], optimizer_state_bytes(trainer))
-
-        trainer.add_callback(Probe())
-        started = time.perf_counter()
-        output = trainer.train()
-        train_s = time.perf_counter() - started
-        peak = memory.peak_kib()
-        peak_anon = sampler.stop()
-        eval_loss = trainer.evaluate()["eval_loss"]
-        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"]) if optimizer else 0
-        curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e and "step" in e]
-    return {
-        **result,
-        "status": "ok",
-        "eval_loss": eval_loss,
-        "train_loss": output.training_loss,
-        "loss_curve": curve,
-        "base_rss_kib": base,
-        "peak_rss_kib": peak,
-        "peak_anon_kib": peak_anon,
-        "optimizer_state_bytes_max": state["max"],
-        "optimizer_state_bytes_end": optimizer_state_bytes(trainer),
-        "trainable_params_end": trainable,
-        "requires_grad_params_end": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in trainer.model.parameters()),
-        "step_s": statistics.median(spans[1:] or spans),
-        "step_s_all": spans,
-        "train_s": train_s,
-        "phases": [p.name for p in prepared.recipe.schedule.phases]
-        if hasattr(prepared.recipe.schedule, "phases")
-        else None,
-    }
-
-
-def baseline_worker(settings: dict) -> dict:
-    """The held-out loss of the pretrained model before any training (the fp32 arms start from it)."""
-    import tempfile
-
-    import memory
-
-    from hf_stackwise.cli import pipeline as run
-    from hf_stackwise.recipe.loader import validate_recipe
-
-    memory.quiet_libraries()
-    with tempfile.TemporaryDirectory(prefix="stackwise-results-") as tmp:
-        raw, _, _ = arm_recipe("full", 0, settings, os.path.join(tmp, "run"))
-        trainer = run.build_trainer(run.prepare(validate_recipe(raw)))
-        return {"status": "ok", "eval_loss": trainer.evaluate()["eval_loss"]}
-
-
-def growth_worker(arm: str, seed: int, settings: dict) -> dict:
-    import growth
-    import memory
-
-    memory.quiet_libraries()
-    opts = argparse.Namespace(**settings["growth"])
-    train, evaluation = growth.byte_datasets(opts.seq_len)
-    started = time.perf_counter()
-    out = growth.run_one(arm, seed, opts, train, evaluation)
-    return {"status": "ok", "curve": out["curve"], "train_s": time.perf_counter() - started}
-
-
-def worker_main(kind: str, arm: str, seed: int, settings: dict, threads: int | None) -> None:
-    import torch
-    import transformers
-
-    if threads:
-        torch.set_num_threads(threads)
-    if kind == "finetune":
-        result = finetune_worker(arm, seed, settings)
-    elif kind == "baseline":
-        result = baseline_worker(settings)
-    else:
-        result = growth_worker(arm, seed, settings)
-    result["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
-    result["torch_threads"] = torch.get_num_threads()
-    print(TAG + json.dumps(result), flush=True)
-
-
-# ---- the parent ------------------------------------------------------------------------------------------
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "hf-stackwise"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+def run_name(task: str, arm: str, rate: float, seed: int, steps: int) -> str:
+    return f"{task}-{arm}-lr{rate_tag(rate)}-seed{seed}-steps{steps}"
 
 
 def machine() -> dict:
+    from importlib import metadata
+
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -360,202 +126,266 @@ def machine() -> dict:
             ram = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        commit = commit.stdout.strip() or None
-    except OSError:
-        commit = None
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "hf-stackwise"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "ram_bytes": ram,
-        "versions": versions(),
-        "commit": commit,
+        "versions": found,
+        "commit": commit.stdout.strip() or None,
     }
 
 
-def children_cpu() -> float:
-    import resource
+class Runner:
+    """Runs (or finds) one JSON file per run, ``jobs`` subprocesses at a time."""
 
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    def __init__(self, opts, settings: dict, splits: dict):
+        self.opts, self.settings, self.splits = opts, settings, splits
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs))
+
+    def identity(self, task: str, arm: str) -> dict:
+        return {"settings": self.settings["tasks"][task], "recipe_sha1": arms.recipe_sha(task, arm),
+                "splits": self.splits, "quick": self.settings["quick"]}  # fmt: skip
+
+    def stored(self, path: str, identity: dict) -> dict | None:
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            return None
+        same = all(result.get(k) == v for k, v in identity.items())
+        return result if same and result.get("status") in ("ok", "not run") else None
+
+    def spawn(self, spec: dict, path: str, identity: dict) -> dict:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+        command = [sys.executable, os.path.join(HERE, "results_worker.py"), json.dumps(spec)]
+        started, jiffies, load = time.perf_counter(), cpu_jiffies(), os.getloadavg()
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=self.opts.timeout, env=env, cwd=ROOT)
+            stdout, stderr, code = out.stdout, out.stderr, out.returncode
+        except subprocess.TimeoutExpired:
+            stdout, stderr, code = "", f"timed out after {self.opts.timeout:.0f} s", None
+        end = cpu_jiffies()
+        result = next((json.loads(line[len(TAG) :]) for line in stdout.splitlines() if line.startswith(TAG)), None)
+        if result is None:
+            tail = " | ".join((stderr or stdout).strip().splitlines()[-6:])
+            result = {"status": "failed", "reason": f"exit status {code}: {tail}"}
+        busy = None
+        if jiffies and end and end[1] > jiffies[1]:
+            busy = (end[0] - jiffies[0]) / (end[1] - jiffies[1])  # the whole machine's busy share meanwhile
+        result.update(identity, task=spec["task"], arm=spec["arm"], rate=spec["rate"], seed=spec["seed"],
+                      steps=spec["steps"], started=when, wall_s=time.perf_counter() - started,
+                      load_before=list(load), load_after=list(os.getloadavg()), machine_busy=busy,
+                      machine=self.opts.machine)  # fmt: skip
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        shown = result.get("test", {}).get(arms.TASKS[spec["task"]].metric)
+        extra = f"test {shown:.4f}" if isinstance(shown, float) else result.get("reason", "")
+        print(f"  {os.path.basename(path)}: {result['status']} in {result['wall_s']:.0f} s, {extra}", flush=True)
+        return result
+
+    def submit(self, task: str, arm: str, rate: float, seed: int, steps: int):
+        """A future of the run's result (at once when its file is already there)."""
+        path = os.path.join(self.opts.out, run_name(task, arm, rate, seed, steps) + ".json")
+        identity = self.identity(task, arm)
+        found = self.stored(path, identity)
+        if found is not None:
+            future = concurrent.futures.Future()
+            future.set_result(found)
+            return future
+        spec = {"task": task, "arm": arm, "rate": rate, "seed": seed, "steps": steps,
+                "settings": self.settings["tasks"][task]}  # fmt: skip
+        return self.pool.submit(self.spawn, spec, path, identity)
+
+    def run_all(self, wanted: list[tuple]) -> dict:
+        """{(task, arm, rate, seed, steps): result} for every wanted run."""
+        futures = {key: self.submit(*key) for key in dict.fromkeys(wanted)}
+        return {key: future.result() for key, future in futures.items()}
 
 
-def spawn(kind: str, arm: str, seed: int, opts) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, arm, str(seed)]
-    command += sys.argv[1:] if opts.argv is None else opts.argv
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    started, jiffies, own, load = time.perf_counter(), cpu_jiffies(), children_cpu(), os.getloadavg()
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        out = subprocess.run(command, capture_output=True, text=True, timeout=opts.timeout, env=env, cwd=ROOT)
-        stdout, stderr, code = out.stdout, out.stderr, out.returncode
-    except subprocess.TimeoutExpired:
-        stdout, stderr, code = "", f"timed out after {opts.timeout:.0f} s", None
-    end = cpu_jiffies()
-    other = None
-    if jiffies and end and end[1] > jiffies[1]:
-        mine = (children_cpu() - own) * os.sysconf("SC_CLK_TCK")
-        other = max(0.0, (end[0] - jiffies[0]) - mine) / (end[1] - jiffies[1])
-    result = next((json.loads(line[len(TAG) :]) for line in stdout.splitlines() if line.startswith(TAG)), None)
-    if result is None:
-        tail = " | ".join((stderr or stdout).strip().splitlines()[-6:])
-        result = {"status": "failed", "reason": f"exit status {code}: {tail}"}
-    result.update(
-        kind=kind,
-        arm=arm,
-        seed=seed,
-        started=when,
-        wall_s=time.perf_counter() - started,
-        load_before=list(load),
-        load_after=list(os.getloadavg()),
-        other_cpu=other,
-    )
-    return result
-
-
-def existing(path: str, settings: dict, sha: str | None = "any") -> dict | None:
-    """The stored result at ``path`` when it is a finished run with these settings (and recipe text)."""
-    try:
-        with open(path) as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
+def score(result: dict, task: str, split: str) -> float | None:
+    if result.get("status") != "ok":
         return None
-    if stored.get("status") != "ok" or stored.get("settings") != settings:
+    value = result.get(split, {}).get(arms.TASKS[task].metric)
+    return None if value is None or math.isnan(value) else value
+
+
+def best_rate(results: dict, task: str, arm: str, steps: int) -> float | None:
+    """The grid factor with the best validation metric (ties: the one nearer 1)."""
+    spec = arms.TASKS[task]
+    tried = {k[2]: score(r, task, "val") for k, r in results.items() if k[:2] == (task, arm) and k[3] == 0
+             and k[4] == steps}  # fmt: skip
+    tried = {rate: value for rate, value in tried.items() if value is not None}
+    if not tried:
         return None
-    if sha != "any" and stored.get("recipe_sha1") != sha:
-        return None
-    return stored
+    sign = 1 if spec.lower_is_better else -1
+    return min(tried, key=lambda rate: (sign * tried[rate], abs(math.log(rate))))
 
 
-def recipe_sha(arm: str) -> str | None:
-    path = os.path.join(ROOT, ARMS[arm][1])
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
+def protocol(runner: Runner, opts, selected: dict) -> dict:
+    """Every stage of the protocol for the selected {task: [arms]}; returns the choices it made."""
+    tasks = runner.settings["tasks"]
+    seeds = list(range(opts.n_seeds))
+    results, choices = {}, {task: {} for task in selected}
+    grid = {(task, arm): list(GRID) for task, names in selected.items() for arm in names}
+    for _ in range(MAX_EXTENSIONS + 1):  # 1. the grid, grown past an edge where the best factor sits
+        width = max(len(rates) for rates in grid.values())  # rate by rate, so the arms interleave
+        wanted = [(t, a, rates[i], 0, tasks[t]["steps"]) for i in range(width) for (t, a), rates in grid.items()
+                  if i < len(rates)]  # fmt: skip
+        print(f"grid: {len(wanted)} runs", flush=True)
+        results.update(runner.run_all(wanted))
+        grown = False
+        for (task, arm), rates in grid.items():
+            best = best_rate(results, task, arm, tasks[task]["steps"])
+            if best is not None and best in (min(rates), max(rates)) and len(rates) < len(GRID) + MAX_EXTENSIONS:
+                rates.append(best * EXTEND if best == max(rates) else best / EXTEND)
+                grown = True
+        if not grown:
+            break
+    for (task, arm), rates in grid.items():
+        choices[task][arm] = {"grid": sorted(rates), "rate": best_rate(results, task, arm, tasks[task]["steps"])}
+    chosen = [(t, a, c["rate"]) for t in choices for a, c in choices[t].items() if c["rate"] is not None]
+    # 2. seeds at the chosen factor, arms interleaved (the order alternates from seed to seed)
+    wanted = [(t, a, r, s, tasks[t]["steps"]) for s in seeds for (t, a, r) in (chosen if s % 2 == 0 else chosen[::-1])]
+    print(f"seeds: {len(wanted)} runs", flush=True)
+    results.update(runner.run_all(wanted))
+    # 3. equal FLOPs: full fine-tuning's budget, spent by every arm
+    wanted = []
+    for task in choices:
+        steps = tasks[task]["steps"]
+        flops = {a: [results[(task, a, r, s, steps)].get("flops") for s in seeds] for (t, a, r) in chosen if t == task}
+        flops = {a: [f for f in fs if f] for a, fs in flops.items()}
+        full = arms.TASKS[task].full
+        if not flops.get(full):
+            continue
+        budget = statistics.median(flops[full])
+        for arm, values in flops.items():
+            if arm == full or not values:
+                continue
+            n = min(FLOP_CAP * steps, max(1, round(steps * budget / statistics.median(values))))
+            n = steps if abs(n - steps) <= SAME * steps else n
+            choices[task][arm].update(flop_steps=n, flop_budget=budget)
+            wanted += [(task, arm, choices[task][arm]["rate"], s, n) for s in seeds]
+        choices[task][full].update(flop_steps=steps, flop_budget=budget)
+    print(f"equal FLOPs: {len(wanted)} runs", flush=True)
+    results.update(runner.run_all(wanted))
+    # 4. the longer horizon
+    wanted = [(t, a, r, s, LONG * tasks[t]["steps"]) for s in seeds for (t, a, r) in chosen
+              if a in arms.TASKS[t].long]  # fmt: skip
+    print(f"longer horizon: {len(wanted)} runs", flush=True)
+    results.update(runner.run_all(wanted))
+    return choices
 
 
-def do(kind: str, arm: str, seed: int, path: str, opts, settings: dict, sha="any") -> dict:
-    stored = existing(path, settings, sha)
-    if stored is not None:
-        print(f"  {os.path.basename(path)}: present, skipped", flush=True)
-        return stored
-    result = spawn(kind, arm, seed, opts)
-    result["settings"] = settings
-    result["machine"] = opts.machine
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    shown = result.get("eval_loss") if kind != "growth" else (result.get("curve") or [[None] * 4])[-1][3]
-    extra = f"loss {shown:.4f}" if isinstance(shown, float) else result.get("reason", "")
-    print(f"  {os.path.basename(path)}: {result['status']} in {result['wall_s']:.0f} s, {extra}", flush=True)
-    return result
+# ---- progressive stacking (benchmarks/growth.py) ----------------------------------------------------------
 
 
-def run_finetune(opts, settings: dict) -> None:
-    arms = [a.strip() for a in opts.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown {unknown}; known: {', '.join(ARMS)}")
-    do("baseline", "none", 0, os.path.join(opts.out, "finetune-baseline.json"), opts, settings)
-    for seed in range(opts.n_seeds):
-        order = arms if seed % 2 == 0 else arms[::-1]  # alternate, so drift does not favour one arm
-        for arm in order:
-            path = os.path.join(opts.out, f"finetune-{arm}-seed{seed}.json")
-            do("finetune", arm, seed, path, opts, settings, sha=recipe_sha(arm))
+def growth_worker(arm: str, seed: int, settings: dict) -> None:
+    import growth
+    import memory
+    import torch
+
+    torch.set_num_threads(1)
+    memory.quiet_libraries()
+    opts = argparse.Namespace(**settings["growth"])
+    train, evaluation = growth.byte_datasets(opts.seq_len)
+    started = time.perf_counter()
+    out = growth.run_one(arm, seed, opts, train, evaluation)
+    result = {"status": "ok", "curve": out["curve"], "train_s": time.perf_counter() - started}
+    print(GROWTH_TAG + json.dumps(result), flush=True)
 
 
 def run_growth(opts, settings: dict) -> None:
-    import statistics
+    def one(arm: str, seed: int) -> dict:
+        path = os.path.join(opts.out, f"growth-{arm}-seed{seed}.json")
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+            if stored.get("status") == "ok" and stored.get("settings") == settings["growth"]:
+                return stored
+        except (OSError, ValueError):
+            pass
+        command = [sys.executable, os.path.abspath(__file__), "--growth-worker", arm, str(seed), *opts.argv]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        started = time.perf_counter()
+        out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=opts.timeout)
+        line = next((s for s in out.stdout.splitlines() if s.startswith(GROWTH_TAG)), None)
+        result = json.loads(line[len(GROWTH_TAG) :]) if line else {"status": "failed", "reason": out.stderr[-500:]}
+        result.update(arm=arm, seed=seed, settings=settings["growth"], wall_s=time.perf_counter() - started)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"  growth-{arm}-seed{seed}: {result['status']}", flush=True)
+        return result
 
     g = settings["growth"]
-    full = []
-    for seed in range(opts.n_seeds):
-        full.append(do("growth", "full", seed, os.path.join(opts.out, f"growth-full-seed{seed}.json"), opts, settings))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        full = list(pool.map(lambda s: one("full", s), range(opts.n_seeds)))
     curves = [r["curve"] for r in full if r.get("status") == "ok"]
     if not curves:
-        print("  growth: no full-depth run finished; no target, no growth runs", flush=True)
         return
     target_path = os.path.join(opts.out, "growth-target.json")
-    target = existing(target_path, settings)
-    if target is not None and target.get("from_seeds") != len(curves):
-        target = None  # more full-depth seeds since: fixed again, from the full-depth runs only
-    if target is None:  # fixed before any growth run starts, from the full-depth runs only
-        at = max(1, round(g["target_at"] * g["steps"] / g["eval_every"])) - 1
-        at = min(at, min(len(c) for c in curves) - 1)
-        target = {
-            "status": "ok",
-            "settings": settings,
-            "target": statistics.median(c[at][3] for c in curves),
-            "at_step": curves[0][at][0],
-            "from_seeds": len(curves),
-            "fixed_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        with open(target_path, "w") as f:
-            json.dump(target, f, indent=1)
-    print(f"  growth target eval loss {target['target']:.4f} (full depth at step {target['at_step']})", flush=True)
-    for seed in range(opts.n_seeds):
-        do("growth", "grow", seed, os.path.join(opts.out, f"growth-grow-seed{seed}.json"), opts, settings)
-
-
-def run_cache(opts) -> None:
-    script = os.path.join(HERE, "cache.py")
-    target = os.path.join(opts.out, "cache.json")
-    if os.path.exists(target) or not os.path.isfile(script):
-        print("  cache: " + ("cache.json present, skipped" if os.path.exists(target) else "no benchmarks/cache.py"))
-        return
-    with open(script) as f:
-        if "--out" not in f.read():
-            print("  cache: benchmarks/cache.py takes no --out; not run")
-            return
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=ROOT)
-    try:
-        out = subprocess.run(
-            [sys.executable, script, "--out", target], env=env, cwd=ROOT, timeout=opts.timeout, capture_output=True
-        )
-        print(f"  cache: benchmarks/cache.py exit status {out.returncode}", flush=True)
-    except subprocess.TimeoutExpired:
-        print("  cache: benchmarks/cache.py timed out", flush=True)
-
-
-def write_manifest(opts, settings: dict, seconds: float | None) -> None:
-    """The settings report.py renders (the last invocation's), the machine and the invocation's wall time."""
-    manifest = {"settings": settings, "seeds": opts.n_seeds, "last_invocation_s": seconds, "machine": opts.machine}
-    with open(os.path.join(opts.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    at = min(max(1, round(g["target_at"] * g["steps"] / g["eval_every"])) - 1, min(len(c) for c in curves) - 1)
+    target = {"settings": g, "target": statistics.median(c[at][3] for c in curves), "at_step": curves[0][at][0],
+              "from_seeds": len(curves)}  # fmt: skip
+    with open(target_path, "w") as f:  # fixed before any growth run starts, from the full-depth runs only
+        json.dump(target, f, indent=1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        list(pool.map(lambda s: one("grow", s), range(opts.n_seeds)))
 
 
 def main(argv=None) -> None:
     opts = make_parser().parse_args(argv)
-    opts.argv = argv
+    opts.argv = sys.argv[1:] if argv is None else list(argv)
+    opts.n_seeds = opts.seeds or (1 if opts.quick else 3)
     settings = settings_from(opts)
-    if opts.worker:
-        kind, arm, seed = opts.worker
-        worker_main(kind, arm, int(seed), settings, opts.threads)
+    if opts.growth_worker:
+        growth_worker(opts.growth_worker[0], int(opts.growth_worker[1]), settings)
         return
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    if not os.path.isdir(os.path.join(ROOT, MODEL)) or not os.path.isfile(os.path.join(ROOT, TRAIN)):
-        raise SystemExit("run `make assets` first (SmolLM2-135M-Instruct and the Python-docs corpus)")
-    opts.out = opts.out or (os.path.join(RESULTS, "quick") if opts.quick else RESULTS)
+    if not all(os.path.isdir(os.path.join(ROOT, t.model)) for t in arms.TASKS.values()):
+        raise SystemExit("run `make assets` first (SmolLM2-135M-Instruct, MiniLM and the Python-docs data)")
+    opts.out = opts.out or (os.path.join(HERE, "results", "quick") if opts.quick else RESULTS)
     os.makedirs(opts.out, exist_ok=True)
     opts.machine = machine()
-    opts.n_seeds = opts.seeds or (1 if opts.quick else 3)
+    splits = arms.write_splits()
+    runner = Runner(opts, settings, splits)
+    tasks = [t for t in arms.TASKS if opts.only in (None, t)]
+    wanted = None if opts.arms is None else {a.strip() for a in opts.arms.split(",") if a.strip()}
+    selected = {t: [a for a in arms.TASKS[t].arms if wanted is None or a in wanted] for t in tasks}
     started = time.perf_counter()
-    write_manifest(opts, settings, None)  # now, so an interrupted invocation's runs render too
-    print(f"results into {opts.out}: {opts.n_seeds} seeds, {json.dumps(settings)}", flush=True)
-    if opts.only in (None, "finetune"):
-        run_finetune(opts, settings)
+    print(f"results into {opts.out}: {opts.n_seeds} seeds, {opts.jobs} at a time", flush=True)
+    choices = protocol(runner, opts, {t: a for t, a in selected.items() if a})
     if opts.only in (None, "growth"):
         run_growth(opts, settings)
-    if opts.only in (None, "cache"):
-        run_cache(opts)
-    seconds = time.perf_counter() - started
-    write_manifest(opts, settings, seconds)
-    print(f"done in {seconds:.0f} s", flush=True)
+    manifest_path = os.path.join(opts.out, "manifest.json")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = {}
+    if manifest.get("settings") != settings:
+        manifest = {"settings": settings, "choices": {}, "invocations": []}
+    manifest["choices"].update(choices)
+    manifest["seeds"] = opts.n_seeds
+    manifest["machine"] = opts.machine
+    ended = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest["invocations"].append({"argv": opts.argv, "seconds": time.perf_counter() - started, "ended": ended})
+    with open(manifest_path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
+    print(f"done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

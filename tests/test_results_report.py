@@ -8,23 +8,9 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SETTINGS = {
-    "steps": 4,
-    "batch_size": 2,
-    "seq_len": 16,
-    "eval_samples": 4,
-    "growth": {
-        "steps": 40,
-        "depth": 4,
-        "batch_size": 16,
-        "seq_len": 64,
-        "lr": 2e-3,
-        "eval_every": 10,
-        "target_at": 0.75,
-    },
-    "quick": True,
-    "budget": 1.0,
-}
+TASK = {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_samples": 4, "evals": 2}
+GROWTH = {"steps": 40, "depth": 4, "batch_size": 16, "seq_len": 64, "lr": 2e-3, "eval_every": 10, "target_at": 0.75}
+SETTINGS = {"tasks": {"clm": TASK, "classify": TASK, "dpo": TASK}, "growth": GROWTH, "quick": True, "budget": 1.0}
 MACHINE = {
     "python": "3.x",
     "platform": "Linux",
@@ -36,89 +22,144 @@ MACHINE = {
 }
 
 
+def module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    found = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(found)
+    return found
+
+
 def report_module():
-    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module("report")
 
 
-def finetune(arm: str, seed: int, loss: float, step_s: float, peak_mib: int, optim: int) -> dict:
+def run(arm, rate, seed, steps, loss, flops, peak_mib=1000, task="clm", **extra) -> dict:
+    """One run's JSON as benchmarks/results.py writes it (the keys the report reads)."""
     return {
-        "kind": "finetune",
+        "task": task,
         "arm": arm,
+        "rate": rate,
         "seed": seed,
+        "steps": steps,
+        "settings": TASK,
+        "quick": True,
         "status": "ok",
-        "settings": SETTINGS,
-        "eval_loss": loss,
-        "loss_curve": [[1, loss + 1], [2, loss + 0.5]],
-        "base_rss_kib": 500 * 1024,
+        "val": {"loss": loss - 0.5},
+        "test": {"loss": loss},
+        "before": {"val": {"loss": 3.5}, "test": {"loss": 4.0}},
+        "curve": [[0, 0, 0, {"test": {"loss": 4.0}}], [steps, flops, 10.0, {"test": {"loss": loss}}]],
+        "flops": flops,
+        "cpu_s": flops / 1e9,
         "peak_rss_kib": peak_mib * 1024,
-        "optimizer_state_bytes_max": optim,
-        "trainable_params_end": optim // 8,
-        "step_s": step_s,
-        "other_cpu": 0.0,
-        "started": f"2026-01-01T00:0{seed}:00+00:00",
+        "optimizer_state_bytes_max": 1024 * 1024,
+        "cache_hit_rate": None,
+        "freezes": [],
         "wall_s": 60.0,
+        "started": f"2026-01-01T00:0{seed}:00+00:00",
         "load_before": [0.5, 0.5, 0.5],
         "load_after": [1.0, 0.5, 0.5],
+        "torch_threads": 1,
+        **extra,
     }
 
 
-def growth(arm: str, seed: int, losses: list[float]) -> dict:
-    flops = 2.0e9 if arm == "full" else 1.0e9
-    curve = [[10 * (i + 1), 1000 * (i + 1), flops * (i + 1), loss] for i, loss in enumerate(losses)]
-    return {"kind": "growth", "arm": arm, "seed": seed, "status": "ok", "settings": SETTINGS, "curve": curve}
+def fixture_runs() -> tuple[dict, list[dict]]:
+    third = 1 / 3
+    choices = {
+        "full": {"grid": [third, 1.0, 3.0], "rate": 1.0, "flop_steps": 4, "flop_budget": 4e9},
+        "lora": {"grid": [third, 1.0, 3.0, 9.0], "rate": 3.0, "flop_steps": 8, "flop_budget": 4e9},
+        "unfreeze": {"grid": [third, 1.0, 3.0], "rate": third, "flop_steps": 6, "flop_budget": 4e9},
+    }
+    runs = []
+    for seed in range(3):
+        runs.append(run("full", 1.0, seed, 4, 3.00 + 0.01 * seed, 4e9, peak_mib=3000))
+        runs.append(run("lora", 3.0, seed, 4, 3.10 + 0.01 * seed, 2e9, peak_mib=1800))
+        runs.append(run("lora", 3.0, seed, 8, (2.99, 3.05, 3.00)[seed], 4e9, peak_mib=1800))
+        runs.append(run("unfreeze", third, seed, 4, 3.50 + 0.01 * seed, 3e9, peak_mib=2000))
+        if seed < 2:  # one seed of the equal-FLOP run is missing
+            runs.append(run("unfreeze", third, seed, 6, 3.40 + 0.01 * seed, 4.5e9, peak_mib=2000))
+    runs.append(run("full", third, 0, 4, 3.2, 4e9))
+    runs.append(run("full", 3.0, 0, 4, 3.3, 4e9))
+    runs.append(run("lora", third, 0, 4, 3.6, 2e9))
+    runs.append(run("lora", 1.0, 0, 4, 3.4, 2e9))
+    runs.append(run("lora", 9.0, 0, 4, 3.9, 2e9))
+    runs.append(run("unfreeze", 1.0, 0, 4, 3.8, 3e9))
+    runs.append({**run("unfreeze", 3.0, 0, 4, 9.0, 3e9), "status": "failed", "reason": "diverged"})
+    runs.append({**run("full", 1.0, 5, 4, 0.1, 4e9), "settings": {**TASK, "steps": 999}})  # other settings
+    return {"clm": choices}, runs
+
+
+def test_interval_compare_and_pareto_by_hand():
+    rt = module("report_tasks")
+    mean, low, high = rt.interval([1.0, 2.0, 3.0])  # sd 1, t(0.975, 2) = 4.303: half-width 4.303 / sqrt(3)
+    assert (mean, round(low, 3), round(high, 3)) == (2.0, -0.484, 4.484)
+    assert rt.interval([1.0]) is None
+    assert rt.compare([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], lower_is_better=True) == "better"
+    assert rt.compare([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], lower_is_better=False) == "worse"
+    assert rt.compare([1.0, 2.0, 3.0], [2.0, 2.1, 2.2], lower_is_better=True) == "tie"
+    assert rt.compare([1.0], [2.0, 2.1], lower_is_better=True) == "tie"  # one seed: no interval, no verdict
+    points = [("a", 1.0, 3.0), ("b", 2.0, 2.5), ("c", 2.0, 2.9), ("d", 3.0, 2.5), ("e", 4.0, 2.0)]
+    assert [p[0] for p in rt.pareto(points, lower_is_better=True)] == ["a", "b", "e"]
+    assert [p[0] for p in rt.pareto(points, lower_is_better=False)] == ["a"]
 
 
 def test_page_from_fixture_json(tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-    files = {
-        "manifest": {"settings": SETTINGS, "seeds": 2, "machine": MACHINE},
-        "finetune-baseline": {"status": "ok", "settings": SETTINGS, "eval_loss": 4.0},
-        "finetune-lisa-seed0": {"status": "not run", "reason": "lisa.yaml does not exist (yet)", "settings": SETTINGS},
-        "finetune-lora-seed0": {**finetune("lora", 0, 9.0, 1.0, 900, 100), "settings": {"steps": 999}},  # other run
-        "growth-target": {"status": "ok", "settings": SETTINGS, "target": 2.0, "at_step": 30, "from_seeds": 2},
-        "cache-steps": {"cached_over_uncached_ratio": 0.25},
-    }
-    for seed in range(2):
-        files[f"finetune-full-seed{seed}"] = finetune("full", seed, 3.0 + 0.1 * seed, 2.0, 3000, 1_000_000)
-        files[f"finetune-unfreeze-seed{seed}"] = finetune("unfreeze", seed, 3.5 + 0.1 * seed, 1.0, 2000, 400_000)
-        files[f"growth-full-seed{seed}"] = growth("full", seed, [3.0, 2.5, 2.0, 1.9])
-        files[f"growth-grow-seed{seed}"] = growth("grow", seed, [3.0, 2.6, 2.4, 2.1])
-    for name, data in files.items():
-        (folder / f"{name}.json").write_text(json.dumps(data))
+    folder = tmp_path / "results" / "page"
+    folder.mkdir(parents=True)
+    choices, runs = fixture_runs()
+    manifest = {"settings": SETTINGS, "seeds": 3, "machine": MACHINE, "choices": choices,
+                "invocations": [{"argv": [], "seconds": 7200.0, "ended": "x"}]}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for i, data in enumerate(runs):
+        (folder / f"run{i}.json").write_text(json.dumps(data))
+    (tmp_path / "results" / "cache-steps.json").write_text(json.dumps({"cached_over_uncached_ratio": 0.25}))
     out, images = tmp_path / "results.md", tmp_path / "images"
     page = report_module().render(str(folder), str(out), str(images))
 
     assert out.read_text() == page
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if line.startswith("| ")}
-    full = "| 3.050 ± 0.071 | 2 | -0.950 | 3000 | 2500 | 1.0 | 125,000 | 2.00 | 1.00 | 0% |"
-    assert full in rows["full fine-tuning"]
-    assert "| 3.550 ± 0.071 | 2 |" in rows["gradual unfreezing (the demo's schedule)"]
-    assert "| 0.50 |" in rows["gradual unfreezing (the demo's schedule)"]  # step ratio against the same seed's full
-    assert "not run — lisa.yaml does not exist (yet) |" in rows["LISA (sampled stacks)"]
-    assert "| not run yet |" in rows["LoRA (r 8, every stack)"]  # the other settings' run is left out
-    assert "ends **above** full fine-tuning's held-out loss by 0.500" in page
-    assert "Target eval loss **2.0000**" in page
-    assert "never reached" in page and "did **not** help" in page  # grow never reaches 2.0
+    assert page.index("## The protocol") < page.index("| arm |")  # the protocol comes before any number
+    rows = [line for line in page.splitlines() if line.startswith("| ")]
+    grid = next(r for r in rows if r.startswith("| LoRA") and "×1/3: " in r)
+    assert "×3: **2.600**" in grid and "×9: 3.400" in grid and grid.endswith("| ×3 |")
+    failed = next(r for r in rows if r.startswith("| gradual unfreezing") and "×1/3: " in r)
+    assert "×3: failed" in failed and failed.endswith("| ×1/3 |")
+    full = next(r for r in rows if r.startswith("| full fine-tuning | 4 |"))
+    assert "| 3.010 ± 0.010 | [2.985, 3.035] | 3 |" in full and "| 4 | 1.00 |" in full  # GFLOPs, FLOPs / full
+    assert "| 3000 |" in full
+    lora = next(r for r in rows if r.startswith("| LoRA (r 8, every stack) | 4 |"))
+    assert "| 2 | 0.50 |" in lora
+    assert "2 seed(s)" not in page and "1 seed(s) missing: not run yet" in page  # unfreeze's equal-FLOP seed 2
+    assert "Equal steps: **LoRA (r 8, every stack)** against full fine-tuning is **worse** (+0.100" in page
+    assert "Equal FLOPs: **LoRA (r 8, every stack)** against full fine-tuning ties with it (+0.003" in page
+    assert "Equal steps: **gradual unfreezing (cache auto)** against full fine-tuning is **worse** (+0.500" in page
+    front = next(line for line in page.splitlines() if line.startswith("- **FLOPs front**"))
+    assert front == (
+        "- **FLOPs front** (no other run is as cheap and as good): LoRA (r 8, every stack) at 2 GFLOPs (loss 3.110; "
+        "equal steps); full fine-tuning at 4 GFLOPs (loss 3.010; equal FLOPs)."  # LoRA's 4 GFLOPs run: 3.013
+    )
+    assert "- **a quarter of full fine-tuning's budget** (1 GFLOPs)" not in page  # nothing ran that cheaply
+    assert "- **half of it** (2 GFLOPs): best LoRA (r 8, every stack) (loss 3.110)." in page
+    assert "**full fine-tuning's budget** (4 GFLOPs): best full fine-tuning (loss 3.010); tied within the 95% " \
+        "intervals: LoRA (r 8, every stack)" in page  # fmt: skip
+    assert "**No stack-wise schedule is on the FLOPs front here**" in page
+    assert "## Classification: MiniLM on standard-library docstrings\n\nNot run yet." in page
     assert "| `cache-steps.json` | cached_over_uncached_ratio | 0.250 |" in page
-    assert "2026-01-01T00:00:00+00:00 to 2026-01-01T00:01:00+00:00" in page
-    for name in ("finetune-loss.png", "finetune-cost.png", "finetune-curves.png", "growth.png"):
+    assert "2.0 hours of wall time over 1 invocation" in page
+    for name in ("clm-flops.png", "clm-memory.png"):
         assert (images / name).stat().st_size > 1000
         assert f"(images/{name})" in page
 
 
 def test_the_committed_results_page_is_the_render_of_the_committed_json(tmp_path):
-    """docs/results.md is exactly what benchmarks/report.py renders from benchmarks/results/*.json (re-render with
-    `python benchmarks/report.py` after a run); rendering with plots gives the same text and draws what it links."""
+    """docs/results.md is exactly what benchmarks/report.py renders from benchmarks/results/page/*.json (re-render
+    with `python benchmarks/report.py` after a run); rendered with plots, the same text, and it draws what it links."""
     report = report_module()
-    results, page = ROOT / "benchmarks" / "results", ROOT / "docs" / "results.md"
+    results, page = ROOT / "benchmarks" / "results" / "page", ROOT / "docs" / "results.md"
     text = report.render(str(results), str(page), str(ROOT / "docs" / "images" / "results"), write=False)
-    assert text == page.read_text(), "docs/results.md is not the render of benchmarks/results/: run report.py"
+    assert text == page.read_text(), "docs/results.md is not the render of benchmarks/results/page/: run report.py"
     images = tmp_path / "docs" / "images" / "results"  # the same layout: the same relative links
     (tmp_path / "docs").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     assert report.render(str(results), str(tmp_path / "docs" / "results.md"), str(images)) == text
     linked = re.findall(r"!\[[^]]*\]\(images/results/([^)]+)\)", text)
     assert linked and sorted(linked) == sorted(p.name for p in images.iterdir())
