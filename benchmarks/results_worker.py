@@ -39,9 +39,28 @@ def optimizer_state_bytes(trainer) -> int:
     )
 
 
+def step_counter():
+    """PyTorch's FLOP counter without its module tracker. The tracker registers global module hooks while it counts,
+    and the activation cache rightly reads a global hook as a hazard (it may change the prefix) and turns itself off
+    at the next phase start, which runs inside the step; the per-module breakdown is not needed here."""
+    from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+
+    class StepFlops(FlopCounterMode):
+        def __enter__(self):
+            self.flop_counts.clear()
+            self.mode = _FlopCounterMode(self)
+            self.mode.__enter__()
+            return self
+
+        def __exit__(self, *args):
+            done, self.mode = self.mode.__exit__(*args), None
+            return done
+
+    return StepFlops(display=False)
+
+
 def probe(trainer, total_steps: int):
     """A callback that counts FLOPs and times every step, and asks for an eval at the last step."""
-    from torch.utils.flop_counter import FlopCounterMode
     from transformers import TrainerCallback
 
     class Probe(TrainerCallback):
@@ -50,7 +69,7 @@ def probe(trainer, total_steps: int):
             self.counter = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.counter = FlopCounterMode(display=False)
+            self.counter = step_counter()
             self.counter.__enter__()
             self.began = (time.process_time(), time.perf_counter())
 
