@@ -282,7 +282,12 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
         f"{task.arms[task.full].label.capitalize()} and every other arm train `{task.model}` for {s['steps']} steps "
         f"of batch {s['batch_size']} × {s['seq_len']} tokens (equal steps), then for full fine-tuning's FLOPs "
         f"(equal FLOPs). The test {task.metric} "
-        + (f"before training is **{before[0]:.3f}**." if before else "before training was not recorded."),
+        + (f"before training is **{before[0]:.3f}**." if before else "before training was not evaluated.")
+        + (
+            " (Before training a DPO policy equals its reference: every reward is 0, so accuracy and margin are 0.)"
+            if name == "dpo"
+            else ""
+        ),  # fmt: skip
         "",
         f"**Rate grid** (seed 0, {s['steps']} steps; validation {task.metric}, the chosen factor in bold; the factor "
         "multiplies every learning rate of the arm's recipe):",

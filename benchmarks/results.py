@@ -69,7 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per arm (default 3)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each on 1 thread (default 2)")
     parser.add_argument("--only", choices=(*arms.TASKS, "growth", "cache"), default=None)
-    parser.add_argument("--arms", default=None, help="comma-separated arms (default: every arm of the tasks)")
+    parser.add_argument("--arms", default=None, help="comma-separated arms, `arm` or `task:arm` (default: all)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/page[/quick])")
     parser.add_argument("--timeout", type=float, default=5400, help="seconds allowed per run")
     parser.add_argument("--growth-worker", nargs=2, default=None, help=argparse.SUPPRESS)  # arm seed
@@ -363,7 +363,8 @@ def main(argv=None) -> None:
     runner = Runner(opts, settings, splits)
     tasks = [t for t in arms.TASKS if opts.only in (None, t)]
     wanted = None if opts.arms is None else {a.strip() for a in opts.arms.split(",") if a.strip()}
-    selected = {t: [a for a in arms.TASKS[t].arms if wanted is None or a in wanted] for t in tasks}
+    selected = {t: [a for a in arms.TASKS[t].arms if wanted is None or a in wanted or f"{t}:{a}" in wanted]
+                for t in tasks}  # fmt: skip
     started = time.perf_counter()
     print(f"results into {opts.out}: {opts.n_seeds} seeds, {opts.jobs} at a time", flush=True)
     choices = protocol(runner, opts, {t: a for t, a in selected.items() if a})
