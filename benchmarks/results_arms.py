@@ -203,6 +203,16 @@ def data_section(task: str, split: str, settings: dict) -> dict:
     }
 
 
+def eval_batch(task: str, split: str, settings: dict) -> int:
+    """8, but for DPO a divisor of the split's pairs: TRL averages its reward metrics over eval batches, so an
+    uneven last batch would weigh its pairs more."""
+    if task != "dpo":
+        return 8
+    with open(os.path.join(ROOT, split_paths()[task][split])) as f:
+        pairs = sum(1 for line in f if line.strip())
+    return max(d for d in range(1, 17) if pairs % d == 0)
+
+
 def recipe_text(arm: Arm) -> bytes | None:
     path = os.path.join(ROOT, arm.recipe)
     if not os.path.isfile(path):
@@ -239,7 +249,7 @@ def run_recipe(task: str, arm_name: str, run: dict, settings: dict, output_dir: 
         overwrite_output_dir=True,
         max_steps=run["steps"],
         per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=8,
+        per_device_eval_batch_size=eval_batch(task, split, settings),
         logging_steps=1,
         eval_strategy="steps",
         # before training, in the grid's runs (DPO: a policy equal to its reference has rewards 0, no eval needed)
