@@ -13,6 +13,7 @@ import trl
 from datasets import Dataset
 from transformers.utils import logging
 
+from ..cache.activations import PairRows
 from ..data.plane import DataPlane
 from ..rack.quantization import disable_cpu_repack
 from ..rack.rack import Rack
@@ -155,10 +156,33 @@ class StackwiseDPOTrainer(StackwiseTrainer, trl.DPOTrainer):
         index = self._phase_state.index if self._phase_state is not None else 0
         return self.rack.boundaries[self.reference_cuts[index]]
 
+    # ---- the activation cache: a pair is two stored rows (chosen 2i, rejected 2i + 1; see PairRows) ----------
+
+    def get_train_dataloader(self):
+        collator = self.data_collator
+        self.data_collator = PairRows(collator)  # carries the row ids through TRL's collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def cache_data(self):
+        data = super().cache_data()
+        rows = data.rows * 2 if data.rows is not None else None
+        return dataclasses.replace(data, rows=rows, global_batch=data.global_batch * 2)
+
+    def _cache_exposed_cuts(self, state) -> tuple[int, ...]:
+        """The ``shared`` reference reads the policy's hidden state at its cut, which may lie below the cache's."""
+        if self._prefix is None:
+            return ()
+        return (self.rack.boundaries[self.reference_cuts[state.index]],)
+
     def _compute_loss(self, model, inputs, return_outputs):
         with trl_reads_deprecated_checkpointing():
             if self._prefix is None:
                 return super()._compute_loss(model, inputs, return_outputs)
+            # inside the step's arrangement, `rack.blocks` is the arranged list: with the cache on, the replay module
+            # at the cut's position, which returns the stored state on a hit (the real block does not run then)
             with self._prefix.capture(self.rack.blocks, self._reference_cut()):
                 return super()._compute_loss(model, inputs, return_outputs)
 
