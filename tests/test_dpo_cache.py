@@ -106,3 +106,22 @@ def test_hazards_apply_as_elsewhere(tmp_path, tokenizer):
     auto = trainer("auto")
     auto.train()
     assert not any(d.on for d in auto.cache_decisions) and "dropout" in auto.cache_decisions[0].reason
+
+
+def test_expected_repeat_reads_the_pairs_and_trl_collator(tmp_path, tokenizer):
+    """`auto` sizes the stores in sequences (2 per pair) and estimates how often a row's padded inputs repeat from the
+    pairs' lengths (prompt + longer answer) through TRL's collator: below 1 when batches pad to their longest row,
+    1 when every row is padded to one length."""
+
+    def data(**overrides):
+        args = dpo_args(tmp_path, "probe", "shared", max_length=400, **overrides)
+        rows = Dataset.from_list(preference_rows(PAIRS))
+        trainer = StackwiseDPOTrainer(
+            model=tiny_causal_lm("llama", layers=4), args=args, train_dataset=rows, processing_class=tokenizer
+        )
+        return trainer.cache_data()
+
+    per_batch, fixed = data(), data(pad_to_multiple_of=400)
+    assert per_batch.rows == 2 * PAIRS and per_batch.global_batch == 2 * 4
+    assert 0 < per_batch.repeat < 1 and "padded to the longest" in per_batch.repeat_note
+    assert fixed.repeat == 1.0
