@@ -249,7 +249,7 @@ class ActivationCacheMixin:
         """Whether the training rows carry their ids: some phase runs cached (or the run length is not known yet)."""
         if self.cache_settings.activations is False or self.train_dataset is None:
             return False
-        if self.data_plane is not None and self.data_plane.task == "sft":
+        if self.data_plane is not None and self.data_plane.task in ("sft", "kto"):
             return False  # TRL's collator builds the batches (dpo: the trainer keys its pairs, see PairRows)
         return self.resolved is None or any(d.on for d in self._cache_decide())
 

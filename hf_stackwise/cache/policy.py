@@ -190,6 +190,12 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
         return f"data.task {phase_task} draws a new mask every step, so no row's inputs repeat and nothing would hit"
     if phase_task == "sft":
         return "data.task sft: TRL builds the batches, which carry no row ids for the cache"
+    if phase_task == "kto":
+        return (
+            "data.task kto: a step runs the policy on two batches (the mismatched KL completions, then the labelled "
+            "ones) and the cache keys one batch of rows per step, so the second forward would be matched against "
+            "the first's inputs"
+        )
     if EMBEDDINGS in units:
         return "the embeddings train, so the prefix is not frozen"
     if model.tied and HEAD in units:
