@@ -4,21 +4,25 @@ settings. Tiny Llama from a config, fp32 CPU, real preference pairs from Python'
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 
 import pytest
 import torch
-from conftest import tiny_causal_lm
+from conftest import brief_run_args, tiny_causal_lm, write_recipe
 from test_dpo import TOP, preference_rows, weights
 
 pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 
+from hf_stackwise.cli import pipeline  # noqa: E402
+from hf_stackwise.cli.commands import main  # noqa: E402
 from hf_stackwise.integrations.kto_trainer import StackwiseKTOConfig, StackwiseKTOTrainer  # noqa: E402
 from hf_stackwise.schedule.phases import RecipeError  # noqa: E402
 
-KEYS = ("loss", "kl", "rewards/chosen_sum", "rewards/rejected_sum")
+KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected")
 
 
 def kto_args(tmp_path, name: str, reference: str, **overrides) -> StackwiseKTOConfig:
@@ -106,3 +110,44 @@ def test_shared_refuses_a_schedule_that_trains_the_bottom(tmp_path, tokenizer):
     schedule = [{"name": "top", "until": 0.5, "train": ["top"]}, {"name": "all", "until": 1.0, "train": "all"}]
     with pytest.raises(RecipeError, match=r"schedule\[1\]\.embeddings.*nothing to share"):
         run(tmp_path, tokenizer, "bad", "shared", schedule=schedule)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_shipped_kto_recipe_runs_briefly_and_exports_the_policy(tmp_path, tiny_30_block_dir, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the recipe names its data relative to the project root (made by `make assets`)
+    argv = brief_run_args("recipes/smollm2-135m/kto_top.yaml", tiny_30_block_dir, tmp_path)
+    assert main([*argv, "--training.logging_steps", "1"]) == 0
+    assert "trained 4 steps" in capsys.readouterr().out
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    logged = [h for h in history if "loss" in h]
+    assert logged and all("kl" in h and "phase" in h for h in logged)
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([{"prompt": "q", "completion": "a", "label": "yes"}], "data.train row 0: label: 'yes' is not true or false"),
+        ([{"prompt": " ", "completion": "a", "label": True}], "data.train row 0: prompt: empty"),
+        ([{"prompt": "q", "completion": "", "label": False}], "data.train row 0: completion: empty"),
+        ([{"prompt": "q", "completion": "a"}], "data.train: no `label` column"),
+        ([{"prompt": "q", "chosen": "a"}], "data.train: no `rejected` column"),
+    ],
+)
+def test_bad_kto_rows_are_refused_before_weights_load(tmp_path, tiny_llama_dir, capsys, monkeypatch, rows, expected):
+    monkeypatch.setattr(pipeline, "load_model", lambda prepared: pytest.fail("weights loaded"))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"name_or_path": tiny_llama_dir, "dtype": "float32"},
+        "rack": {"blocks_per_stack": 1},
+        "data": {"task": "kto", "train": {"path": "json", "data_files": str(data)}, "max_seq_length": 64},
+        "schedule": [{"until": 1.0, "train": ["top"]}],
+        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "use_cpu": True, "report_to": "none"},
+    }
+    assert main(["train", write_recipe(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err[err.index("hf-stackwise: error: ") :] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
