@@ -99,6 +99,7 @@ def test_cache_refuses_kto_with_its_reason(tmp_path, tokenizer):
         ({"beta": 0.0}, "training.beta: 0.0 is not a positive number"),
         ({"reference": "mirror"}, "training.reference: 'mirror' is not one of"),
         ({"reference": "shared", "precompute_ref_log_probs": True}, "contradicts `reference: shared`"),
+        ({"train_sampling_strategy": "random"}, "train_sampling_strategy: 'random' breaks the KL estimate"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, overrides, expected):
