@@ -61,8 +61,8 @@ def test_pair_rows_key_chosen_and_rejected_separately():
 
 @pytest.mark.parametrize(
     "reference, schedule",
-    [("shared", TOP_THEN_UPPER), ("shared", UPPER_THEN_TOP), ("copy", TOP_THEN_UPPER)],
-    ids=["shared", "shared-below-cache-cut", "copy"],
+    [("shared", TOP_THEN_UPPER), ("shared", UPPER_THEN_TOP), ("copy", TOP_THEN_UPPER), ("precompute", TOP_THEN_UPPER)],
+    ids=["shared", "shared-below-cache-cut", "copy", "precompute"],
 )
 def test_cache_on_equals_off_bitwise(tmp_path, tokenizer, reference, schedule):
     """Padded to a fixed length (every visit of a row has the same inputs), so every visit after the first hits."""
