@@ -26,8 +26,10 @@ interleaved and their order rotated per seed; each arm sees the same pairs in th
 The machine may be busy: besides wall times, each step's process CPU time is recorded, and the 1-minute load
 average at each arm's start and end. Reported per arm and seed: the median step time, wall and CPU
 (``on_step_begin`` to ``on_step_end``, the first step dropped), the same over the steps whose rows all came from the
-cache (``hit_step_*``; every step with the cache off), the CPU time inside TRL's fused LM-head log-prob (forward and
-backward: the part neither the cache nor ``shared`` removes), the mean over all steps, the cache hit rate, the
+cache (``hit_step_*``; every step with the cache off) and over the second phase (``phase2_*``: the same steps in
+every arm; with ``--epochs 2`` a cache arm serves all of them from the store), the CPU time inside TRL's fused
+LM-head log-prob (forward and backward: the part neither the cache nor ``shared`` removes), the mean over all
+steps, the cache hit rate, the
 process's peak RSS and what it is made of (runtime, weights, reference, optimizer state, gradients, cache, the
 rest), the reference's own bytes, the setup time (with ``precompute``'s pass), and the held-out DPO loss, reward
 accuracy and margin (``--eval-pairs`` held-out pairs). The target of issue 21: ``shared`` ≤ 0.6× the step time and
@@ -237,6 +239,7 @@ def run_arm(arm: str, opts) -> dict:
         cache = trainer.cache_stats() if hasattr(trainer, "cache_stats") else {"hit_rate": 0.0, "bytes": 0}
     timed, cpu, head = (t[1:] or t for t in (steps.times, steps.cpu, steps.head))
     hit = [i for i, missed in enumerate(steps.missed) if i and not missed] or range(1, len(steps.times))
+    late = range(opts.steps // 2, len(steps.times))  # the second phase (t >= 0.5): the same steps in every arm
     peak = peak_kib / 1024
     optimizer, grads = steps.optimizer_bytes / 2**20, steps.grad_bytes / 2**20
     return {
@@ -245,6 +248,12 @@ def run_arm(arm: str, opts) -> dict:
         "step_seconds": statistics.median(timed),
         "step_cpu_seconds": statistics.median(cpu),  # the process's CPU time: what a busy machine does not inflate
         "step_head_cpu_seconds": statistics.median(head),  # of which in the LM head's log-prob (fwd + bwd)
+        # the second phase's steps: the comparison across arms (with --epochs 2 a cache arm serves every row of
+        # them from the store, filled by the first phase)
+        "phase2_step_seconds": statistics.median(steps.times[i] for i in late),
+        "phase2_step_cpu_seconds": statistics.median(steps.cpu[i] for i in late),
+        "phase2_step_head_cpu_seconds": statistics.median(steps.head[i] for i in late),
+        "phase2_all_hits": not any(steps.missed[i] for i in late),
         # the steps (first dropped) whose every row came from the cache (with the cache off: every step)
         "hit_step_seconds": statistics.median(steps.times[i] for i in hit),
         "hit_step_cpu_seconds": statistics.median(steps.cpu[i] for i in hit),
@@ -276,6 +285,7 @@ def run_arm(arm: str, opts) -> dict:
         "eval_loss": metrics.get("eval_loss"),
         "eval_reward_accuracy": metrics.get("eval_rewards/accuracies"),
         "eval_reward_margin": metrics.get("eval_rewards/margins"),
+        "per_step": {"wall": steps.times, "cpu": steps.cpu, "head_cpu": steps.head, "missed": steps.missed},
     }
 
 
@@ -291,18 +301,19 @@ def summarize(rows: list[dict]) -> dict:
     by_arm: dict[str, dict] = {}
     for arm in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == arm]
-        by_arm[arm] = {k: _median([r[k] for r in mine]) for k in mine[0] if k not in ("arm", "seed")}
+        skip = ("arm", "seed", "per_step")
+        by_arm[arm] = {k: _median([r[k] for r in mine]) for k in mine[0] if k not in skip}
     copy = by_arm.get("copy")
     for arm, s in by_arm.items():
         if copy is None or arm.startswith("trl-") or arm == "copy":
             continue
-        keys = ("step_seconds", "step_cpu_seconds", "hit_step_seconds", "hit_step_cpu_seconds", "mean_step_seconds")
-        for key in (*keys, "mean_step_cpu_seconds", "peak_rss_mib"):
+        keys = ("step_seconds", "step_cpu_seconds", "phase2_step_seconds", "phase2_step_cpu_seconds")
+        for key in (*keys, "mean_step_seconds", "mean_step_cpu_seconds", "peak_rss_mib"):
             s[f"{key}_ratio_vs_copy"] = s[key] / copy[key]
-        # a hit step's CPU time outside the LM head's log-prob (the part the cache and `shared` act on)
-        rest = s["hit_step_cpu_seconds"] - s["hit_step_head_cpu_seconds"]
-        s["hit_step_cpu_without_head_ratio_vs_copy"] = rest / (
-            copy["hit_step_cpu_seconds"] - copy["hit_step_head_cpu_seconds"]
+        # the second phase's CPU time outside the LM head's log-prob (the part the cache and `shared` act on)
+        rest = s["phase2_step_cpu_seconds"] - s["phase2_step_head_cpu_seconds"]
+        s["phase2_step_cpu_without_head_ratio_vs_copy"] = rest / (
+            copy["phase2_step_cpu_seconds"] - copy["phase2_step_head_cpu_seconds"]
         )
     return by_arm
 
@@ -359,11 +370,11 @@ def main(argv=None) -> None:
             rows.append(json.loads(next(line[4:] for line in out.stdout.splitlines() if line.startswith("ROW "))))
             print(json.dumps(rows[-1]), flush=True)
     summary = summarize(rows)
-    head = f"{'arm':>12} {'step s':>7} {'cpu s':>6} {'mean s':>7} {'hit':>5} {'peak RSS MiB':>12} {'ref MiB':>8}"
+    head = f"{'arm':>12} {'step s':>7} {'cpu s':>6} {'ph2 cpu':>7} {'hit':>5} {'peak RSS MiB':>12} {'ref MiB':>8}"
     print(f"\n{head} {'acc':>5} {'margin':>8}")
     for arm, s in summary.items():
         print(
-            f"{arm:>12} {s['step_seconds']:>7.2f} {s['step_cpu_seconds']:>6.2f} {s['mean_step_seconds']:>7.2f} "
+            f"{arm:>12} {s['step_seconds']:>7.2f} {s['step_cpu_seconds']:>6.2f} {s['phase2_step_cpu_seconds']:>7.2f} "
             f"{s['cache_hit_rate']:>5.2f} {s['peak_rss_mib']:>12.0f} {s['reference_mib']:>8.1f} "
             f"{s['eval_reward_accuracy']:>5.2f} {s['eval_reward_margin']:>8.4f}"
         )
