@@ -3,7 +3,12 @@ activation cache off and on.
 
 Run it (CPU only, offline, after `make assets`)::
 
-    python benchmarks/preference.py      # or: make bench (3 seeds x 7 arms, ~40 min on 2 busy cores)
+    python benchmarks/preference.py      # or: make bench (3 seeds x 7 arms; over an hour on 2 busy cores)
+    # the committed runs (a busy machine: the cache arms with 3 seeds, the other arms with one):
+    python benchmarks/preference.py --arms copy,shared,copy-cache,shared-cache --eval-pairs 4 \
+        --out benchmarks/results/preference-cache.json
+    python benchmarks/preference.py --arms trl-full,trl-lora,precompute,copy --seeds 0 --eval-pairs 4 \
+        --out benchmarks/results/preference-arms.json
 
 The job: the preference pairs of `make assets` (questions on Python's documentation; chosen: the real answer;
 rejected: another topic's answer or the real one with its words shuffled), pairs cut to ``--seq-len`` tokens and
