@@ -101,4 +101,4 @@ def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_data
     decisions = decide(
         recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout)
     )
-    check_storage(decisions, settings, settings.folder(args.output_dir))
+    check_storage(decisions, settings, settings.folder(args.output_dir), args.world_size > 1)
