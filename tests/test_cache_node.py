@@ -5,6 +5,7 @@ run on the same `cache.dir` never shares files with the first."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -164,3 +165,28 @@ def test_a_segment_signed_by_another_prefix_is_not_read(tmp_path):
     assert Peer.open(other.path, "sig", 8, (8, 4, 3)) is None
     assert Peer.open(other.path, "another prefix", 8, (8, 4, 3)) is not None
     assert Peer.open(other.path, "another prefix", 9, (9, 4, 3)) is None  # another shape
+
+
+@pytest.mark.parametrize("how", ["recipe", "accelerate config"])
+def test_the_cache_under_fsdp2_is_refused_before_any_weight_loads_pointing_to_ddp(
+    tmp_path, tiny_llama_dir, pydoc_files, monkeypatch, how
+):
+    """FSDP2 gathers each block's shards with every rank, so a rank skipping the prefix would stall the others: with
+    `activations: true` the recipe is refused before any weight loads, however FSDP2 is asked for."""
+    from conftest import tiny_recipe, write_recipe
+
+    from hf_stackwise.cli.pipeline import check_recipe
+    from hf_stackwise.errors import RecipeError
+    from hf_stackwise.recipe.loader import load_recipe
+
+    top = [{"name": "top", "until": 1.0, "train": "top", "head": "train"}]
+    fsdp = {"fsdp": True, "fsdp_config": {"version": 2}} if how == "recipe" else {}
+    raw = tiny_recipe(tmp_path, tiny_llama_dir, pydoc_files[0], top, **fsdp)
+    raw["cache"] = {"activations": True}
+    if how != "recipe":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.setenv("FSDP_VERSION", "2")
+        monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    with pytest.raises(RecipeError, match=r"schedule\[0\]: training.fsdp: under FSDP2 .* under DDP, where the ranks"):
+        check_recipe(load_recipe(write_recipe(tmp_path, raw)))
+    assert not os.path.exists(raw["training"]["output_dir"])

@@ -167,6 +167,27 @@ def test_fsdp2_qlora_shards_the_4bit_base_and_equals_one_process(runs):
 
 
 @pytest.mark.slow
+def test_fsdp2_bf16_qlora_shards_and_equals_one_bf16_process(runs):
+    """`bf16: true` with a bf16-compute nf4 base: storage `auto` packs it as bfloat16 under FSDP2, so it shards (one
+    process: uint8). Tolerance 3e-4 (measured 1.0e-4 over 8 steps): accelerate's bf16 policy for FSDP2 gathers the
+    parameters in bfloat16 (one process keeps float32 weights under autocast, so its norms and additions run in
+    float32) and reduces the gradients in bfloat16."""
+    sharded, single = info(runs, "qlora_bf16"), info(runs, "single_qlora_bf16")
+    assert sharded["trace"] == QLORA_TRACE == single["trace"]
+    assert len(sharded["weights_4bit"]) == 28
+    for name, (dtype, is_dtensor, local) in sharded["weights_4bit"].items():
+        one_dtype, one_dtensor, whole = single["weights_4bit"][name]
+        assert (dtype, is_dtensor, one_dtype, one_dtensor) == ("torch.bfloat16", True, "torch.uint8", False)
+        assert local * 2 == whole  # the same packed bytes, half on each rank
+    assert sharded["lora"] == sharded["lora_dtensors"] == 70
+    a, b = weights(runs, "qlora_bf16"), weights(runs, "single_qlora_bf16")
+    for step, (x, y) in enumerate(zip(a["steps"], b["steps"], strict=True)):
+        assert max_diff(x, y) <= 3e-4, step
+    lora_b = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.stack_3.weight"  # phase trunk's top adapter
+    assert a["final"][lora_b].abs().max() > 0 and a["final"][lora_b].dtype == torch.float32  # trained, fp32 master
+
+
+@pytest.mark.slow
 def test_fsdp2_qlora_resumes_bitwise_and_exports_like_one_process(runs, tmp_path):
     assert info(runs, "qlora_resumed")["trace"] == QLORA_TRACE[3:]
     assert bitwise(weights(runs, "qlora")["final"], weights(runs, "qlora_resumed")["final"])

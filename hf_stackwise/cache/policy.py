@@ -202,7 +202,8 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
     if model.sharded:
         return (
             "training.fsdp: under FSDP2 each block's forward gathers its shards with every rank, so one rank "
-            "skipping the prefix on a hit would stall the ranks that miss"
+            "skipping the prefix on a hit would stall the ranks that miss (a model that fits one device can run "
+            "cached under DDP, where the ranks of a node share one store)"
         )
     return model.hazard
 
