@@ -1,6 +1,6 @@
 """Does one activation-cache store per node pay under DDP? The node store against one store per rank, measured.
 
-Run it (CPU only, offline; about 5 minutes on 2 cores)::
+Run it (CPU only, offline; about 10 minutes on 2 busy cores)::
 
     python benchmarks/cache_ddp_store.py              # or --repeats 1 while developing
 
@@ -18,12 +18,15 @@ gloo, one torch thread each).
 * ``one-process`` (once): the same phase in one process with batch 8 (the same global batch and data order), for
   the hit rate a node store should reach.
 
-The *phase time* is the sum of rank 0's step spans (``on_step_begin`` to ``on_step_end``: forward, backward, the
-all-reduce, optimizer) over the whole 3-epoch run, fills included; the ratios are per repeat, between arms of the
-same repeat, and the table gives their median. Every arm's final weights are compared with ``off``'s bitwise (a
-SHA-256 of the state dict). The machine's load from other processes during each launch is stored: on a shared
-machine it distorts the times (not the hit rates). Writes ``benchmarks/results/cache-ddp-store.json``. A report,
-not a test: the exit status is 0 whatever the numbers.
+The *hit rate* counts rows found in the store; a micro-batch skips the prefix only when every one of its rows is
+found, so the share of *replayed steps* (batch 4 per rank, no accumulation: one micro-batch per step) is what the
+time follows. Under DDP a step also waits for the slowest rank: with one store per rank, a step where one rank
+replays and the other misses costs a miss. The *phase time* is the sum of rank 0's step spans (``on_step_begin``
+to ``on_step_end``: forward, backward, the all-reduce, optimizer) over the whole 3-epoch run, fills included; the
+ratios are per repeat, between arms of the same repeat, and the table gives their median. Every arm's final weights
+are compared with ``off``'s bitwise (a SHA-256 of the state dict). The machine's load from other processes during
+each launch is stored: on a shared machine it distorts the times (not the hit rates). Writes
+``benchmarks/results/cache-ddp-store.json``. A report, not a test: the exit status is 0 whatever the numbers.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def worker(arm: str, out_dir: str) -> None:
         "world": args.world_size,
         "phase_s": sum(s["s"] for s in timer.steps),
         "step_s": [s["s"] for s in timer.steps],
+        "replayed_steps": sum(0 < s["hits"] == s["rows"] for s in timer.steps),  # every row stored: prefix skipped
         "hits": stats["hits"],
         "rows": stats["rows"],
         "stored_bytes": stats["bytes"],
@@ -139,6 +143,7 @@ def summarize(runs: dict[str, list[dict]], one: dict) -> dict:
             "phase_s": phase[arm],
             "phase_s_median": statistics.median(phase[arm]),
             "hit_rate_per_rank": [r["hits"] / r["rows"] if r["rows"] else 0.0 for r in first],
+            "replayed_step_share_per_rank": [r["replayed_steps"] / len(r["step_s"]) for r in first],
             "stored_bytes_per_rank": [r["stored_bytes"] for r in first],
             "weights_equal_uncached": all(
                 rank["weights_sha256"] == reference for run in runs[arm] for rank in run["ranks"]
