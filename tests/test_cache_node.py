@@ -190,3 +190,24 @@ def test_the_cache_under_fsdp2_is_refused_before_any_weight_loads_pointing_to_dd
     with pytest.raises(RecipeError, match=r"schedule\[0\]: training.fsdp: under FSDP2 .* under DDP, where the ranks"):
         check_recipe(load_recipe(write_recipe(tmp_path, raw)))
     assert not os.path.exists(raw["training"]["output_dir"])
+
+
+def test_a_resumed_rank_reloads_its_segment_with_the_steps_that_wrote_it(tmp_path):
+    """A resumed run reloads its segment (stamps included, so the other ranks' rule still holds); a stamp file of the
+    wrong size makes it rebuild the segment empty rather than trust it."""
+    first = segment(tmp_path, 1)
+    fps, hidden = rows_of(0)
+    first.now = 5
+    first.write(np.array([0, 7]), fps, hidden)
+    first.close()
+    again = Segment(("key",), 8, 4, 3, first.path)
+    again.reload = True
+    again.sign("sig")
+    assert again.match(np.array([0, 7]), fps).all() and again.stamps[[0, 7]].tolist() == [5, 5]
+    again.close()
+    with open(f"{first.path}.step", "ab") as f:
+        f.write(b"\0" * 8)
+    rebuilt = Segment(("key",), 8, 4, 3, first.path)
+    rebuilt.reload = True
+    rebuilt.sign("sig")
+    assert not rebuilt.match(np.array([0, 7]), fps).any()
