@@ -84,7 +84,8 @@ def format_reference(plan, recipe, config) -> str:
     way = recipe.training.get("reference", "auto")
     blocks = plan.boundaries[len(plan.base_sizes)]
     lines = [
-        f"{recipe.data.task.upper()} reference (training.reference: {way}) in MiB: copy = a frozen full copy, precompute = none in memory "
+        f"{recipe.data.task.upper()} reference (training.reference: {way}) in MiB: copy = a frozen full copy, "
+        "precompute = none in memory "
         "(one forward per pair before training, 8 bytes per pair stored), shared = initial copies of what ever trains "
         "(forward from the cut on the policy's hidden state)",
         f"{'phase':<14} {'copy':>8} {'precompute':>10} {'shared':>8}  shared forward",
