@@ -59,19 +59,23 @@ class DeepeningReplay(Replay):
         super().__init__(decision, blocks, stores, counts)
         self.shallow = shallow
         self.start = 0
+        self.stored = None  # the shallower store's rows of the micro-batch, copied at lookup
         self._taken = False
 
-    def begin(self) -> None:
+    def begin(self, length: int, device) -> None:
         if self._taken:  # `run` looked this batch up already
             self._taken = False
             return
-        super().begin()
-        self.start = 0
+        super().begin(length, device)
+        self.start, self.stored = 0, None
         if self.hit or self.slots is None:
             return
         for cut in sorted((c for c in self.record if c < self.cut), reverse=True):
             store = self.record[cut]
-            if store.data is not None and store.match(self.slots, self.fps).all():
+            if store.match(self.slots, self.fps).all():
+                self.stored = store.read(self.slots, length, device)
+                if self.stored is None:  # another rank rewrote a row while it was copied
+                    continue
                 self.start = cut
                 self.shallow[0] += len(self.slots)
                 return
@@ -79,11 +83,11 @@ class DeepeningReplay(Replay):
     def run(self, position: int, block, hidden, args, kwargs):
         if position == 0:
             self._taken = False
-            self.begin()
+            self.begin(hidden.shape[1], hidden.device)
             self._taken = True
         if not self.hit and self.start and position < self.start:
             if position < self.start - 1:
                 return (hidden,) if self.tuple_output else hidden
-            stored = self.record[self.start].read(self.slots, hidden.shape[1], hidden.device)
+            stored, self.stored = self.stored, None
             return (stored,) if self.tuple_output else stored
         return super().run(position, block, hidden, args, kwargs)

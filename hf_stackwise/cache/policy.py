@@ -202,7 +202,8 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
     if model.sharded:
         return (
             "training.fsdp: under FSDP2 each block's forward gathers its shards with every rank, so one rank "
-            "skipping the prefix on a hit would stall the ranks that miss"
+            "skipping the prefix on a hit would stall the ranks that miss (a model that fits one device can run "
+            "cached under DDP, where the ranks of a node share one store)"
         )
     return model.hazard
 
@@ -371,21 +372,26 @@ def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[s
     return lines
 
 
-def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batch: bool = False) -> list[float | None]:
+def per_rank_hit_rates(
+    decisions: list[PhaseCache], world: int, same_global_batch: bool = False, stores: int | None = None
+) -> list[float | None]:
     """Expected hit rate per rank of each cached phase under DDP on ``world`` ranks (None where the cache is off).
-    Each rank keeps its own store, and the sampler deals a row to a rank afresh each epoch, so a visit hits only if
-    the same rank stored the row before. Of a row's ``s`` earlier visits (stored by the cached phases just before,
-    as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all ranks together, ``N (q^s - q^(s+v))`` are a
-    rank's first, with ``q = 1 - 1/N``; every other visit hits. With the plan's per-device batch, s and v are N times
-    the one-process figures (N times the rows per step); with ``same_global_batch`` they are the same (the second
-    epoch then hits about 1/N of its rows)."""
-    q = 1.0 - 1.0 / world
+    ``stores``: how many separate stores the ranks keep (the nodes: the ranks of a node share one, see
+    :mod:`~hf_stackwise.cache.node`; default ``world``, one per rank). The sampler deals a row to a rank afresh each
+    epoch, so a visit hits only if a rank sharing its store stored the row before. Of a row's ``s`` earlier visits
+    (stored by the cached phases just before, as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all
+    ranks together, ``M (q^s - q^(s+v))`` are a store's first, with ``M`` stores and ``q = 1 - 1/M``; every other
+    visit hits. With the plan's per-device batch, s and v are N times the one-process figures (N times the rows per
+    step); with ``same_global_batch`` they are the same (one store: the one-process rate; one per rank: the second
+    epoch hits about 1/N of its rows)."""
+    stores = world if stores is None else stores
+    q = 1.0 - 1.0 / stores
     rates: list[float | None] = []
     for i, d in enumerate(decisions):
         if not (d.on and d.cut):
             rates.append(None)
             continue
-        if world == 1:
+        if world == 1 or stores == 1 and same_global_batch:
             rates.append(d.hit_rate)
             continue
         seen = 0.0
@@ -396,6 +402,6 @@ def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batc
                 break
         scale = 1 if same_global_batch else world
         s, v = seen * scale, d.visits * scale
-        firsts = world * (q**s - q ** (s + v))
+        firsts = stores * (q**s - q ** (s + v))
         rates.append(max(0.0, 1.0 - firsts / v) if v else 0.0)
     return rates
