@@ -53,16 +53,27 @@ ROW_KEY = "stackwise_row"  # the row-id column; popped from the batch before the
 class Replay:
     """Per phase: the cut, the stores it reads and fills, and the current micro-batch's slots and fingerprints."""
 
-    def __init__(self, decision: PhaseCache, blocks: nn.ModuleList, stores: dict[int, ActivationStore], counts: list):
+    def __init__(
+        self,
+        decision: PhaseCache,
+        blocks: nn.ModuleList,
+        stores: dict[int, ActivationStore],
+        counts: list,
+        exposed: tuple[int, ...] = (),
+    ):
         self.cut = decision.cut
         self.counts = counts  # [rows served from the store, rows looked up], shared with the trainer
         self.main = stores[self.cut]
         self.record = stores  # blocks below a cut -> its store
+        # shallower cuts whose hidden state a reader takes from the position below them (the DPO `shared` reference):
+        # on a hit that position returns its store's state, so every one must match too
+        self.exposed = {c: stores[c] for c in exposed if 0 < c < self.cut}
         self.modules = {p: PrefixPosition(blocks[b], p, self) for p, b in enumerate(decision.prefix)}
         self.slots: np.ndarray | None = None
         self.fps: np.ndarray | None = None
         self.hit = False
         self.cached: torch.Tensor | None = None  # the stored rows of a hit, copied at lookup
+        self.exposed_cached: dict[int, torch.Tensor] = {}  # the exposed cuts' stored rows of a hit
         self.tuple_output = False
 
     def set_batch(self, rows: torch.Tensor, inputs: dict, step: int = 0) -> None:
@@ -85,9 +96,13 @@ class Replay:
         if self.slots is None:
             return
         matched = self.main.match(self.slots, self.fps)
+        for store in self.exposed.values():
+            matched &= store.match(self.slots, self.fps)
         if matched.all():
             self.cached = self.main.read(self.slots, length, device)
-            if self.cached is None:  # another rank rewrote a row while it was copied: run the prefix
+            self.exposed_cached = {c: store.read(self.slots, length, device) for c, store in self.exposed.items()}
+            if self.cached is None or any(v is None for v in self.exposed_cached.values()):
+                self.cached = None  # another rank rewrote a row while it was copied: run the prefix
                 matched[:] = False
         self.counts[0] += int(matched.sum())
         self.counts[1] += len(self.slots)
@@ -97,9 +112,13 @@ class Replay:
         if position == 0:
             self.begin(hidden.shape[1], hidden.device)
         if self.hit:
-            if position < self.cut - 1:
+            store = self.main if position == self.cut - 1 else self.exposed.get(position + 1)
+            if store is None:
                 return (hidden,) if self.tuple_output else hidden
-            cached, self.cached = self.cached, None
+            if store is self.main:
+                cached, self.cached = self.cached, None
+            else:
+                cached = self.exposed_cached.pop(position + 1)
             return (cached,) if self.tuple_output else cached
         with torch.no_grad():
             out = block(hidden, *args, **kwargs)
@@ -165,6 +184,22 @@ def _mixture_rows():
 MixtureWithRows = _mixture_rows()
 
 
+class PairRows:
+    """Wraps TRL's preference collator, which puts a micro-batch's chosen sequences first and its rejected ones after
+    them and drops unknown keys: pair ``i`` (its :data:`ROW_KEY`) becomes row keys ``2i`` (chosen) and ``2i + 1``
+    (rejected), in the batch's order, so each sequence has its own slot."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples or ROW_KEY not in examples[0]:
+            return self.collator(examples)
+        pairs = torch.tensor([int(e[ROW_KEY]) for e in examples], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in e.items() if k != ROW_KEY} for e in examples])
+        return {**batch, ROW_KEY: torch.cat([2 * pairs, 2 * pairs + 1])}
+
+
 class RowsDataset(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
@@ -228,8 +263,8 @@ class ActivationCacheMixin:
         """Whether the training rows carry their ids: some phase runs cached (or the run length is not known yet)."""
         if self.cache_settings.activations is False or self.train_dataset is None:
             return False
-        if self.data_plane is not None and self.data_plane.task in ("sft", "dpo"):
-            return False  # TRL's collators build the batches
+        if self.data_plane is not None and self.data_plane.task in ("sft", "kto"):
+            return False  # TRL's collator builds the batches (dpo: the trainer keys its pairs, see PairRows)
         return self.resolved is None or any(d.on for d in self._cache_decide())
 
     def get_train_dataloader(self):
@@ -312,9 +347,15 @@ class ActivationCacheMixin:
             self.cache_decisions[state.index] = replace(decision, on=False, reason=hazard)
             return
         stores = {decision.cut: self._store(decision.prefix, decision)}
-        for prefix in decision.fills:
+        exposed = tuple(c for c in self._cache_exposed_cuts(state) if 0 < c < decision.cut)
+        for prefix in (*decision.fills, *(decision.prefix[:c] for c in exposed)):
             stores[len(prefix)] = self._store(prefix, decision)
-        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts)
+        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts, exposed)
+
+    def _cache_exposed_cuts(self, state) -> tuple[int, ...]:
+        """Cuts (blocks below them) below the phase's cut whose hidden state something reads during the forward;
+        replayed on a hit as the cut's is. None here (the DPO trainer's ``shared`` reference adds its cut)."""
+        return ()
 
     def _store(self, prefix: tuple[int, ...], decision: PhaseCache) -> ActivationStore:
         key = (prefix, decision.seq_length)

@@ -129,11 +129,11 @@ class CacheModel:
 class CacheData:
     """What the decision needs from the data: rows, rows per optimizer step, row lengths per phase."""
 
-    rows: int | None  # training rows (a mixture: the sum over its sources); None = unknown
-    global_batch: int  # rows per optimizer step over every process
+    rows: int | None  # stored rows (a mixture: the sum over its sources; dpo: 2 per pair); None = unknown
+    global_batch: int  # stored rows per optimizer step over every process
     seq_lengths: tuple[int, ...]  # per phase: tokens per row it trains on
     chunk_length: int  # tokens per stored row (a shorter phase splits a row into chunk // seq pieces)
-    tasks: tuple[str, ...]  # per phase: clm | mlm | diffusion | classification | sft
+    tasks: tuple[str, ...]  # per phase: clm | mlm | diffusion | classification | sft | dpo
     repeat: float = 1.0  # chance that a row's inputs at one visit equal those at its previous visit (padding)
     repeat_note: str = ""  # why ``repeat`` < 1
 
@@ -190,10 +190,11 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
         return f"data.task {phase_task} draws a new mask every step, so no row's inputs repeat and nothing would hit"
     if phase_task == "sft":
         return "data.task sft: TRL builds the batches, which carry no row ids for the cache"
-    if phase_task == "dpo":
+    if phase_task == "kto":
         return (
-            "data.task dpo: TRL's preference collator concatenates each batch's chosen and rejected rows, padded "
-            "to the batch's longest, and carries no row ids, so no stored hidden state could be matched to a row"
+            "data.task kto: a step runs the policy on two batches (the mismatched KL completions, then the labelled "
+            "ones) and the cache keys one batch of rows per step, so the second forward would be matched against "
+            "the first's inputs"
         )
     if EMBEDDINGS in units:
         return "the embeddings train, so the prefix is not frozen"

@@ -21,9 +21,11 @@ def data_of(recipe, args, rows: int | None) -> CacheData:
     """The decision's data view of a recipe (``rows``: training rows, if known)."""
     plane = recipe.data.plane
     phases = recipe.schedule.phases
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    per = 2 if plane.task == "dpo" else 1  # a preference pair is two stored rows: chosen and rejected
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size) * per
     seqs = tuple(plane.phase_length(p) for p in phases)
     tasks = tuple(plane.phase_task(p) for p in phases)
+    rows = rows * per if rows is not None else None
     return CacheData(rows, batch, seqs, plane.chunk_length(recipe.schedule), tasks)
 
 
