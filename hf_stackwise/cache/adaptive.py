@@ -19,9 +19,10 @@ def deeper_cut(
     adapters: dict | None = None,
 ) -> PhaseCache:
     """The decision from a freeze on: ``state`` is the phase's rack with the frozen units removed, ``steps`` the
-    (first, one past last) steps it covers. ``auto`` turns the cache on when each row is expected twice in those
-    steps; ``true`` never raises here (the phase had no such prefix when the recipe was checked): a blocked prefix
-    stays uncached with the reason. The phase's own (shallower) stores keep filling alongside."""
+    (first, one past last) steps it covers. ``auto`` turns the cache on when at least half the row visits in those
+    steps are expected to hit (each row twice, its inputs repeating: a padding collator may change them); ``true``
+    never raises here (the phase had no such prefix when the recipe was checked): a blocked prefix stays uncached with
+    the reason. The phase's own (shallower) stores keep filling alongside."""
     index = state.index
     if settings.activations is False:
         return PhaseCache(index, False, reason="cache.activations: false")
@@ -35,10 +36,13 @@ def deeper_cut(
     decision = _sized(index, None, units, order, cut_stacks, layout, {index: steps}, model, data)
     if not decision.slots:
         return _replace(decision, on=False, reason="the number of training rows is not known (no row ids)")
-    if settings.activations == "auto" and decision.visits < 2:
-        reason = f"each row is expected {decision.visits:.2f} times after the freeze (auto needs 2)"
-        return _replace(decision, on=False, reason=reason)
-    hit = max(0.0, 1.0 - 1.0 / decision.visits) if decision.visits else 0.0
+    visits = decision.visits  # a row's first visit after the freeze misses; a later one hits if its inputs repeat
+    hit = max(0.0, 1.0 - (1.0 + max(0.0, visits - 1.0) * (1.0 - data.repeat)) / visits) if visits else 0.0
+    if settings.activations == "auto" and hit < 0.5:
+        reason = f"each row is expected {visits:.2f} times after the freeze"
+        if data.repeat < 1:
+            reason += f" and {data.repeat_note}"
+        return _replace(decision, on=False, reason=f"{reason}: expected hit rate {hit:.0%} (auto needs 50%)")
     shallower = [static.prefix, *static.fills] if static.on else []
     fills = tuple(p for p in dict.fromkeys(shallower) if 0 < len(p) < decision.cut)
     return _replace(decision, hit_rate=hit, fills=fills)

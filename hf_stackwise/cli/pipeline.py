@@ -503,7 +503,9 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     if is_dpo(prepared.recipe):  # TRL's DPOTrainer tokenizes and collates the pairs; the reference: reference.py
         trainer_class, task["data_collator"] = dpo_classes(prepared.recipe.data.task)[1], None
     if classifies(prepared.recipe):  # padding collator, metrics, the confusion log
-        extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer)
+        data = prepared.recipe.data
+        padding = (data.entries.get("padding") or "longest", data.plane.max_seq_length)
+        extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer, *padding)
         task = {**task, **extra, "callbacks": task["callbacks"] + extra["callbacks"]}
     try:
         return trainer_class(
