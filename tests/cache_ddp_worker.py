@@ -1,6 +1,7 @@
-"""Run by tests/test_cache.py under `torchrun --nproc_per_node 2`: a frozen-prefix phase over 3 epochs, with the
-activation cache on or off; saves each rank's final weights, optimizer state, losses and cache counts.
-usage: python cache_ddp_worker.py OUTPUT_DIR on|off [PER_DEVICE_BATCH]  (default 2; 4 in one process: the same steps)
+"""Run by tests/test_cache_node.py under `torchrun --nproc_per_node 2`: a frozen-prefix phase over 3 epochs, with the
+activation cache on or off; saves each rank's final weights, optimizer state, losses, cache counts and store files.
+usage: python cache_ddp_worker.py OUTPUT_DIR on|off [PER_DEVICE_BATCH [CACHE_DIR]]
+(batch: default 2; 4 in one process: the same steps; cache dir: default OUTPUT_DIR/activation-cache)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
 TOP = [{"name": "top", "until": 1.0, "train": "top", "head": "train"}]
 
 
-def main(output_dir: str, cache: str, batch: str = "2") -> None:
+def main(output_dir: str, cache: str, batch: str = "2", cache_dir: str | None = None) -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 512, (16, 32), generator=g).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -36,7 +37,7 @@ def main(output_dir: str, cache: str, batch: str = "2") -> None:
         data_seed=0,
         blocks_per_stack=1,
         schedule=TOP,
-        activation_cache={"activations": cache == "on"},
+        activation_cache={"activations": cache == "on", "dir": cache_dir},
     )
     trainer = StackwiseTrainer(model=tiny_causal_lm("llama", layers=4), args=args, train_dataset=dataset)
     trainer.train()
@@ -47,7 +48,8 @@ def main(output_dir: str, cache: str, batch: str = "2") -> None:
     )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "cache": trainer.cache_stats(), "world": args.world_size}, f)
+        stores = sorted(store.path for store in trainer._stores.values() if store.path is not None)
+        json.dump({"losses": losses, "cache": trainer.cache_stats(), "world": args.world_size, "stores": stores}, f)
 
 
 if __name__ == "__main__":

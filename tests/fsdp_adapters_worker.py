@@ -61,6 +61,7 @@ CASES = {  # case -> schedule, adapter settings, optimizer
     "dual": (DUAL, LORA, "sgd"),
     "qlora": (QLORA, LORA, "sgd"),
     "qlora_grow": (QLORA_GROW, LORA, "sgd"),
+    "qlora_bf16": (QLORA, LORA, "sgd"),  # bf16 mixed precision and a bf16-compute 4-bit base (bfloat16 storage)
     "grow_adamw": (GROW, None, "adamw_torch"),
     "dual_adamw": (DUAL, LORA, "adamw_torch"),
 }
@@ -73,8 +74,11 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
     sgd = optim == "sgd"
     torch.manual_seed(0)
     quantization = {}
-    if case.startswith("qlora"):  # storage as `hf-stackwise train` picks it (auto: float32 under FSDP2, else uint8)
-        quantization["quantization_config"] = bnb_config(QUANTIZATION, ["lm_head"], {"fsdp": sharded})
+    bf16 = case.endswith("_bf16")
+    if case.startswith("qlora"):  # storage as `hf-stackwise train` picks it (auto under FSDP2: float32, or bfloat16
+        # with bf16; else uint8)
+        settings = {**QUANTIZATION, "compute_dtype": "bfloat16"} if bf16 else QUANTIZATION
+        quantization["quantization_config"] = bnb_config(settings, ["lm_head"], {"fsdp": sharded, "bf16": bf16})
     model = AutoModelForCausalLM.from_pretrained(f"{root}/base", **quantization)
     args = StackwiseArguments(
         output_dir=output_dir,
@@ -97,6 +101,7 @@ def run(root: str, case: str, sharded: bool, resume: str | None = None, name: st
         save_steps=3,
         fsdp=sharded,
         fsdp_config=FSDP_CONFIG if sharded else None,
+        bf16=bf16,
     )
     trainer = (ForcedFSDP if sharded else StackwiseTrainer)(model=model, args=args, train_dataset=dataset())
     record = Record(trainer)

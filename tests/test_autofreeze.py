@@ -363,3 +363,28 @@ def test_two_ranks_take_the_same_decisions_and_match_one_process(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
         torch.testing.assert_close(rank0[name], single[name], rtol=0, atol=1e-5)
+
+
+def test_the_deeper_cut_counts_only_visits_whose_inputs_repeat():
+    """After a freeze, ``auto`` replays the deeper prefix only where at least half the later visits can hit: each row
+    twice and, with rows padded per batch, its padded inputs repeating (the static decision's rule)."""
+    from hf_stackwise.cache.adaptive import deeper_cut
+    from hf_stackwise.cache.policy import CacheData, CacheModel, CacheSettings
+    from hf_stackwise.cache.policy import decide as cache_decide
+    from hf_stackwise.freezing import frozen_state
+
+    schedule = Schedule.from_list([{"name": "auto", "until": 1.0, "train": "all", "autofreeze": True}])
+    base, resolved = (1, 1, 1, 1), schedule.resolve(24)
+    layout, model, settings = schedule.layout(base), CacheModel((100,) * 4, 50, 64, 4), CacheSettings()
+    state = frozen_state(resolved.state_at(12, base), (0, 1))  # stacks 0-1 froze at step 12: 12 steps left
+
+    def after_freeze(repeat, note=""):
+        data = CacheData(16, 4, (32,), 32, ("clm",), repeat, note)  # 16 rows, 4 a step: 3 visits each after it
+        static = cache_decide(schedule, resolved.bounds, layout, base, settings, model, data)[0]
+        return deeper_cut(static, state, layout, settings, model, data, (12, 24))
+
+    fixed = after_freeze(1.0)
+    assert fixed.on and fixed.cut == 2 and fixed.hit_rate == pytest.approx(2 / 3)
+    padded = after_freeze(0.5, "rows of 9 lengths are padded to the longest of their micro-batch")
+    assert not padded.on  # misses: the first visit, and half of the two later ones -> a third of the visits hit
+    assert "padded to the longest" in padded.reason and "expected hit rate 33% (auto needs 50%)" in padded.reason

@@ -331,33 +331,6 @@ def test_resume_with_the_cache_rebuilds_or_reloads_and_stays_bitwise_equal(tmp_p
         assert [h["loss"] for h in logs] == [h["loss"] for h in full.state.log_history if "loss" in h]
 
 
-@pytest.mark.slow
-def test_two_rank_ddp_with_the_cache_equals_without(tmp_path):
-    import json
-
-    from test_ddp import torchrun
-
-    out = {}
-    for cache in ("off", "on"):
-        folder = tmp_path / cache
-        folder.mkdir()
-        torchrun("cache_ddp_worker.py", str(folder), cache)
-        out[cache] = [
-            (torch.load(folder / f"rank{r}.pt"), json.loads((folder / f"rank{r}.json").read_text())) for r in (0, 1)
-        ]
-    for rank in (0, 1):
-        (off, off_log), (on, on_log) = out["off"][rank], out["on"][rank]
-        assert on_log["world"] == 2 and on_log["losses"] == off_log["losses"]
-        for key, value in off["model"].items():
-            assert torch.equal(value, on["model"][key]), (rank, key)
-        for index, state in off["optimizer"].items():
-            assert all(
-                torch.equal(torch.as_tensor(v), torch.as_tensor(on["optimizer"][index][k])) for k, v in state.items()
-            )
-        # each rank keeps its own store: a row it has not met yet (dealt to the other rank before) is a miss
-        assert on_log["cache"]["rows"] == 12 * 2 and 0 < on_log["cache"]["hits"] < 12 * 2
-
-
 @pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
 def test_bf16_with_the_cache_equals_without(tmp_path, token_dataset, mode):
     """Tolerance: none. The stored hidden state keeps the dtype it has at the cut (bfloat16 with bf16 weights,

@@ -286,6 +286,25 @@ def test_minilm_classify_ulmfit_recipe_runs_briefly(tmp_path, tiny_bert_cls_dir,
     assert phases == {"head", "top", "all"} or summary["global_step"] < 8
 
 
+def test_max_length_padding_pads_every_row_so_the_cache_replays_a_frozen_prefix(tmp_path, tiny_bert_cls_dir, labelled):
+    """``data.padding: max_length``: every batch is ``max_seq_length`` wide (per batch by default), so a row's inputs
+    are the same at each visit and the activation cache serves the frozen prefix at every visit after the first."""
+    trainers = {}
+    for padding in ("max_length", "longest"):
+        top = [{"name": "top", "until": 1.0, "train": ["top"]}]
+        raw = cls_recipe(tmp_path / padding, tiny_bert_cls_dir, labelled, top)
+        raw["model"]["config"] = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        raw["data"]["padding"] = padding
+        raw["training"].update(max_steps=18, per_device_train_batch_size=64, eval_strategy="no")  # 2 epochs of 9
+        trainer = trainers[padding] = run.build_trainer(run.prepare(validate_recipe(raw)))
+        widths = {trainer.data_collator([trainer.train_dataset[i] for i in rows])["input_ids"].shape[1]
+                  for rows in ([0], [1, 2, 3])}  # fmt: skip
+        assert (widths == {32}) == (padding == "max_length"), widths
+    trainers["max_length"].train()
+    stats = trainers["max_length"].cache_stats()
+    assert stats["rows"] == 2 * 517 and stats["hits"] == 517  # the 517 training rows, each a hit at its second visit
+
+
 LORA_PHASES = [
     {"name": "head", "until": 0.34, "train": "none"},
     {"name": "top", "until": 0.67, "train": ["top"], "adapter": "lora", "lora": {"r": 4, "alpha": 8}},
@@ -394,7 +413,10 @@ def bad_cases(tmp_path, model_dir, labelled) -> list[tuple[dict, str]]:
     saves["callbacks"] = {"early_stopping": {"patience": 2, "metric": "accuracy"}}
     phase_length = copy.deepcopy(base)
     phase_length["schedule"][0]["max_seq_length"] = 16
+    padding = copy.deepcopy(base)
+    padding["data"]["padding"] = "right"
     return [
+        (padding, "data.padding: 'right' is not one of longest, max_length"),
         (with_train("mixed.jsonl"), "data.label_column: the labels of data.train mix integer and string values"),
         (with_train("single.jsonl"), "data.label_column: data.train has 1 class (['x']); classification needs"),
         (with_train("nolabel.jsonl"), "data.label_column: 'label' is not a column of data.train"),

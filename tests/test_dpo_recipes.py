@@ -102,7 +102,10 @@ def bad_cases(tmp_path, pair_file, tiny_llama_dir):
         ({"training": {"max_length": 32}}, "training.max_length: set by the recipe; use `data.max_seq_length`"),
         ({"training": {"reference": "mirror"}}, "training.reference: 'mirror' is not one of"),
         ({"training": {"beta": -0.1}}, "training.beta: -0.1 is not a positive number"),
-        ({"cache": {"activations": True}}, "TRL's preference collator concatenates each batch's chosen and rejected"),
+        (  # the cache serves DPO (tests/test_dpo_cache.py) where it is exact; its hazard checks apply as elsewhere
+            {"cache": {"activations": True}, "training": {"neftune_noise_alpha": 5.0}},
+            "training.neftune_noise_alpha: the noise changes the embeddings on every step",
+        ),
         ({"schedule": [{"until": 1.0, "train": [3], "max_seq_length": 32}]}, "schedule[0].max_seq_length: TRL cuts"),
     ]
 

@@ -167,6 +167,27 @@ def test_fsdp2_qlora_shards_the_4bit_base_and_equals_one_process(runs):
 
 
 @pytest.mark.slow
+def test_fsdp2_bf16_qlora_shards_and_equals_one_bf16_process(runs):
+    """`bf16: true` with a bf16-compute nf4 base: storage `auto` packs it as bfloat16 under FSDP2, so it shards (one
+    process: uint8). Tolerance 3e-4 (measured 1.0e-4 over 8 steps): accelerate's bf16 policy for FSDP2 gathers the
+    parameters in bfloat16 (one process keeps float32 weights under autocast, so its norms and additions run in
+    float32) and reduces the gradients in bfloat16."""
+    sharded, single = info(runs, "qlora_bf16"), info(runs, "single_qlora_bf16")
+    assert sharded["trace"] == QLORA_TRACE == single["trace"]
+    assert len(sharded["weights_4bit"]) == 28
+    for name, (dtype, is_dtensor, local) in sharded["weights_4bit"].items():
+        one_dtype, one_dtensor, whole = single["weights_4bit"][name]
+        assert (dtype, is_dtensor, one_dtype, one_dtensor) == ("torch.bfloat16", True, "torch.uint8", False)
+        assert local * 2 == whole  # the same packed bytes, half on each rank
+    assert sharded["lora"] == sharded["lora_dtensors"] == 70
+    a, b = weights(runs, "qlora_bf16"), weights(runs, "single_qlora_bf16")
+    for step, (x, y) in enumerate(zip(a["steps"], b["steps"], strict=True)):
+        assert max_diff(x, y) <= 3e-4, step
+    lora_b = "base_model.model.model.layers.3.self_attn.q_proj.lora_B.stack_3.weight"  # phase trunk's top adapter
+    assert a["final"][lora_b].abs().max() > 0 and a["final"][lora_b].dtype == torch.float32  # trained, fp32 master
+
+
+@pytest.mark.slow
 def test_fsdp2_qlora_resumes_bitwise_and_exports_like_one_process(runs, tmp_path):
     assert info(runs, "qlora_resumed")["trace"] == QLORA_TRACE[3:]
     assert bitwise(weights(runs, "qlora")["final"], weights(runs, "qlora_resumed")["final"])
@@ -192,7 +213,7 @@ def test_fsdp2_grows_an_identity_stack_from_a_4bit_block_like_one_process(runs, 
 # ---- plan --world-size 2: the shards of adapters and of a 4-bit base, byte for byte against the runs above ---------
 
 
-def planned(root, tmp_path, pydoc_files, schedule, quantization=None) -> list[dict]:
+def planned(root, tmp_path, pydoc_files, schedule, quantization=None, bf16=False) -> list[dict]:
     recipe = {
         "model": {"name_or_path": str(root / "base"), "dtype": "float32", "quantization": quantization},
         "rack": {"blocks_per_stack": 1},
@@ -205,6 +226,7 @@ def planned(root, tmp_path, pydoc_files, schedule, quantization=None) -> list[di
             "per_device_train_batch_size": 2,
             "fsdp": True,
             "fsdp_config": {"version": 2},
+            **({"bf16": True, "use_cpu": True} if bf16 else {}),  # bf16 on CPU: TrainingArguments wants use_cpu
         },
     }
     path = tmp_path / "recipe.yaml"
@@ -214,18 +236,19 @@ def planned(root, tmp_path, pydoc_files, schedule, quantization=None) -> list[di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dual", "qlora"])
+@pytest.mark.parametrize("case", ["dual", "qlora", "qlora_bf16"])
 def test_plan_predicts_the_shards_of_adapters_and_4bit_bases(runs, tmp_path, pydoc_files, case):
-    """Rank 0 of the real run: its parameter shards (LoRA A and B, and the packed 4-bit weights stored as float32,
-    each sharded on dim 0), its buffers and the 4-bit quantization state (whole on every rank) are `plan`'s FSDP2
-    weights; the gradient shards before each update are the phase's FSDP2 gradients."""
+    """Rank 0 of the real run: its parameter shards (LoRA A and B, and the packed 4-bit weights stored as float32, or
+    bfloat16 with bf16, each sharded on dim 0), its buffers and the 4-bit quantization state (whole on every rank)
+    are `plan`'s FSDP2 weights; the gradient shards before each update are the phase's FSDP2 gradients."""
     from ddp_worker import DUAL
 
-    quantization = QUANTIZATION if case == "qlora" else None
-    rows = planned(runs, tmp_path, pydoc_files, DUAL if case == "dual" else QLORA, quantization)
+    bf16 = case.endswith("_bf16")
+    quantization = None if case == "dual" else {**QUANTIZATION, "compute_dtype": "bfloat16"} if bf16 else QUANTIZATION
+    rows = planned(runs, tmp_path, pydoc_files, DUAL if case == "dual" else QLORA, quantization, bf16)
     run = info(runs, case)
     held = run["local_bytes"] + run["buffer_bytes"] + run["quant_state_bytes"]
-    assert (run["quant_state_bytes"] > 0) == (case == "qlora")
+    assert (run["quant_state_bytes"] > 0) == case.startswith("qlora")
     assert all(row["fsdp2"]["weights"] == held for row in rows)
     steps_per_phase = 8 // len(rows)
     by_phase = [run["grad_bytes"][i * steps_per_phase] for i in range(len(rows))]

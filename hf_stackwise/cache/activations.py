@@ -16,10 +16,9 @@ the shallower cuts later phases use. Rows are identified by a row-id column the 
 (:data:`ROW_KEY`, removed before the model sees the batch); a row a shorter phase splits into pieces has one slot
 per piece.
 
-**DDP.** Each process keeps its own store of every row (rows are looked up by their dataset index, so any rank
-can serve any row it has seen): no cross-process locking or traffic, and a slot is only ever written by the
-process that reads it. A shared per-node store would fill faster when the sampler deals rows to other ranks in
-later epochs, but would need cross-process write ordering for the fingerprints to stay trustworthy.
+**DDP.** The ranks of a node share one store per cut (:mod:`~hf_stackwise.cache.node`): each writes its own
+segment files under ``cache.dir`` and reads the others', a slot of another rank only from the step after it was
+written. Every row seen by any rank of the node serves them all, as in one process.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from ..errors import RecipeError
 from ..persist.checksum import tensor_checksums
 from ..schedule.phases import EMBEDDINGS, HEAD
 from .hazards import module_hazard, prefix_modules
+from .node import open_node_store
 from .policy import CacheData, CacheModel, CacheSettings, PhaseCache, decide
 from .rows import dataset_rows, longest_row, padding_repeat
 from .store import ActivationStore, fingerprints, identity_key, run_identity
@@ -53,18 +53,33 @@ ROW_KEY = "stackwise_row"  # the row-id column; popped from the batch before the
 class Replay:
     """Per phase: the cut, the stores it reads and fills, and the current micro-batch's slots and fingerprints."""
 
-    def __init__(self, decision: PhaseCache, blocks: nn.ModuleList, stores: dict[int, ActivationStore], counts: list):
+    def __init__(
+        self,
+        decision: PhaseCache,
+        blocks: nn.ModuleList,
+        stores: dict[int, ActivationStore],
+        counts: list,
+        exposed: tuple[int, ...] = (),
+    ):
         self.cut = decision.cut
         self.counts = counts  # [rows served from the store, rows looked up], shared with the trainer
         self.main = stores[self.cut]
         self.record = stores  # blocks below a cut -> its store
+        # shallower cuts whose hidden state a reader takes from the position below them (the DPO `shared` reference):
+        # on a hit that position returns its store's state, so every one must match too
+        self.exposed = {c: stores[c] for c in exposed if 0 < c < self.cut}
         self.modules = {p: PrefixPosition(blocks[b], p, self) for p, b in enumerate(decision.prefix)}
         self.slots: np.ndarray | None = None
         self.fps: np.ndarray | None = None
         self.hit = False
+        self.cached: torch.Tensor | None = None  # the stored rows of a hit, copied at lookup
+        self.exposed_cached: dict[int, torch.Tensor] = {}  # the exposed cuts' stored rows of a hit
         self.tuple_output = False
 
-    def set_batch(self, rows: torch.Tensor, inputs: dict) -> None:
+    def set_batch(self, rows: torch.Tensor, inputs: dict, step: int = 0) -> None:
+        """The micro-batch's rows; ``step``: the optimizer step it belongs to (a node store's visibility rule)."""
+        for store in self.record.values():
+            store.now = step
         ids = inputs["input_ids"]
         count = rows.numel()
         pieces = ids.shape[0] // count
@@ -75,24 +90,35 @@ class Replay:
             return
         self.slots, self.fps = slots, fingerprints(inputs)
 
-    def begin(self) -> None:
-        self.hit = False
+    def begin(self, length: int, device) -> None:
+        """Look the micro-batch up; on a hit, copy its stored rows now (a node store checks them as it copies)."""
+        self.hit, self.cached = False, None
         if self.slots is None:
             return
-        matched = np.zeros(len(self.slots), bool)
-        if self.main.data is not None:
-            matched = self.main.match(self.slots, self.fps)
+        matched = self.main.match(self.slots, self.fps)
+        for store in self.exposed.values():
+            matched &= store.match(self.slots, self.fps)
+        if matched.all():
+            self.cached = self.main.read(self.slots, length, device)
+            self.exposed_cached = {c: store.read(self.slots, length, device) for c, store in self.exposed.items()}
+            if self.cached is None or any(v is None for v in self.exposed_cached.values()):
+                self.cached = None  # another rank rewrote a row while it was copied: run the prefix
+                matched[:] = False
         self.counts[0] += int(matched.sum())
         self.counts[1] += len(self.slots)
-        self.hit = bool(matched.all())
+        self.hit = self.cached is not None
 
     def run(self, position: int, block: nn.Module, hidden: torch.Tensor, args, kwargs):
         if position == 0:
-            self.begin()
+            self.begin(hidden.shape[1], hidden.device)
         if self.hit:
-            if position < self.cut - 1:
+            store = self.main if position == self.cut - 1 else self.exposed.get(position + 1)
+            if store is None:
                 return (hidden,) if self.tuple_output else hidden
-            cached = self.main.read(self.slots, hidden.shape[1], hidden.device)
+            if store is self.main:
+                cached, self.cached = self.cached, None
+            else:
+                cached = self.exposed_cached.pop(position + 1)
             return (cached,) if self.tuple_output else cached
         with torch.no_grad():
             out = block(hidden, *args, **kwargs)
@@ -100,7 +126,7 @@ class Replay:
         store = self.record.get(position + 1)
         if store is not None and self.slots is not None:
             state = out[0] if self.tuple_output else out
-            new = ~store.match(self.slots, self.fps) if store.data is not None else np.ones(len(self.slots), bool)
+            new = ~store.match(self.slots, self.fps)
             if new.any():
                 store.write(self.slots[new], self.fps[new], state[torch.from_numpy(new).to(state.device)])
         return out
@@ -158,6 +184,22 @@ def _mixture_rows():
 MixtureWithRows = _mixture_rows()
 
 
+class PairRows:
+    """Wraps TRL's preference collator, which puts a micro-batch's chosen sequences first and its rejected ones after
+    them and drops unknown keys: pair ``i`` (its :data:`ROW_KEY`) becomes row keys ``2i`` (chosen) and ``2i + 1``
+    (rejected), in the batch's order, so each sequence has its own slot."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict]) -> dict:
+        if not examples or ROW_KEY not in examples[0]:
+            return self.collator(examples)
+        pairs = torch.tensor([int(e[ROW_KEY]) for e in examples], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in e.items() if k != ROW_KEY} for e in examples])
+        return {**batch, ROW_KEY: torch.cat([2 * pairs, 2 * pairs + 1])}
+
+
 class RowsDataset(torch.utils.data.Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
@@ -169,15 +211,16 @@ class RowsDataset(torch.utils.data.Dataset):
         return {**self.dataset[i], ROW_KEY: i}
 
 
-def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: str) -> None:
-    """Stores beyond the RAM budget go to disk: the folder must be writable and the disk large enough."""
+def check_storage(decisions: list[PhaseCache], settings: CacheSettings, folder: str, shared: bool = False) -> None:
+    """Stores beyond the RAM budget go to disk (``shared``, DDP's node stores: every store): the folder must be
+    writable and the disk large enough."""
     sizes: dict[tuple, int] = {}
     for d in decisions:
         if d.on:
             sizes[d.key()] = d.bytes
             for prefix in d.fills:
                 sizes[(prefix, d.seq_length)] = d.bytes
-    spill = max(0, sum(sizes.values()) - settings.max_memory)
+    spill = sum(sizes.values()) if shared else max(0, sum(sizes.values()) - settings.max_memory)
     if not spill:
         return
     existing = os.path.abspath(folder)  # nothing is created here: the nearest existing folder must be writable
@@ -220,8 +263,8 @@ class ActivationCacheMixin:
         """Whether the training rows carry their ids: some phase runs cached (or the run length is not known yet)."""
         if self.cache_settings.activations is False or self.train_dataset is None:
             return False
-        if self.data_plane is not None and self.data_plane.task in ("sft", "dpo"):
-            return False  # TRL's collators build the batches
+        if self.data_plane is not None and self.data_plane.task in ("sft", "kto"):
+            return False  # TRL's collator builds the batches (dpo: the trainer keys its pairs, see PairRows)
         return self.resolved is None or any(d.on for d in self._cache_decide())
 
     def get_train_dataloader(self):
@@ -277,7 +320,7 @@ class ActivationCacheMixin:
                 self.adapter_plan,
                 self._prefix_hazard,
             )
-            check_storage(self.cache_decisions, self.cache_settings, self._cache_folder())
+            check_storage(self.cache_decisions, self.cache_settings, self._cache_folder(), self.args.world_size > 1)
         return self.cache_decisions
 
     def _prefix_hazard(self, prefix: tuple[int, ...]) -> str | None:
@@ -304,9 +347,15 @@ class ActivationCacheMixin:
             self.cache_decisions[state.index] = replace(decision, on=False, reason=hazard)
             return
         stores = {decision.cut: self._store(decision.prefix, decision)}
-        for prefix in decision.fills:
+        exposed = tuple(c for c in self._cache_exposed_cuts(state) if 0 < c < decision.cut)
+        for prefix in (*decision.fills, *(decision.prefix[:c] for c in exposed)):
             stores[len(prefix)] = self._store(prefix, decision)
-        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts)
+        self._replay = Replay(decision, self.rack.blocks, stores, self._cache_counts, exposed)
+
+    def _cache_exposed_cuts(self, state) -> tuple[int, ...]:
+        """Cuts (blocks below them) below the phase's cut whose hidden state something reads during the forward;
+        replayed on a hit as the cut's is. None here (the DPO trainer's ``shared`` reference adds its cut)."""
+        return ()
 
     def _store(self, prefix: tuple[int, ...], decision: PhaseCache) -> ActivationStore:
         key = (prefix, decision.seq_length)
@@ -314,11 +363,15 @@ class ActivationCacheMixin:
         if store is None:
             hidden = self.cache_model().hidden
             path = None
-            if self._ram_bytes + decision.bytes > self.cache_settings.max_memory:
-                folder = self._cache_folder()
-                os.makedirs(folder, exist_ok=True)
-                name = f"blocks{prefix[0]}-{prefix[-1]}x{len(prefix)}-seq{decision.seq_length}"
-                base = os.path.join(folder, f"{name}-{identity_key(self._cache_identity())}-{self._rank_tag()}")
+            name = f"blocks{prefix[0]}-{prefix[-1]}x{len(prefix)}-seq{decision.seq_length}"
+            stem = os.path.join(self._cache_folder(), f"{name}-{identity_key(self._cache_identity())}")
+            if self._cache_shared():  # one store per node: this rank's segment, the other ranks' read
+                os.makedirs(self._cache_folder(), exist_ok=True)
+                rank, reload = self.args.process_index, self._cache_reload
+                store = open_node_store(key, decision.slots, decision.seq_length, hidden, stem, rank, reload)
+            elif self._ram_bytes + decision.bytes > self.cache_settings.max_memory:
+                os.makedirs(self._cache_folder(), exist_ok=True)
+                base = f"{stem}-{self._rank_tag()}"
                 store = ActivationStore.open(key, decision.slots, decision.seq_length, hidden, base)
                 store.reload = self._cache_reload
                 if store.path != base:
@@ -350,6 +403,10 @@ class ActivationCacheMixin:
         compute = str(getattr(self.accelerator, "mixed_precision", None) or "no")
         return run_identity(self._base_model().config, first.dtype if first is not None else None, compute)
 
+    def _cache_shared(self) -> bool:
+        """Under DDP the ranks of a node share one store per cut (:mod:`~hf_stackwise.cache.node`)."""
+        return self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def _rank_tag(self) -> str:
         return f"rank{self.args.process_index}"
 
@@ -366,7 +423,7 @@ class ActivationCacheMixin:
         for name in sorted(os.listdir(folder)):
             stem, _, ext = name.rpartition(".")
             if ext == "lock" and name.startswith("blocks") and tag in stem and not _held(os.path.join(folder, name)):
-                for suffix in ("data", "fp", "sum", "json", "lock"):
+                for suffix in ("data", "fp", "sum", "step", "json", "json.tmp", "lock"):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(folder, f"{stem}.{suffix}"))
 
@@ -383,7 +440,7 @@ class ActivationCacheMixin:
         rows = inputs.pop(ROW_KEY)
         if self._replay is None:
             return inputs, None
-        self._replay.set_batch(rows, inputs)
+        self._replay.set_batch(rows, inputs, self.state.global_step)
         return inputs, self._replay.modules
 
     def cache_stats(self) -> dict:

@@ -19,9 +19,10 @@ def deeper_cut(
     adapters: dict | None = None,
 ) -> PhaseCache:
     """The decision from a freeze on: ``state`` is the phase's rack with the frozen units removed, ``steps`` the
-    (first, one past last) steps it covers. ``auto`` turns the cache on when each row is expected twice in those
-    steps; ``true`` never raises here (the phase had no such prefix when the recipe was checked): a blocked prefix
-    stays uncached with the reason. The phase's own (shallower) stores keep filling alongside."""
+    (first, one past last) steps it covers. ``auto`` turns the cache on when at least half the row visits in those
+    steps are expected to hit (each row twice, its inputs repeating: a padding collator may change them); ``true``
+    never raises here (the phase had no such prefix when the recipe was checked): a blocked prefix stays uncached with
+    the reason. The phase's own (shallower) stores keep filling alongside."""
     index = state.index
     if settings.activations is False:
         return PhaseCache(index, False, reason="cache.activations: false")
@@ -35,10 +36,13 @@ def deeper_cut(
     decision = _sized(index, None, units, order, cut_stacks, layout, {index: steps}, model, data)
     if not decision.slots:
         return _replace(decision, on=False, reason="the number of training rows is not known (no row ids)")
-    if settings.activations == "auto" and decision.visits < 2:
-        reason = f"each row is expected {decision.visits:.2f} times after the freeze (auto needs 2)"
-        return _replace(decision, on=False, reason=reason)
-    hit = max(0.0, 1.0 - 1.0 / decision.visits) if decision.visits else 0.0
+    visits = decision.visits  # a row's first visit after the freeze misses; a later one hits if its inputs repeat
+    hit = max(0.0, 1.0 - (1.0 + max(0.0, visits - 1.0) * (1.0 - data.repeat)) / visits) if visits else 0.0
+    if settings.activations == "auto" and hit < 0.5:
+        reason = f"each row is expected {visits:.2f} times after the freeze"
+        if data.repeat < 1:
+            reason += f" and {data.repeat_note}"
+        return _replace(decision, on=False, reason=f"{reason}: expected hit rate {hit:.0%} (auto needs 50%)")
     shallower = [static.prefix, *static.fills] if static.on else []
     fills = tuple(p for p in dict.fromkeys(shallower) if 0 < len(p) < decision.cut)
     return _replace(decision, hit_rate=hit, fills=fills)
@@ -55,19 +59,23 @@ class DeepeningReplay(Replay):
         super().__init__(decision, blocks, stores, counts)
         self.shallow = shallow
         self.start = 0
+        self.stored = None  # the shallower store's rows of the micro-batch, copied at lookup
         self._taken = False
 
-    def begin(self) -> None:
+    def begin(self, length: int, device) -> None:
         if self._taken:  # `run` looked this batch up already
             self._taken = False
             return
-        super().begin()
-        self.start = 0
+        super().begin(length, device)
+        self.start, self.stored = 0, None
         if self.hit or self.slots is None:
             return
         for cut in sorted((c for c in self.record if c < self.cut), reverse=True):
             store = self.record[cut]
-            if store.data is not None and store.match(self.slots, self.fps).all():
+            if store.match(self.slots, self.fps).all():
+                self.stored = store.read(self.slots, length, device)
+                if self.stored is None:  # another rank rewrote a row while it was copied
+                    continue
                 self.start = cut
                 self.shallow[0] += len(self.slots)
                 return
@@ -75,11 +83,11 @@ class DeepeningReplay(Replay):
     def run(self, position: int, block, hidden, args, kwargs):
         if position == 0:
             self._taken = False
-            self.begin()
+            self.begin(hidden.shape[1], hidden.device)
             self._taken = True
         if not self.hit and self.start and position < self.start:
             if position < self.start - 1:
                 return (hidden,) if self.tuple_output else hidden
-            stored = self.record[self.start].read(self.slots, hidden.shape[1], hidden.device)
+            stored, self.stored = self.stored, None
             return (stored,) if self.tuple_output else stored
         return super().run(position, block, hidden, args, kwargs)

@@ -129,11 +129,11 @@ class CacheModel:
 class CacheData:
     """What the decision needs from the data: rows, rows per optimizer step, row lengths per phase."""
 
-    rows: int | None  # training rows (a mixture: the sum over its sources); None = unknown
-    global_batch: int  # rows per optimizer step over every process
+    rows: int | None  # stored rows (a mixture: the sum over its sources; dpo: 2 per pair); None = unknown
+    global_batch: int  # stored rows per optimizer step over every process
     seq_lengths: tuple[int, ...]  # per phase: tokens per row it trains on
     chunk_length: int  # tokens per stored row (a shorter phase splits a row into chunk // seq pieces)
-    tasks: tuple[str, ...]  # per phase: clm | mlm | diffusion | classification | sft
+    tasks: tuple[str, ...]  # per phase: clm | mlm | diffusion | classification | sft | dpo
     repeat: float = 1.0  # chance that a row's inputs at one visit equal those at its previous visit (padding)
     repeat_note: str = ""  # why ``repeat`` < 1
 
@@ -190,10 +190,11 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
         return f"data.task {phase_task} draws a new mask every step, so no row's inputs repeat and nothing would hit"
     if phase_task == "sft":
         return "data.task sft: TRL builds the batches, which carry no row ids for the cache"
-    if phase_task == "dpo":
+    if phase_task == "kto":
         return (
-            "data.task dpo: TRL's preference collator concatenates each batch's chosen and rejected rows, padded "
-            "to the batch's longest, and carries no row ids, so no stored hidden state could be matched to a row"
+            "data.task kto: a step runs the policy on two batches (the mismatched KL completions, then the labelled "
+            "ones) and the cache keys one batch of rows per step, so the second forward would be matched against "
+            "the first's inputs"
         )
     if EMBEDDINGS in units:
         return "the embeddings train, so the prefix is not frozen"
@@ -202,7 +203,8 @@ def blocker(phase_task: str, units: frozenset[str], model: CacheModel) -> str | 
     if model.sharded:
         return (
             "training.fsdp: under FSDP2 each block's forward gathers its shards with every rank, so one rank "
-            "skipping the prefix on a hit would stall the ranks that miss"
+            "skipping the prefix on a hit would stall the ranks that miss (a model that fits one device can run "
+            "cached under DDP, where the ranks of a node share one store)"
         )
     return model.hazard
 
@@ -371,21 +373,26 @@ def format_cache(decisions: list[PhaseCache] | None, names: list[str]) -> list[s
     return lines
 
 
-def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batch: bool = False) -> list[float | None]:
+def per_rank_hit_rates(
+    decisions: list[PhaseCache], world: int, same_global_batch: bool = False, stores: int | None = None
+) -> list[float | None]:
     """Expected hit rate per rank of each cached phase under DDP on ``world`` ranks (None where the cache is off).
-    Each rank keeps its own store, and the sampler deals a row to a rank afresh each epoch, so a visit hits only if
-    the same rank stored the row before. Of a row's ``s`` earlier visits (stored by the cached phases just before,
-    as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all ranks together, ``N (q^s - q^(s+v))`` are a
-    rank's first, with ``q = 1 - 1/N``; every other visit hits. With the plan's per-device batch, s and v are N times
-    the one-process figures (N times the rows per step); with ``same_global_batch`` they are the same (the second
-    epoch then hits about 1/N of its rows)."""
-    q = 1.0 - 1.0 / world
+    ``stores``: how many separate stores the ranks keep (the nodes: the ranks of a node share one, see
+    :mod:`~hf_stackwise.cache.node`; default ``world``, one per rank). The sampler deals a row to a rank afresh each
+    epoch, so a visit hits only if a rank sharing its store stored the row before. Of a row's ``s`` earlier visits
+    (stored by the cached phases just before, as in :func:`_carry_and_fill`) and ``v`` visits in the phase, all
+    ranks together, ``M (q^s - q^(s+v))`` are a store's first, with ``M`` stores and ``q = 1 - 1/M``; every other
+    visit hits. With the plan's per-device batch, s and v are N times the one-process figures (N times the rows per
+    step); with ``same_global_batch`` they are the same (one store: the one-process rate; one per rank: the second
+    epoch hits about 1/N of its rows)."""
+    stores = world if stores is None else stores
+    q = 1.0 - 1.0 / stores
     rates: list[float | None] = []
     for i, d in enumerate(decisions):
         if not (d.on and d.cut):
             rates.append(None)
             continue
-        if world == 1:
+        if world == 1 or stores == 1 and same_global_batch:
             rates.append(d.hit_rate)
             continue
         seen = 0.0
@@ -396,6 +403,6 @@ def per_rank_hit_rates(decisions: list[PhaseCache], world: int, same_global_batc
                 break
         scale = 1 if same_global_batch else world
         s, v = seen * scale, d.visits * scale
-        firsts = world * (q**s - q ** (s + v))
+        firsts = stores * (q**s - q ** (s + v))
         rates.append(max(0.0, 1.0 - firsts / v) if v else 0.0)
     return rates

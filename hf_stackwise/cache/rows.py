@@ -1,11 +1,14 @@
 """What the cache decision needs to know about the training rows: how many, how long, and how often a row's inputs
-repeat between visits when a padding collator pads it to the longest row of its micro-batch."""
+repeat between visits when a padding collator pads it to the longest row of its micro-batch. A preference pair
+(TRL's ``prompt_ids``/``chosen_ids``/``rejected_ids``) counts here as one row of its longer sequence: its chosen and
+rejected rows are always in the same micro-batch, padded to the same length."""
 
 from __future__ import annotations
 
 import numpy as np
 
 FINGERPRINTED = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+PAIR = ("prompt_ids", "chosen_ids", "rejected_ids")  # TRL's tokenized preference pairs
 MAX_PROBED_LENGTHS = 256  # distinct row lengths probed through the collator (beyond: padded length = max length)
 
 
@@ -25,7 +28,13 @@ def _arrow_lengths(dataset) -> np.ndarray:
     a selected, shuffled or filtered dataset reads its rows through its indices mapping (its table holds them all)."""
     import pyarrow.compute as pc
 
-    lengths = np.asarray(pc.list_value_length(dataset.data.column("input_ids")).to_numpy(), np.int64)
+    def length(column: str) -> np.ndarray:
+        return np.asarray(pc.list_value_length(dataset.data.column(column)).to_numpy(), np.int64)
+
+    if "input_ids" in dataset.column_names:
+        lengths = length("input_ids")
+    else:  # a preference pair: the prompt and its longer answer
+        lengths = length("prompt_ids") + np.maximum(length("chosen_ids"), length("rejected_ids"))
     indices = getattr(dataset, "_indices", None)
     if indices is not None:
         lengths = lengths[np.asarray(indices.column(0).to_numpy(), np.int64)]
@@ -52,7 +61,9 @@ def row_lengths(dataset) -> np.ndarray | None:
     try:
         import datasets
 
-        if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
+        if isinstance(dataset, datasets.Dataset) and (
+            "input_ids" in dataset.column_names or set(PAIR) <= set(dataset.column_names)
+        ):
             return _arrow_lengths(dataset)
     except (KeyError, TypeError, ValueError):
         pass
@@ -60,7 +71,7 @@ def row_lengths(dataset) -> np.ndarray | None:
 
 
 def _inputs(row: dict) -> dict:
-    return {k: row[k] for k in FINGERPRINTED if k in row}
+    return {k: row[k] for k in (*FINGERPRINTED, *PAIR) if k in row}
 
 
 def _collated_length(collator, rows: list[dict], index: int = 0) -> int | None:

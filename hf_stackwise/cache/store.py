@@ -11,6 +11,8 @@ library versions); a signature change empties it. A file-backed store also:
 - keeps a per-slot checksum of the data written (zero the fingerprint, write the data, then the checksum, then the
   fingerprint), and on reload checks every file's size *before* mapping it (``np.memmap(mode="r+")`` would extend a
   short file with zeros) and every filled slot's checksum: a damaged store is rebuilt, a torn slot is a miss.
+
+Under DDP each rank's store is one segment of a node store (:mod:`~hf_stackwise.cache.node`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,22 @@ def identity_key(identity: dict) -> str:
     return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=6).hexdigest()
 
 
+def try_lock(path: str) -> int | None:
+    """The open descriptor of ``path.lock`` held under an exclusive ``flock``, or None while another holds it."""
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def _slot_sum(raw: np.ndarray) -> np.ndarray:
     digest = hashlib.blake2b(np.ascontiguousarray(raw).tobytes(), digest_size=SUM_BYTES).digest()
     return np.frombuffer(digest, np.uint8)
@@ -97,6 +115,7 @@ class ActivationStore:
         self.sums: np.ndarray | None = None
         self.reload = False  # a resumed run may reload the files; a fresh one starts them empty
         self.repaired = 0  # slots found torn on reload (made misses)
+        self.now = 0  # the optimizer step the current micro-batch belongs to (a node store's segments stamp it)
         self._lock: int | None = None
 
     @classmethod
@@ -104,11 +123,8 @@ class ActivationStore:
         """A file-backed store at ``base`` or, while another run holds it, at ``base-w1``, ``base-w2``, ..."""
         for writer in range(MAX_WRITERS):
             path = base if writer == 0 else f"{base}-w{writer}"
-            fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = try_lock(path)
+            if fd is None:
                 continue
             store = cls(key, slots, seq_length, hidden, path)
             store._lock = fd
@@ -121,8 +137,7 @@ class ActivationStore:
             if isinstance(array, np.memmap):
                 array.flush()
         if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            os.close(self._lock)
+            unlock(self._lock)
             self._lock = None
 
     def _array(self, name: str, shape, dtype, fresh: bool) -> np.ndarray:
@@ -161,9 +176,11 @@ class ActivationStore:
         }
 
     def _write_header(self) -> None:
+        """Atomically (a new file renamed over the old): the other ranks of a node store read it while it changes."""
         if self.path is not None:
-            with open(f"{self.path}.json", "w") as f:
+            with open(f"{self.path}.json.tmp", "w") as f:
                 json.dump(self._header(), f)
+            os.replace(f"{self.path}.json.tmp", f"{self.path}.json")
 
     def _sizes_ok(self, itemsize: int) -> bool:
         """Every file exactly as long as the header says (checked before mapping: r+ would extend a short file)."""
@@ -199,14 +216,20 @@ class ActivationStore:
                 self.repaired += 1
         return True
 
+    def _stamp(self, slots: np.ndarray) -> None:
+        """Mark freshly written slots before their fingerprints publish them (a node store's segment: the step)."""
+
     def _data_shape(self) -> tuple[int, int, int]:
         return (self.slots, self.seq_length, self.hidden)
 
     def match(self, slots: np.ndarray, fps: np.ndarray) -> np.ndarray:
         """Per row: whether its slot holds this row's hidden state."""
+        if self.data is None:
+            return np.zeros(len(slots), bool)
         return (self.fp[slots] == fps).all(axis=1)
 
-    def read(self, slots: np.ndarray, length: int, device) -> torch.Tensor:
+    def read(self, slots: np.ndarray, length: int, device) -> torch.Tensor | None:
+        """The stored hidden states of rows :meth:`match` found (None: one changed since; a node store's peer)."""
         raw = torch.from_numpy(np.ascontiguousarray(self.data[slots, :length]))
         return raw.view(self.dtype).to(device)
 
@@ -223,4 +246,5 @@ class ActivationStore:
         if self.sums is not None:
             for slot in slots:
                 self.sums[slot] = _slot_sum(self.data[slot])
+        self._stamp(slots)
         self.fp[slots] = fps  # last: a fingerprint never points at a half-written slot

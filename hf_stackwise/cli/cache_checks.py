@@ -7,6 +7,7 @@ from ..cache.activations import check_storage
 from ..cache.policy import CacheData, CacheModel, decide
 from ..cache.rows import dataset_rows
 from ..data.loading import build_datasets
+from ..distributed.sharding import requested_engine
 from ..rack.adapters import plan_adapters
 from .preflight import TOKENIZER_KEYS, load_tokenizer
 
@@ -20,9 +21,11 @@ def data_of(recipe, args, rows: int | None) -> CacheData:
     """The decision's data view of a recipe (``rows``: training rows, if known)."""
     plane = recipe.data.plane
     phases = recipe.schedule.phases
-    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    per = 2 if plane.task == "dpo" else 1  # a preference pair is two stored rows: chosen and rejected
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size) * per
     seqs = tuple(plane.phase_length(p) for p in phases)
     tasks = tuple(plane.phase_task(p) for p in phases)
+    rows = rows * per if rows is not None else None
     return CacheData(rows, batch, seqs, plane.chunk_length(recipe.schedule), tasks)
 
 
@@ -35,7 +38,7 @@ def check_recipe_cache(recipe, args, config, base: tuple[int, ...]) -> None:
     layout = recipe.schedule.layout(base)
     bounds = tuple((0, 1) for _ in recipe.schedule.phases)
     neftune = recipe.training.get("neftune_noise_alpha")
-    sharded = bool(recipe.training.get("fsdp"))
+    sharded = requested_engine(recipe.training)[0] == "fsdp2"  # the recipe or the accelerate config
     model = CacheModel.from_config(
         config, (), 0, 4, sharded=sharded, neftune_noise_alpha=neftune, lm_head=lm_head(recipe)
     )
@@ -63,7 +66,7 @@ def plan_cache(recipe, args, config, resolved, layout, base, blocks, head_params
     if settings.activations is False:
         return None
     block_params = tuple(sum(p.numel() for p in block.parameters()) for block in blocks)
-    sharded = bool(recipe.training.get("fsdp"))
+    sharded = requested_engine(recipe.training)[0] == "fsdp2"  # the recipe or the accelerate config
     neftune = recipe.training.get("neftune_noise_alpha")
     model = CacheModel.from_config(config, block_params, head_params, dtype_bytes, sharded, neftune, lm_head(recipe))
     data = data_of(recipe, args, _count_rows(recipe, args, config))
@@ -101,4 +104,4 @@ def check_recipe_storage(recipe, args, config, base: tuple[int, ...], train_data
     decisions = decide(
         recipe.schedule, resolved.bounds, layout, base, settings, model, data, adapters_of(recipe, layout)
     )
-    check_storage(decisions, settings, settings.folder(args.output_dir))
+    check_storage(decisions, settings, settings.folder(args.output_dir), args.world_size > 1)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
             plan = make_plan(recipe)
             print(format_plan(plan))
-            if recipe.data.get("task") == "dpo":  # the reference's memory per phase, each way
+            if recipe.data.get("task") in ("dpo", "kto"):  # the reference's memory per phase, each way
                 from .preference import format_reference
 
                 print("\n" + format_reference(plan, recipe, run.load_config(recipe)))

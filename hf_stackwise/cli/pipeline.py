@@ -124,7 +124,8 @@ def build_arguments(recipe: Recipe) -> StackwiseArguments:
     """``StackwiseArguments`` from the recipe's ``training`` section plus its schedule and rack."""
     training = launch_settings(recipe.training.arguments)
     training.update(training_arguments(recipe.callbacks, training))
-    arguments_class = dpo_classes()[0] if is_dpo(recipe) else StackwiseArguments  # beta, loss_type, reference, ...
+    # dpo / kto: beta, loss_type, reference, ...
+    arguments_class = dpo_classes(recipe.data.task)[0] if is_dpo(recipe) else StackwiseArguments
     known = {f.name for f in fields(arguments_class) if f.init}
     unknown = [k for k in training if k not in known]
     if unknown:
@@ -260,7 +261,7 @@ def meta_model(config, recipe: Recipe | None = None):
     """The model built on the meta device: every module and parameter shape, no memory, no weights (the config
     is copied: growth checks edit the skeleton's)."""
     model_class = auto_model_class(recipe) if recipe is not None else AutoModelForCausalLM
-    if recipe is not None and recipe.data.task in ("sft", "dpo"):
+    if recipe is not None and recipe.data.task in ("sft", "dpo", "kto"):
         check_causal(config)
     if model_class is AutoModelForSequenceClassification:
         classification.needs_model_class(config)
@@ -500,9 +501,11 @@ def build_trainer(prepared: Prepared, model=None) -> StackwiseTrainer:
     if prepared.recipe.data.task == "sft":  # TRL's SFTTrainer tokenizes, labels, packs and collates
         trainer_class, task["data_collator"] = sft_classes()[1], None
     if is_dpo(prepared.recipe):  # TRL's DPOTrainer tokenizes and collates the pairs; the reference: reference.py
-        trainer_class, task["data_collator"] = dpo_classes()[1], None
+        trainer_class, task["data_collator"] = dpo_classes(prepared.recipe.data.task)[1], None
     if classifies(prepared.recipe):  # padding collator, metrics, the confusion log
-        extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer)
+        data = prepared.recipe.data
+        padding = (data.entries.get("padding") or "longest", data.plane.max_seq_length)
+        extra = classification.trainer_kwargs(prepared.config, prepared.tokenizer, *padding)
         task = {**task, **extra, "callbacks": task["callbacks"] + extra["callbacks"]}
     try:
         return trainer_class(

@@ -152,23 +152,24 @@ def format_per_rank(plan: Plan, world: int, training: dict | None = None) -> str
 
 
 def format_cache_per_rank(plan: Plan, world: int) -> list[str]:
-    """The activation cache under DDP: one store per rank, so a row hits only on the rank that stored it."""
+    """The activation cache under DDP on one node: its ranks share one store, so each hits as one process would with
+    their rows; beside it, what one store per rank (each node of one rank) would hit."""
     decisions = [p.cache for p in plan.phases]
     if not any(d is not None and d.on and d.cut for d in decisions):
         return []
-    rates = per_rank_hit_rates(decisions, world)
-    same = per_rank_hit_rates(decisions, world, same_global_batch=True)
+    rates = per_rank_hit_rates(decisions, world, stores=1)
+    separate = per_rank_hit_rates(decisions, world)
     batch = plan.batch_size
     lines = [
         "",
-        f"activation cache per rank on {world} ranks, DDP: one store per rank, and the sampler deals a row to a rank "
-        "afresh each epoch, so it hits only where that rank stored it",
+        f"activation cache per rank on {world} ranks of one node, DDP: the node's ranks share one store, so a row "
+        "stored by any of them hits on all (one store per rank: a row hits only where that rank stored it)",
         f"{'phase':<14} {'cache':<5} {f'hit rate per rank, batch {batch} each':>32} "
-        f"{f'same, global batch {batch}':>24} {'one process':>12}",
+        f"{'one store per rank':>20} {'one process':>12}",
     ]
-    for phase, d, rate, fixed in zip(plan.phases, decisions, rates, same):
+    for phase, d, rate, apart in zip(plan.phases, decisions, rates, separate):
         if rate is None:
             lines.append(f"{phase.name:<14} {'off':<5}")
             continue
-        lines.append(f"{phase.name:<14} {'on':<5} {rate:>32.0%} {fixed:>24.0%} {d.hit_rate:>12.0%}")
+        lines.append(f"{phase.name:<14} {'on':<5} {rate:>32.0%} {apart:>20.0%} {d.hit_rate:>12.0%}")
     return lines

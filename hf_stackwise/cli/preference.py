@@ -1,4 +1,4 @@
-"""``data.task: dpo`` in the pipeline: TRL's classes (imported only for a DPO run), the ``DPOConfig`` fields the
+"""``data.task: dpo`` / ``kto`` in the pipeline: TRL's classes (imported only for such a run), the config fields the
 recipe's ``data:`` sets, the reference checks that run before any weight loads, and the reference's memory per phase
 for ``plan``."""
 
@@ -15,18 +15,26 @@ DPO_OWNED_ELSEWHERE = {
 
 
 def is_dpo(recipe) -> bool:
-    return recipe.data.get("task") == "dpo"
+    """Whether the run is preference tuning against a reference model (``data.task: dpo`` or ``kto``)."""
+    return recipe.data.get("task") in ("dpo", "kto")
 
 
-def dpo_classes():
-    """``(StackwiseDPOConfig, StackwiseDPOTrainer)`` from :mod:`~hf_stackwise.integrations.dpo_trainer` (trl)."""
+def dpo_classes(task: str = "dpo"):
+    """``(StackwiseDPOConfig, StackwiseDPOTrainer)`` from :mod:`~hf_stackwise.integrations.dpo_trainer`, or the KTO
+    pair from :mod:`~hf_stackwise.integrations.kto_trainer` (trl)."""
     try:
+        if task == "kto":
+            from ..integrations.kto_trainer import StackwiseKTOConfig, StackwiseKTOTrainer
+
+            return StackwiseKTOConfig, StackwiseKTOTrainer
         from ..integrations.dpo_trainer import StackwiseDPOConfig, StackwiseDPOTrainer
     except ImportError as err:
         if "trl" not in str(err):
             raise
+        trainer = "KTOTrainer" if task == "kto" else "DPOTrainer"
         raise RecipeError(
-            "data.task: `dpo` runs through TRL's DPOTrainer, and trl is not installed; pip install 'hf-stackwise[trl]'"
+            f"data.task: `{task}` runs through TRL's {trainer}, and trl is not installed; pip install "
+            "'hf-stackwise[trl]'"
         ) from None
     return StackwiseDPOConfig, StackwiseDPOTrainer
 
@@ -76,7 +84,8 @@ def format_reference(plan, recipe, config) -> str:
     way = recipe.training.get("reference", "auto")
     blocks = plan.boundaries[len(plan.base_sizes)]
     lines = [
-        f"DPO reference (training.reference: {way}) in MiB: copy = a frozen full copy, precompute = none in memory "
+        f"{recipe.data.task.upper()} reference (training.reference: {way}) in MiB: copy = a frozen full copy, "
+        "precompute = none in memory "
         "(one forward per pair before training, 8 bytes per pair stored), shared = initial copies of what ever trains "
         "(forward from the cut on the policy's hidden state)",
         f"{'phase':<14} {'copy':>8} {'precompute':>10} {'shared':>8}  shared forward",

@@ -2,10 +2,10 @@
 
 Each row is one text (plus an optional second text, ``data.text_pair_column``), tokenized and truncated to
 ``data.max_seq_length``, with ``labels`` = the class id; batches are padded per batch
-(``DataCollatorWithPadding``). The label names come from a ``ClassLabel`` feature, else the sorted distinct
-values of the training labels; they go into the model config (``id2label``, ``label2id``, ``num_labels``)
-before any weight loads. Metrics are scikit-learn's; the confusion matrix of every eval is kept as JSON.
-"""
+(``DataCollatorWithPadding``), or every row to ``data.max_seq_length`` with ``data.padding: max_length``. The label
+names come from a ``ClassLabel`` feature, else the sorted distinct values of the training labels; they go into the
+model config (``id2label``, ``label2id``, ``num_labels``) before any weight loads. Metrics are scikit-learn's; the
+confusion matrix of every eval is kept as JSON."""
 
 from __future__ import annotations
 
@@ -205,12 +205,14 @@ class ConfusionLog(TrainerCallback):
             self.metrics.confusion = None
 
 
-def trainer_kwargs(config, tokenizer) -> dict:
-    """What the Trainer takes for a classification run: padding collator, metrics, the confusion log."""
+def trainer_kwargs(config, tokenizer, padding: str = "longest", max_length: int | None = None) -> dict:
+    """What the Trainer takes for a classification run: padding collator, metrics, the confusion log. ``padding``:
+    ``data.padding`` (``max_length`` pads every row to ``max_length``, ``data.max_seq_length``)."""
     metrics = Metrics(config.num_labels)
     names = [config.id2label[i] for i in range(config.num_labels)]
+    padding = {"padding": "max_length", "max_length": max_length} if padding == "max_length" else {}
     return {
-        "data_collator": DataCollatorWithPadding(tokenizer),
+        "data_collator": DataCollatorWithPadding(tokenizer, **padding),
         "compute_metrics": metrics,
         "callbacks": [ConfusionLog(metrics, names)],
     }

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 TASK = "classification"
 METRICS = ("loss", "accuracy", "f1", "precision", "recall")  # what each eval reports (eval_ prefixed)
-KEYS = ("label_column", "text_pair_column")  # data keys only a classification run reads
+KEYS = ("label_column", "text_pair_column", "padding")  # data keys only a classification run reads
+PADDING = ("longest", "max_length")  # a batch padded to its longest row (default), or every row to max_seq_length
 CONFUSION_NAME = "confusion.json"  # beside the logs: every eval's confusion matrix (rows: true, columns: predicted)
 
 
@@ -18,7 +19,13 @@ def check_recipe(data: dict, schedule, problems: list[str]) -> None:
         value = data.get(key)
         if value is not None and task != TASK:
             problems.append(f"data.{key}: only `data.task: classification` reads labels; drop it or set the task")
-        elif value is not None and not (isinstance(value, str) and value):
+        elif key == "padding" and value is not None and value not in PADDING:
+            problems.append(
+                f"data.padding: {value!r} is not one of {', '.join(PADDING)} (`max_length` pads every row to "
+                "`data.max_seq_length`, so a row's inputs are the same at every visit and the activation cache can "
+                "replay it)"
+            )
+        elif key != "padding" and value is not None and not (isinstance(value, str) and value):
             problems.append(f"data.{key}: {value!r} is not a column name")
     if task != TASK:
         for index, phase in enumerate(schedule.phases if schedule is not None else ()):

@@ -55,7 +55,7 @@ class DataPlaneMixin:
         """A pure function of (batch, phase of ``step``, seed): rows split to the phase's length, then corrupted
         for ``mlm`` / ``diffusion`` with generators seeded by (seed, step, row)."""
         state = self.data_state(step)
-        if state is None or state.task in ("classification", "dpo"):  # whole rows / pairs, padded per batch: untouched
+        if state is None or state.task in ("classification", "dpo", "kto"):  # whole rows / pairs, padded per batch
             return inputs
         if state.task == "sft":  # conversations: a shorter phase truncates them
             return truncate_for_phase(inputs, state.max_seq_length, self.data_plane.chunk_length(self.schedule))
@@ -157,8 +157,9 @@ class DataPlaneMixin:
         return output
 
     def _token_loss(self) -> bool:
-        """Whether the eval loss is a mean token cross-entropy (a causal LM; not DPO's preference loss)."""
-        return is_causal_lm(self.model) and not (self.data_plane is not None and self.data_plane.task == "dpo")
+        """Whether the eval loss is a mean token cross-entropy (a causal LM; not DPO's or KTO's preference loss)."""
+        preference = self.data_plane is not None and self.data_plane.task in ("dpo", "kto")
+        return is_causal_lm(self.model) and not preference
 
     def _classifies(self) -> bool:
         return self.data_plane is not None and self.data_plane.task == "classification"

@@ -54,39 +54,39 @@ class SharedPrefix:
     """Carries the policy's hidden state at the cut into the reference's forward.
 
     ``capture(policy_blocks, cut)`` hooks the policy's block ``cut - 1`` for one loss computation (TRL runs the
-    policy's forward, then the reference's, on the same concatenated chosen/rejected batch); the reference's
-    forward, patched by :meth:`install`, runs its blocks from ``cut`` on that state."""
+    policy's forward, then the reference's, on the same batch: DPO's concatenated chosen/rejected rows; KTO's KL
+    batch, then its completions, in the same order for both); the reference's forward, patched by :meth:`install`,
+    runs its blocks from ``cut`` on the oldest state not yet taken."""
 
     def __init__(self, layers_path: str, num_blocks: int):
         self.layers_path = layers_path
         self.num_blocks = num_blocks
         self.cut = 0
-        self.state = None
+        self.states: list = []
 
     def take(self):
-        if self.state is None:
+        if not self.states:
             raise RuntimeError("hf_stackwise: the shared reference ran before the policy's forward gave its prefix")
-        state, self.state = self.state, None
-        return state
+        return self.states.pop(0)
 
     @contextlib.contextmanager
     def capture(self, blocks: nn.ModuleList, cut: int):
         """Record the output of ``blocks[cut - 1]`` during the policy's forward (nothing when the cut is 0)."""
-        self.cut, self.state = cut, None
+        self.cut, self.states = cut, []
         if cut == 0:
             yield
             return
 
         def keep(module, args, output):
             value = output[0] if isinstance(output, tuple) else output
-            self.state = (value.detach(),) if isinstance(output, tuple) else value.detach()
+            self.states.append((value.detach(),) if isinstance(output, tuple) else value.detach())
 
         handle = blocks[cut - 1].register_forward_hook(keep)
         try:
             yield
         finally:
             handle.remove()
-            self.state = None
+            self.states = []
 
     def install(self, reference: nn.Module) -> None:
         """Patch ``reference.forward`` (TRL's fused-head forward): above the cut only, from the captured state."""

@@ -21,6 +21,7 @@ TASK_METRICS = {
     "masked": ("loss", "masked_accuracy"),
     "classification": CLASSIFICATION_METRICS,
     "dpo": ("loss", "rewards/accuracies", "rewards/margins"),  # TRL's held-out preference metrics
+    "kto": ("loss", "kl"),  # TRL's KTO logs sums per batch; its held-out loss and KL estimate compare across evals
 }
 LOWER_IS_BETTER = ("loss", "perplexity")
 # TrainingArguments early stopping sets; the recipe does not set them itself

@@ -14,7 +14,7 @@ def _is_int(value) -> bool:
 
 # causal LM; masked LM (80/10/10); masked diffusion (rate drawn per sequence); chat / instruction SFT; sequence
 # classification; preference pairs (DPO through TRL)
-TASKS = ("clm", "mlm", "diffusion", "sft", "classification", "dpo")
+TASKS = ("clm", "mlm", "diffusion", "sft", "classification", "dpo", "kto")
 MASKED_TASKS = ("mlm", "diffusion")
 MASK_SCHEDULES = ("linear", "cosine")  # how a `mask_rate: [start, end]` ramp moves across its phase
 
