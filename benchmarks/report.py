@@ -262,8 +262,9 @@ def baseline_words(name: str, task, by_stage: dict) -> list[str]:
         cpu = g.median("cpu_s") / full.median("cpu_s") if full.median("cpu_s") else float("nan")
         cheaper.append(f"{task.arms[arm].label} (peak RSS {mem:.2f}×, CPU per run {cpu:.2f}× full's)")
     return [
-        f"- **No stack-wise schedule is on the FLOPs front here**: {', '.join(task.arms[a].label for a in on_front)} "
-        "give the best model for every budget measured. Their case has to come from what a step costs at larger "
+        "- **No stack-wise schedule is on the FLOPs front here**: the best model at every budget measured comes from "
+        f"{' or '.join(task.arms[a].label for a in sorted(on_front))}. The schedules' case has to come from what a "
+        "step costs at larger "
         "scale — memory that decides whether a model fits, and steps that skip the frozen prefix: "
         + ("; ".join(cheaper) if cheaper else "no stack-wise arm finished")
         + "."
@@ -283,15 +284,16 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
     before = [r["before"]["test"][task.metric] for r in (full_runs.runs if full_runs else [])
               if task.metric in (r.get("before") or {}).get("test", {})]  # fmt: skip
     lines += [
-        f"{task.arms[task.full].label.capitalize()} and every other arm train `{task.model}` for {s['steps']} steps "
-        f"of batch {s['batch_size']} × {s['seq_len']} tokens (equal steps), then for full fine-tuning's FLOPs "
-        f"(equal FLOPs). The test {task.metric} "
-        + (f"before training is **{before[0]:.3f}**." if before else "before training was not evaluated.")
+        f"{task.arms[task.full].label[0].upper() + task.arms[task.full].label[1:]} and every other arm train "
+        f"`{task.model}` for {s['steps']} steps of batch {s['batch_size']} × {s['seq_len']} tokens (equal steps), "
+        "then for full fine-tuning's FLOPs (equal FLOPs). "
         + (
-            " (Before training a DPO policy equals its reference: every reward is 0, so accuracy and margin are 0.)"
+            "Before training a DPO policy equals its reference: every reward is 0, so accuracy and margin are 0."
             if name == "dpo"
-            else ""
-        ),  # fmt: skip
+            else f"The test {task.metric} before training is **{before[0]:.3f}**."
+            if before
+            else f"The test {task.metric} before training was not evaluated."
+        ),
         "",
         f"**Rate grid** (seed 0, {s['steps']} steps; validation {task.metric}, the chosen factor in bold; the factor "
         "multiplies every learning rate of the arm's recipe):",

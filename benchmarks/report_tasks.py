@@ -230,8 +230,14 @@ def budget_lines(task, stages: dict, budgets: list[tuple[str, float]]) -> list[s
             continue
         sign = 1 if task.lower_is_better else -1
         top = min(best, key=lambda a: sign * statistics.fmean(best[a]))
-        tied = [a for a in best if a != top and compare(best[a], best[top], task.lower_is_better) == "tie"]
-        tie_words = f"; tied within the 95% intervals: {', '.join(task.arms[a].label for a in tied)}" if tied else ""
+        others = [a for a in best if a != top]
+        tied = [a for a in others if compare(best[a], best[top], task.lower_is_better) == "tie"]
+        if any(min(len(best[a]), len(best[top])) < 2 for a in others):
+            tie_words = "; one seed only: no intervals, so no arm is called better than another"
+        elif tied:
+            tie_words = f"; tied within the 95% intervals: {', '.join(task.arms[a].label for a in tied)}"
+        else:
+            tie_words = ""
         lines.append(
             f"- **{name}** ({budget / 1e9:.0f} GFLOPs): best {task.arms[top].label} "
             f"({task.metric} {statistics.fmean(best[top]):.3f}){tie_words}."
