@@ -6,15 +6,14 @@ torch thread, on a quiet machine)::
     python benchmarks/autofreeze.py                         # or: make bench
     python benchmarks/autofreeze.py --seeds 1 --minilm-steps 60 --smollm2-steps 24   # a reduced run
 
-On a shared machine, one process per (job, seed) and a merge (what wrote `benchmarks/results/autofreeze.json`; each
-process still runs its seed's two arms one after the other, the order alternating with the seed)::
+One process per job (what wrote `benchmarks/results/autofreeze.json`, SmolLM2 at a reduced size for time) or, on a
+shared machine, per (job, seed), then a merge (each process runs its seeds' two arms one after the other, the order
+alternating with the seed)::
 
-    for s in 0 1 2; do
-      python benchmarks/autofreeze.py --only minilm --seeds 1 --first-seed $s --out /tmp/af/minilm-$s.json &
-      python benchmarks/autofreeze.py --only smollm2 --seeds 1 --first-seed $s --smollm2-steps 24 \
-          --smollm2-rows 16 --out /tmp/af/smollm2-$s.json &
-    done; wait
-    python benchmarks/autofreeze.py --merge /tmp/af/*.json
+    python benchmarks/autofreeze.py --only minilm --out /tmp/af/minilm.json &
+    python benchmarks/autofreeze.py --only smollm2 --smollm2-steps 24 --smollm2-rows 16 --out /tmp/af/smollm2.json &
+    wait; python benchmarks/autofreeze.py --merge /tmp/af/*.json
+    # per seed: add --seeds 1 --first-seed S to each command
 
 **Jobs**, each run through the same code as `hf-stackwise train`:
 
