@@ -34,7 +34,8 @@ def preference_rows(count: int, offset: int = 0) -> list[dict]:
     ]
 
 
-def dpo_args(tmp_path, name: str, reference: str, schedule=TOP, **overrides) -> StackwiseDPOConfig:
+def dpo_args(tmp_path, name: str, reference: str, schedule=TOP, config=StackwiseDPOConfig, **overrides):
+    """The tiny runs' settings as a preference config (``config``: the DPO one, or KTO's in test_kto.py)."""
     settings = dict(
         output_dir=os.path.join(str(tmp_path), name),
         max_steps=6,
@@ -52,7 +53,7 @@ def dpo_args(tmp_path, name: str, reference: str, schedule=TOP, **overrides) -> 
         beta=0.1,
     )
     settings.update(overrides)
-    return StackwiseDPOConfig(**settings)
+    return config(**settings)
 
 
 def run(tmp_path, tokenizer, name: str, reference: str, rows=None, evaluate=False, **overrides):

@@ -5,13 +5,12 @@ settings. Tiny Llama from a config, fp32 CPU, real preference pairs from Python'
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pytest
 import torch
 from conftest import brief_run_args, tiny_causal_lm, write_recipe
-from test_dpo import TOP, preference_rows, weights
+from test_dpo import dpo_args, preference_rows, weights
 
 pytest.importorskip("trl")
 
@@ -26,24 +25,7 @@ KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected")
 
 
 def kto_args(tmp_path, name: str, reference: str, **overrides) -> StackwiseKTOConfig:
-    settings = dict(
-        output_dir=os.path.join(str(tmp_path), name),
-        max_steps=6,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_length=96,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        blocks_per_stack=1,
-        schedule=TOP,
-        reference=reference,
-        beta=0.1,
-    )
-    settings.update(overrides)
-    return StackwiseKTOConfig(**settings)
+    return dpo_args(tmp_path, name, reference, config=StackwiseKTOConfig, **overrides)
 
 
 def run(tmp_path, tokenizer, name: str, reference: str, **overrides):
