@@ -11,6 +11,7 @@ without drawing (``tests/test_results_report.py`` compares it with the committed
 from __future__ import annotations
 
 import argparse
+import datetime
 import glob
 import json
 import os
@@ -346,6 +347,21 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
 # ---- the page ----------------------------------------------------------------------------------------------
 
 
+def busy_seconds(runs) -> float:
+    """Wall seconds during which at least one run was in progress: the union of the runs' [start, start + wall]."""
+    spans = sorted(
+        (start, start + r["wall_s"])
+        for r in runs
+        if "started" in r
+        for start in [datetime.datetime.fromisoformat(r["started"]).timestamp()]
+    )
+    total, end = 0.0, float("-inf")
+    for lo, hi in spans:
+        total += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    return total
+
+
 def header(manifest: dict, runs: dict, growth: dict) -> list[str]:
     m = manifest["machine"]
     done = [r for r in list(runs.values()) + list(growth.values()) if "wall_s" in r]
@@ -357,9 +373,9 @@ def header(manifest: dict, runs: dict, growth: dict) -> list[str]:
     lines = [
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC); "
         f"{plural(len(done), 'run')}, {sum(r['wall_s'] for r in done) / 3600:.1f} hours of runs in all, "
-        f"{sum(i['seconds'] for i in invocations) / 3600:.1f} hours of wall time over "
-        f"{plural(len(invocations), 'invocation')} of `benchmarks/results.py` (runs two at a time); commit "
-        f"`{m.get('commit')}`.",
+        f"{busy_seconds(done) / 3600:.1f} hours of wall time with runs in progress (two at a time, over "
+        f"{plural(len(invocations), 'invocation')} of `benchmarks/results.py` that ran to its end and any stopped "
+        f"early); commit `{m.get('commit')}`.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
         "- **Versions**: " + ", ".join(f"{k.replace('-', '_')} {v}" for k, v in m["versions"].items()) + ".",

@@ -103,6 +103,12 @@ def test_interval_compare_and_pareto_by_hand():
     assert [p[0] for p in rt.pareto(points, lower_is_better=False)] == ["a"]
 
 
+def test_busy_wall_time_is_the_union_of_the_runs_intervals():
+    runs = [{"started": f"2026-01-01T00:00:{s:02d}+00:00", "wall_s": w} for s, w in ((0, 20), (10, 20), (50, 5))]
+    runs.append({"started": "2026-01-01T00:00:40+00:00", "wall_s": 30})  # covers the 5 s run at 50 s
+    assert report_module().busy_seconds(runs) == 30 + 30  # [0, 30] and [40, 70]
+
+
 def test_page_from_fixture_json(tmp_path):
     folder = tmp_path / "results" / "page"
     folder.mkdir(parents=True)
@@ -144,7 +150,7 @@ def test_page_from_fixture_json(tmp_path):
     assert "**No stack-wise schedule is on the FLOPs front here**" in page
     assert "## Classification: MiniLM on standard-library docstrings\n\nNot run yet." in page
     assert "| `cache-steps.json` | cached_over_uncached_ratio | 0.250 |" in page
-    assert "2.0 hours of wall time over 1 invocation" in page
+    assert "0.1 hours of wall time with runs in progress (two at a time, over 1 invocation" in page
     for name in ("clm-flops.png", "clm-memory.png"):
         assert (images / name).stat().st_size > 1000
         assert f"(images/{name})" in page
