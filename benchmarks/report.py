@@ -367,15 +367,13 @@ def header(manifest: dict, runs: dict, growth: dict) -> list[str]:
     done = [r for r in list(runs.values()) + list(growth.values()) if "wall_s" in r]
     dates = sorted(r["started"] for r in runs.values() if "started" in r)
     loads = [x for r in runs.values() if "load_before" in r for x in (r["load_before"][0], r["load_after"][0])]
-    invocations = manifest.get("invocations") or []
     ram = f"{m['ram_bytes'] / 1024**3:.1f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
     threads = sorted({r["torch_threads"] for r in runs.values() if "torch_threads" in r})
     lines = [
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC); "
         f"{plural(len(done), 'run')}, {sum(r['wall_s'] for r in done) / 3600:.1f} hours of runs in all, "
-        f"{busy_seconds(done) / 3600:.1f} hours of wall time with runs in progress (two at a time, over "
-        f"{plural(len(invocations), 'invocation')} of `benchmarks/results.py` that ran to its end and any stopped "
-        f"early); commit `{m.get('commit')}`.",
+        f"{busy_seconds(done) / 3600:.1f} hours of wall time with runs in progress (two at a time: what "
+        f"`make bench-report` takes on this machine); commit `{m.get('commit')}`.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
         "- **Versions**: " + ", ".join(f"{k.replace('-', '_')} {v}" for k, v in m["versions"].items()) + ".",
@@ -415,6 +413,10 @@ def protocol(manifest: dict) -> list[str]:
         "6. **Words from numbers.** An arm is called better or worse than another only when the 95% intervals of "
         "their means do not overlap; otherwise it is a tie. Each run is its own process with 1 torch thread; arms "
         "are interleaved and the order alternates from seed to seed.",
+        "7. **Costs in the tables.** GFLOPs and CPU seconds of training (medians over the seeds; evals excluded); the "
+        "process's peak RSS; the optimizer state at its largest; *cache hits*, the share of rows whose frozen "
+        "prefix the activation cache served (`cache: auto` stores only where rows are expected to repeat: 0 when "
+        "the run sees each row about once); *freezes*, the steps at which adaptive freezing froze stacks.",
         "",
     ]
 

@@ -150,7 +150,7 @@ def test_page_from_fixture_json(tmp_path):
     assert "**No stack-wise schedule is on the FLOPs front here**" in page
     assert "## Classification: MiniLM on standard-library docstrings\n\nNot run yet." in page
     assert "| `cache-steps.json` | cached_over_uncached_ratio | 0.250 |" in page
-    assert "0.1 hours of wall time with runs in progress (two at a time, over 1 invocation" in page
+    assert "0.1 hours of wall time with runs in progress (two at a time: what `make bench-report` takes" in page
     for name in ("clm-flops.png", "clm-memory.png"):
         assert (images / name).stat().st_size > 1000
         assert f"(images/{name})" in page
