@@ -8,6 +8,7 @@ import statistics
 
 MIB = 1024 * 1024
 STYLES = {"equal FLOPs": "-", "longer horizon": "--", "equal steps": ":"}
+MARKERS = {"equal FLOPs": "o", "longer horizon": "s", "equal steps": "x"}  # runs with a single eval
 
 
 def mean_curve(runs: list[dict], task, split: str = "test") -> list[tuple[float, float]]:
@@ -32,15 +33,18 @@ def task_plots(name: str, task, stages: dict, images: str) -> None:
 
     colors = {arm: plt.cm.tab10(i % 10) for i, arm in enumerate(task.arms)}
     fig, ax = plt.subplots(figsize=(8.5, 4.2))
+    labelled = set()  # each arm named once in the legend, on its first curve
     for stage, groups in stages.items():
         for arm, g in groups.items():
             curve = mean_curve(g.runs, task)
-            if len(curve) > 1:
-                label = task.arms[arm].label if stage == "equal FLOPs" else None
-                ax.plot(*zip(*curve), STYLES.get(stage, "-"), color=colors[arm], label=label, alpha=0.85)
+            if curve:  # one eval (DPO: at the end only) is a point
+                label = None if arm in labelled else task.arms[arm].label
+                labelled.add(arm)
+                style = STYLES.get(stage, "-") if len(curve) > 1 else MARKERS.get(stage, "o")
+                ax.plot(*zip(*curve), style, color=colors[arm], label=label, alpha=0.85)
     ax.set_xlabel("training GFLOPs (PyTorch's FLOP counter)")
     ax.set_ylabel(f"test {task.metric} (mean over seeds)")
-    ax.set_title("solid: equal FLOPs · dotted: equal steps · dashed: longer horizon", fontsize=9)
+    ax.set_title("solid / o: equal FLOPs · dotted / x: equal steps · dashed / square: longer horizon", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(images, f"{name}-flops.png"), dpi=110)
