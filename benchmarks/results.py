@@ -22,8 +22,9 @@ Run it (CPU only, offline, after ``make assets``), then render the page::
    equal-step runs stand for it.
 4. *Longer horizon* (causal LM, the arms of ``Task.long``): 4× the steps, 3 seeds, at the factor tuned at 1×.
 
-Every run evaluates both splits before training, a few times during it and at its end, so each gives a curve of
-the metric against its cumulative training FLOPs. FLOPs come from PyTorch's FLOP counter over every optimizer step
+Every run evaluates both splits a few times during training and at its end (the grid's runs also before training;
+DPO once, at the end: its policy starts equal to its reference), so each gives a curve of the metric against its
+cumulative training FLOPs. FLOPs come from PyTorch's FLOP counter over every optimizer step
 (machine-independent); CPU time is each run's process time over the same spans; each run is its own process with
 1 torch thread; runs of different arms are interleaved (the order alternates from seed to seed), ``--jobs`` at a
 time. Resumable: a run whose JSON file exists with the same settings, recipe and splits is skipped; failed runs are
