@@ -61,7 +61,7 @@ import os
 import statistics
 import time
 
-from common import cpu_jiffies  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import CpuShare, cpu_model, load_average  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct")
@@ -106,27 +106,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # not available on this platform
-        return []
-
-
-class CpuShare:
-    """Share of the machine's CPU that other processes used since construction (this process excluded)."""
-
-    def __init__(self):
-        self.start, self.own = cpu_jiffies(), sum(os.times()[:4])
-
-    def other(self) -> float | None:
-        end = cpu_jiffies()
-        if self.start is None or end is None or end[1] == self.start[1]:
-            return None
-        own = (sum(os.times()[:4]) - self.own) * os.sysconf("SC_CLK_TCK")
-        return max(0.0, (end[0] - self.start[0]) - own) / (end[1] - self.start[1])
-
-
 def machine() -> dict:
     import platform
 
@@ -136,14 +115,8 @@ def machine() -> dict:
 
     import hf_stackwise
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

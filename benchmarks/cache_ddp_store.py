@@ -114,7 +114,7 @@ def worker(arm: str, out_dir: str) -> None:
 
 def launch(arm: str, folder: str) -> dict:
     """Run one arm (2 ranks, or one process); rank results plus the other processes' CPU share meanwhile."""
-    from cache import CpuShare, load_average
+    from common import CpuShare, load_average
 
     out = os.path.join(folder, arm)
     os.makedirs(out, exist_ok=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+
 
 def cpu_jiffies() -> tuple[int, int] | None:
     """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
@@ -12,3 +15,36 @@ def cpu_jiffies() -> tuple[int, int] | None:
         return None
     idle = values[3] + values[4]  # idle + iowait
     return sum(values) - idle, sum(values)
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` where there is none)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages (empty where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+class CpuShare:
+    """Share of the machine's CPU that other processes used since construction (this process excluded)."""
+
+    def __init__(self):
+        self.start, self.own = cpu_jiffies(), sum(os.times()[:4])
+
+    def other(self) -> float | None:
+        end = cpu_jiffies()
+        if self.start is None or end is None or end[1] == self.start[1]:
+            return None
+        own = (sum(os.times()[:4]) - self.own) * os.sysconf("SC_CLK_TCK")
+        return max(0.0, (end[0] - self.start[0]) - own) / (end[1] - self.start[1])

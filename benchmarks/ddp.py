@@ -41,6 +41,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # also when loaded by file path (tests/)
+from common import cpu_jiffies, cpu_model  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "ddp.json")
 
@@ -161,28 +164,12 @@ def fastest_step(row: dict, key: str = "steps") -> float:
     return min(row[key][1:] or row[key])
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    return sum(values) - values[3] - values[4], sum(values)
-
-
 def machine() -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

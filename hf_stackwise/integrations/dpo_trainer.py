@@ -12,7 +12,6 @@ from transformers.utils import logging
 
 from ..cache.activations import PairRows
 from ..data.plane import DataPlane
-from ..schedule.phases import RecipeError
 from ..trainer import StackwiseArguments, StackwiseTrainer
 from .held_reference import HeldReferenceMixin, ReferenceArguments, resolve_reference
 
@@ -33,35 +32,28 @@ class StackwiseDPOConfig(StackwiseArguments, ReferenceArguments, trl.DPOConfig):
 
     def __post_init__(self):
         self._check_reference()
-        problems = [
-            f"training.{key}: {value!r} {rule}"
-            for key, value, bad, rule in (
-                ("beta", self.beta, not self.beta > 0, "is not a positive number (the KL weight)"),
-                ("label_smoothing", self.label_smoothing, not 0 <= self.label_smoothing <= 0.5, "is not in [0, 0.5]"),
+        self._refuse(
+            (
+                ("beta", not self.beta > 0, "is not a positive number (the KL weight)"),
+                ("label_smoothing", not 0 <= self.label_smoothing <= 0.5, "is not in [0, 0.5]"),
                 (
                     "ld_alpha",
-                    self.ld_alpha,
                     self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1,
                     "is not in [0, 1]",
                 ),
-                ("discopop_tau", self.discopop_tau, not self.discopop_tau > 0, "is not a positive number"),
+                ("discopop_tau", not self.discopop_tau > 0, "is not a positive number"),
                 (
                     "loss_weights",
-                    self.loss_weights,
                     self.loss_weights is not None and any(not w >= 0 for w in self.loss_weights),
                     "has a negative weight",
                 ),
                 (
                     "precompute_ref_batch_size",
-                    self.precompute_ref_batch_size,
                     self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1,
                     "is not a positive batch size",
                 ),
             )
-            if bad
-        ]
-        if problems:
-            raise RecipeError(problems)
+        )
         super().__post_init__()
 
 

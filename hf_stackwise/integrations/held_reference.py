@@ -39,6 +39,12 @@ class ReferenceArguments:
         },
     )
 
+    def _refuse(self, rules) -> None:
+        """One ``RecipeError`` naming every ``training.<key>`` of ``rules`` (``(key, bad, rule)``) that is bad."""
+        problems = [f"training.{key}: {getattr(self, key)!r} {rule}" for key, bad, rule in rules if bad]
+        if problems:
+            raise RecipeError(problems)
+
     def _check_reference(self) -> None:
         if self.reference not in REFERENCES:
             raise RecipeError(f"training.reference: {self.reference!r} is not one of {REFERENCES}")

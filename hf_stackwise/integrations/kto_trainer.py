@@ -12,7 +12,6 @@ import dataclasses
 import trl
 
 from ..data.plane import DataPlane
-from ..schedule.phases import RecipeError
 from ..trainer import StackwiseArguments, StackwiseTrainer
 from .held_reference import HeldReferenceMixin, ReferenceArguments
 
@@ -33,30 +32,24 @@ class StackwiseKTOConfig(StackwiseArguments, ReferenceArguments, trl.KTOConfig):
 
     def __post_init__(self):
         self._check_reference()
-        problems = [
-            f"training.{key}: {value!r} {rule}"
-            for key, value, bad, rule in (
-                ("beta", self.beta, not self.beta > 0, "is not a positive number (the KL weight)"),
-                ("desirable_weight", self.desirable_weight, not self.desirable_weight > 0, "is not positive"),
-                ("undesirable_weight", self.undesirable_weight, not self.undesirable_weight > 0, "is not positive"),
+        self._refuse(
+            (
+                ("beta", not self.beta > 0, "is not a positive number (the KL weight)"),
+                ("desirable_weight", not self.desirable_weight > 0, "is not positive"),
+                ("undesirable_weight", not self.undesirable_weight > 0, "is not positive"),
                 (
                     "loss_type",
-                    self.loss_type,
                     self.loss_type not in ("kto", "apo_zero_unpaired"),
                     "is not one of kto, apo_zero_unpaired",
                 ),
                 (
                     "train_sampling_strategy",
-                    self.train_sampling_strategy,
                     self.loss_type == "kto" and self.train_sampling_strategy != "sequential",
                     "breaks the KL estimate: TRL fixes each row's mismatched KL completion against its batch "
                     "neighbours; keep `sequential`",
                 ),
             )
-            if bad
-        ]
-        if problems:
-            raise RecipeError(problems)
+        )
         super().__post_init__()
 
 
