@@ -53,7 +53,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import results_arms as arms  # noqa: E402
-from common import cpu_jiffies  # noqa: E402
+from common import cpu_jiffies, cpu_model  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "page")
 TAG = "RESULTS-RUN "
@@ -115,12 +115,7 @@ def run_name(task: str, arm: str, rate: float, seed: int, steps: int) -> str:
 def machine() -> dict:
     from importlib import metadata
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     ram = None
     try:
         with open("/proc/meminfo") as f:
