@@ -24,10 +24,10 @@ sys.path.insert(0, HERE)
 
 import report_tasks as rt  # noqa: E402
 import results_arms as arms  # noqa: E402
+from results import FLOP_CAP, LONG, MAX_EXTENSIONS  # noqa: E402
 
 MIB = 1024 * 1024
 BASELINES = {"clm": ("full", "lora", "qlora-trunk"), "classify": ("full", "head"), "dpo": ("full", "lora")}
-LONG = 4  # the longer horizon, in multiples of the task's steps (benchmarks/results.py)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -281,9 +281,9 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
     if not choices:
         return [*lines, "Not run yet.", ""]
     by_stage = stages(name, runs, choices, seeds, s["steps"])
-    full_runs = by_stage["equal steps"].get(task.full)
-    before = [r["before"]["test"][task.metric] for r in (full_runs.runs if full_runs else [])
-              if task.metric in (r.get("before") or {}).get("test", {})]  # fmt: skip
+    starts = {a: runs.get((name, a, 1.0, 0, s["steps"])) for a in task.arms}  # evaluated before training
+    start = (starts.get(task.full) or {}).get("before") or {}
+    before = [start["test"][task.metric]] if task.metric in start.get("test", {}) else []
     lines += [
         f"{task.arms[task.full].label[0].upper() + task.arms[task.full].label[1:]} and every other arm train "
         f"`{task.model}` for {s['steps']} steps of batch {s['batch_size']} × {s['seq_len']} tokens (equal steps), "
@@ -334,7 +334,7 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
     if write:
         import report_plots
 
-        report_plots.task_plots(name, task, by_stage, images)
+        report_plots.task_plots(name, task, by_stage, images, starts)
     lines += [
         "",
         f"![{task.title}: test {task.metric} against training FLOPs]({image_rel}/{name}-flops.png)",
@@ -400,19 +400,22 @@ def protocol(manifest: dict) -> list[str]:
         "`stdlib_classify_eval.jsonl`; preference — train `pydoc_pref_train.jsonl`, test and validation the two "
         "halves of `pydoc_pref_eval.jsonl`.",
         "2. **Rate grid.** Each arm runs its recipe's learning rates × ⅓, 1 and 3 on seed 0 and is scored on the "
-        "validation split; when the best factor is at an edge the grid grows by ×3 past it (at most twice). Rates are "
-        "never chosen on the test split.",
+        "validation split; when the best factor is at an edge the grid grows by ×3 past it "
+        + ("(once" if MAX_EXTENSIONS == 1 else f"(at most {MAX_EXTENSIONS} times")
+        + "; a chosen factor still at an edge is marked *edge*). Rates are never chosen on the test split; the "
+        "validation split is evaluated in the grid's runs only.",
         f"3. **Seeds.** The chosen factor runs {plural(manifest.get('seeds') or 3, 'seed')} (seed 0 is the grid's "
         "run); the page reports the test metric's mean, sd and 95% Student-t interval over them.",
         "4. **Equal steps and equal FLOPs.** Every arm runs the task's steps ("
         + ", ".join(f"{k} {v['steps']}" for k, v in t.items())
         + "); then the number of steps that spends full fine-tuning's training FLOPs (cheaper steps run more of "
-        "them, at most 8×). FLOPs are counted by PyTorch's FLOP counter (`torch.utils.flop_counter`) around every "
-        "optimizer step — machine-independent; evals are not counted.",
+        f"them, at most {FLOP_CAP}×). FLOPs are counted by PyTorch's FLOP counter (`torch.utils.flop_counter`) "
+        "around every optimizer step — machine-independent; evals are not counted.",
         f"5. **Longer horizon.** The main causal-LM arms also run {LONG}× the steps at the factor chosen at 1×.",
         "6. **Words from numbers.** An arm is called better or worse than another only when the 95% intervals of "
-        "their means do not overlap; otherwise it is a tie. Each run is its own process with 1 torch thread; arms "
-        "are interleaved and the order alternates from seed to seed.",
+        "their means do not overlap; otherwise it is a tie. Each run is its own process with 1 torch thread, two at "
+        "a time from one queue: the grid's first round goes in first, factor by factor, then each arm queues its "
+        "next runs as soon as their inputs exist, so the arms interleave.",
         "7. **Costs in the tables.** GFLOPs and CPU seconds of training (medians over the seeds; evals excluded); the "
         "process's peak RSS; the optimizer state at its largest; *cache hits*, the share of rows whose frozen "
         "prefix the activation cache served (`cache: auto` stores only where rows are expected to repeat: 0 when "

@@ -25,7 +25,8 @@ def mean_curve(runs: list[dict], task, split: str = "test") -> list[tuple[float,
     ]
 
 
-def task_plots(name: str, task, stages: dict, images: str) -> None:
+def task_plots(name: str, task, stages: dict, images: str, starts: dict) -> None:
+    """``starts``: {arm: its ×1 grid run}, whose eval before training starts every curve of the arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +37,8 @@ def task_plots(name: str, task, stages: dict, images: str) -> None:
     labelled = set()  # each arm named once in the legend, on its first curve
     for stage, groups in stages.items():
         for arm, g in groups.items():
-            curve = mean_curve(g.runs, task)
+            start = [{"curve": [p for p in (starts.get(arm) or {}).get("curve") or [] if p[0] == 0]}]
+            curve = mean_curve(g.runs + start, task)
             if curve:  # one eval (DPO: at the end only) is a point
                 label = None if arm in labelled else task.arms[arm].label
                 labelled.add(arm)

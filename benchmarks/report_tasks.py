@@ -91,7 +91,8 @@ def grid_table(task, task_name: str, runs: dict, choices: dict, steps: int) -> l
             value = metric_of(run, task, "val") if run and run.get("status") == "ok" else None
             shown = fmt(value, ".3f") if run and run.get("status") == "ok" else (run or {}).get("status", "not run")
             cells.append(f"{rate_label(rate)}: {'**' + shown + '**' if rate == choice['rate'] else shown}")
-        lines.append(f"| {spec.label} | {', '.join(cells)} | {rate_label(choice['rate'])} |")
+        edge = " *edge*" if choice["rate"] in (min(choice["grid"]), max(choice["grid"])) else ""
+        lines.append(f"| {spec.label} | {', '.join(cells)} | {rate_label(choice['rate'])}{edge} |")
     return lines
 
 

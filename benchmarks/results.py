@@ -13,7 +13,7 @@ Run it (CPU only, offline, after ``make assets``), then render the page::
 
 1. *Rate grid.* Every arm runs its recipe's rates (every ``learning_rate`` of its schedule) times ⅓, 1 and 3, on
    seed 0, for the task's steps, and is scored on the **validation** split. If the best factor is at an edge of the
-   grid, the grid grows by another factor 3 past it (at most twice).
+   grid, the grid grows by another factor 3 past it (once).
 2. *Seeds.* The best factor (validation) runs seeds 0, 1 and 2 (seed 0 is the grid's run) and is scored on the
    **test** split.
 3. *Equal FLOPs.* The budget is full fine-tuning's training FLOPs at the task's steps (median over its seeds); every
@@ -22,16 +22,19 @@ Run it (CPU only, offline, after ``make assets``), then render the page::
    equal-step runs stand for it.
 4. *Longer horizon* (causal LM, the arms of ``Task.long``): 4× the steps, 3 seeds, at the factor tuned at 1×.
 
-Every run evaluates both splits a few times during training and at its end (the grid's runs also before training;
-DPO once, at the end: its policy starts equal to its reference), so each gives a curve of the metric against its
-cumulative training FLOPs. FLOPs come from PyTorch's FLOP counter over every optimizer step
+Every run evaluates the test split a few times during training and at its end (DPO once, at the end: its policy
+starts equal to its reference), so each gives a curve of the metric against its cumulative training FLOPs; the
+grid's runs evaluate the validation split alongside, and each arm's ×1 grid run also before training (every factor
+starts from the same weights). FLOPs come from PyTorch's FLOP counter over every optimizer step
 (machine-independent); CPU time is each run's process time over the same spans; each run is its own process with
-1 torch thread; runs of different arms are interleaved (the order alternates from seed to seed), ``--jobs`` at a
-time. Resumable: a run whose JSON file exists with the same settings, recipe and splits is skipped; failed runs are
+1 torch thread, ``--jobs`` at a time from one queue: the grid's first round goes in first, factor by factor, and
+each arm queues its next runs as soon as their inputs exist, so arms interleave and no slot waits for a stage to
+end. Resumable: a run whose JSON file exists with the same settings, recipe and splits is skipped; failed runs are
 retried at the next invocation.
 
 **Progressive stacking** reuses ``benchmarks/growth.py`` (unchanged protocol: a target fixed from the full-depth
-runs before any growth run). **Activation cache**: ``benchmarks/results/cache*.json`` is rendered if present.
+runs before any growth run); its runs share the queue. **Activation cache**: ``benchmarks/results/cache*.json``
+is rendered if present.
 """
 
 from __future__ import annotations
@@ -59,8 +62,9 @@ RESULTS = os.path.join(HERE, "results", "page")
 TAG = "RESULTS-RUN "
 GROWTH_TAG = "RESULTS-GROWTH "
 GRID = (1 / 3, 1.0, 3.0)
-EXTEND, MAX_EXTENSIONS, FLOP_CAP, SAME = 3.0, 2, 8, 0.05
+EXTEND, MAX_EXTENSIONS, FLOP_CAP, SAME = 3.0, 1, 8, 0.05
 LONG = 4
+PROTOCOL = 2  # in every run's identity: a run of an earlier protocol (other evals, one more extension) is re-run
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -149,7 +153,7 @@ class Runner:
 
     def identity(self, task: str, arm: str) -> dict:
         return {"settings": self.settings["tasks"][task], "recipe_sha1": arms.recipe_sha(task, arm),
-                "splits": self.splits, "quick": self.settings["quick"]}  # fmt: skip
+                "splits": self.splits, "quick": self.settings["quick"], "protocol": PROTOCOL}  # fmt: skip
 
     def stored(self, path: str, identity: dict) -> dict | None:
         try:
@@ -204,11 +208,6 @@ class Runner:
                 "settings": self.settings["tasks"][task]}  # fmt: skip
         return self.pool.submit(self.spawn, spec, path, identity)
 
-    def run_all(self, wanted: list[tuple]) -> dict:
-        """{(task, arm, rate, seed, steps): result} for every wanted run."""
-        futures = {key: self.submit(*key) for key in dict.fromkeys(wanted)}
-        return {key: future.result() for key, future in futures.items()}
-
 
 def score(result: dict, task: str, split: str) -> float | None:
     if result.get("status") != "ok":
@@ -229,59 +228,75 @@ def best_rate(results: dict, task: str, arm: str, steps: int) -> float | None:
     return min(tried, key=lambda rate: (sign * tried[rate], abs(math.log(rate))))
 
 
-def protocol(runner: Runner, opts, selected: dict) -> dict:
-    """Every stage of the protocol for the selected {task: [arms]}; returns the choices it made."""
+def flop_steps(steps: int, budget: float, per_run: list) -> int:
+    """Steps that spend ``budget`` at the FLOPs per step of an arm's runs of ``steps`` (at most FLOP_CAP× the steps;
+    within SAME of ``steps``, ``steps`` itself: the equal-step runs stand for it)."""
+    n = min(FLOP_CAP * steps, max(1, round(steps * budget / statistics.median(per_run))))
+    return steps if abs(n - steps) <= SAME * steps else n
+
+
+def protocol(runner: Runner, opts, selected: dict, extra=None) -> dict:
+    """Every stage of the protocol for the selected {task: [arms]}; returns the choices it made.
+
+    One driver thread per arm walks the arm's stages and hands its runs to the runner's queue as soon as their
+    inputs exist (an arm's seeds and longer horizon once its rate is chosen, its equal-FLOP runs once full
+    fine-tuning's budget is known), so the ``--jobs`` slots never wait for a slow arm's stage to end. The grid's
+    first round goes into the queue first, factor by factor, so the arms interleave. ``extra`` (a callable) runs
+    as one more driver: the growth runs share the queue."""
     tasks = runner.settings["tasks"]
     seeds = list(range(opts.n_seeds))
     results, choices = {}, {task: {} for task in selected}
-    grid = {(task, arm): list(GRID) for task, names in selected.items() for arm in names}
-    for _ in range(MAX_EXTENSIONS + 1):  # 1. the grid, grown past an edge where the best factor sits
-        width = max(len(rates) for rates in grid.values())  # rate by rate, so the arms interleave
-        wanted = [(t, a, rates[i], 0, tasks[t]["steps"]) for i in range(width) for (t, a), rates in grid.items()
-                  if i < len(rates)]  # fmt: skip
-        print(f"grid: {len(wanted)} runs", flush=True)
-        results.update(runner.run_all(wanted))
-        grown = False
-        for (task, arm), rates in grid.items():
-            best = best_rate(results, task, arm, tasks[task]["steps"])
-            if best is not None and best in (min(rates), max(rates)) and len(rates) < len(GRID) + MAX_EXTENSIONS:
+    budgets = {task: concurrent.futures.Future() for task in selected}  # full fine-tuning's FLOPs, per task
+    first = {(t, a, r): runner.submit(t, a, r, 0, tasks[t]["steps"]) for r in GRID for t, names in selected.items()
+             for a in names}  # fmt: skip
+
+    def wait(keys: list) -> None:
+        futures = {key: runner.submit(*key) for key in keys}
+        results.update({key: future.result() for key, future in futures.items()})
+
+    def arm(task: str, name: str) -> None:
+        steps, spec = tasks[task]["steps"], arms.TASKS[task]
+        try:
+            results.update({(task, name, r, 0, steps): first[(task, name, r)].result() for r in GRID})
+            rates = list(GRID)  # 1. the grid, grown past an edge where the best factor sits
+            for _ in range(MAX_EXTENSIONS):
+                best = best_rate(results, task, name, steps)
+                if best is None or best not in (min(rates), max(rates)):
+                    break
                 rates.append(best * EXTEND if best == max(rates) else best / EXTEND)
-                grown = True
-        if not grown:
-            break
-    for (task, arm), rates in grid.items():
-        choices[task][arm] = {"grid": sorted(rates), "rate": best_rate(results, task, arm, tasks[task]["steps"])}
-    chosen = [(t, a, c["rate"]) for t in choices for a, c in choices[t].items() if c["rate"] is not None]
-    # 2. seeds at the chosen factor, arms interleaved (the order alternates from seed to seed)
-    wanted = [(t, a, r, s, tasks[t]["steps"]) for s in seeds for (t, a, r) in (chosen if s % 2 == 0 else chosen[::-1])]
-    print(f"seeds: {len(wanted)} runs", flush=True)
-    results.update(runner.run_all(wanted))
-    # 3. equal FLOPs: full fine-tuning's budget, spent by every arm
-    wanted = []
-    for task in choices:
-        steps = tasks[task]["steps"]
-        flops = {a: [results[(task, a, r, s, steps)].get("flops") for s in seeds] for (t, a, r) in chosen if t == task}
-        flops = {a: [f for f in fs if f] for a, fs in flops.items()}
-        full = arms.TASKS[task].full
-        if not flops.get(full):
-            continue
-        budget = statistics.median(flops[full])
-        for arm, values in flops.items():
-            if arm == full or not values:
-                continue
-            n = min(FLOP_CAP * steps, max(1, round(steps * budget / statistics.median(values))))
-            n = steps if abs(n - steps) <= SAME * steps else n
-            choices[task][arm].update(flop_steps=n, flop_budget=budget)
-            wanted += [(task, arm, choices[task][arm]["rate"], s, n) for s in seeds]
-        choices[task][full].update(flop_steps=steps, flop_budget=budget)
-    print(f"equal FLOPs: {len(wanted)} runs", flush=True)
-    results.update(runner.run_all(wanted))
-    # 4. the longer horizon
-    wanted = [(t, a, r, s, LONG * tasks[t]["steps"]) for s in seeds for (t, a, r) in chosen
-              if a in arms.TASKS[t].long]  # fmt: skip
-    print(f"longer horizon: {len(wanted)} runs", flush=True)
-    results.update(runner.run_all(wanted))
-    return choices
+                wait([(task, name, rates[-1], 0, steps)])
+            rate = best_rate(results, task, name, steps)
+            choices[task][name] = {"grid": sorted(rates), "rate": rate}
+            if rate is None:
+                return
+            # 2. seeds at the chosen factor, with 4. the longer horizon queued first (its runs are the longest)
+            long = [(task, name, rate, s, LONG * steps) for s in seeds] if name in spec.long else []
+            long_futures = [runner.submit(*key) for key in long]
+            wait([(task, name, rate, s, steps) for s in seeds])
+            per_run = [f for s in seeds if (f := results[(task, name, rate, s, steps)].get("flops"))]
+            if name == spec.full:  # 3. equal FLOPs: full fine-tuning's budget, spent by every arm
+                budgets[task].set_result(statistics.median(per_run) if per_run else None)
+                if per_run:
+                    choices[task][name].update(flop_steps=steps, flop_budget=budgets[task].result())
+            elif per_run and (budget := budgets[task].result()) is not None:
+                n = flop_steps(steps, budget, per_run)
+                choices[task][name].update(flop_steps=n, flop_budget=budget)
+                wait([(task, name, rate, s, n) for s in seeds])
+            results.update({key: future.result() for key, future in zip(long, long_futures)})
+        finally:
+            if name == spec.full and not budgets[task].done():
+                budgets[task].set_result(None)  # the other arms skip equal FLOPs rather than wait forever
+
+    names = [(t, a) for t, selected_arms in selected.items() for a in selected_arms]
+    for task, selected_arms in selected.items():
+        if arms.TASKS[task].full not in selected_arms:
+            budgets[task].set_result(None)  # no full fine-tuning in this invocation: no FLOP budget
+    print(f"protocol: {len(names)} arms, {len(first)} grid runs first, {runner.opts.jobs} at a time", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(names) + 1) as drivers:
+        done = [drivers.submit(arm, t, a) for t, a in names] + ([drivers.submit(extra)] if extra else [])
+        for future in done:
+            future.result()
+    return {t: {a: choices[t][a] for a in selected[t] if a in choices[t]} for t in selected}
 
 
 # ---- progressive stacking (benchmarks/growth.py) ----------------------------------------------------------
@@ -302,7 +317,10 @@ def growth_worker(arm: str, seed: int, settings: dict) -> None:
     print(GROWTH_TAG + json.dumps(result), flush=True)
 
 
-def run_growth(opts, settings: dict) -> None:
+def run_growth(opts, settings: dict, pool: concurrent.futures.Executor) -> None:
+    """The full-depth runs, the target from them, then the growth runs; each run a subprocess started from
+    ``pool`` (the protocol's queue)."""
+
     def one(arm: str, seed: int) -> dict:
         path = os.path.join(opts.out, f"growth-{arm}-seed{seed}.json")
         try:
@@ -325,8 +343,7 @@ def run_growth(opts, settings: dict) -> None:
         return result
 
     g = settings["growth"]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        full = list(pool.map(lambda s: one("full", s), range(opts.n_seeds)))
+    full = list(pool.map(lambda s: one("full", s), range(opts.n_seeds)))
     curves = [r["curve"] for r in full if r.get("status") == "ok"]
     if not curves:
         return
@@ -336,8 +353,7 @@ def run_growth(opts, settings: dict) -> None:
               "from_seeds": len(curves)}  # fmt: skip
     with open(target_path, "w") as f:  # fixed before any growth run starts, from the full-depth runs only
         json.dump(target, f, indent=1)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
-        list(pool.map(lambda s: one("grow", s), range(opts.n_seeds)))
+    list(pool.map(lambda s: one("grow", s), range(opts.n_seeds)))
 
 
 def main(argv=None) -> None:
@@ -363,9 +379,8 @@ def main(argv=None) -> None:
                 for t in tasks}  # fmt: skip
     started = time.perf_counter()
     print(f"results into {opts.out}: {opts.n_seeds} seeds, {opts.jobs} at a time", flush=True)
-    choices = protocol(runner, opts, {t: a for t, a in selected.items() if a})
-    if opts.only in (None, "growth"):
-        run_growth(opts, settings)
+    growth = (lambda: run_growth(opts, settings, runner.pool)) if opts.only in (None, "growth") else None
+    choices = protocol(runner, opts, {t: a for t, a in selected.items() if a}, growth)
     manifest_path = os.path.join(opts.out, "manifest.json")
     try:
         with open(manifest_path) as f:

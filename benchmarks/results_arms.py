@@ -203,14 +203,21 @@ def data_section(task: str, split: str, settings: dict) -> dict:
     }
 
 
-def eval_batch(task: str, split: str, settings: dict) -> int:
-    """8, but for DPO a divisor of the split's pairs: TRL averages its reward metrics over eval batches, so an
-    uneven last batch would weigh its pairs more."""
-    if task != "dpo":
-        return 8
-    with open(os.path.join(ROOT, split_paths()[task][split])) as f:
-        pairs = sum(1 for line in f if line.strip())
-    return max(d for d in range(1, 17) if pairs % d == 0)
+def eval_batch(task: str) -> int:
+    """8, but 1 for DPO: TRL pads an eval batch to its longest pair (about twice the mean length here) and averages
+    its reward metrics over batches, so one pair per batch spends nothing on padding and weighs every pair equally."""
+    return 1 if task == "dpo" else 8
+
+
+def grid_run(run: dict, settings: dict) -> bool:
+    """A run of the rate grid (seed 0, the task's steps): the only runs scored on the validation split."""
+    return run["seed"] == 0 and run["steps"] == settings["steps"]
+
+
+def eval_splits(run: dict, settings: dict) -> tuple:
+    """The splits a run evaluates: the test split always; the validation split only in the grid, where rates are
+    chosen on it (every other run would spend evals on numbers nothing reads)."""
+    return ("test", "val") if grid_run(run, settings) else ("test",)
 
 
 def recipe_text(arm: Arm) -> bytes | None:
@@ -249,12 +256,13 @@ def run_recipe(task: str, arm_name: str, run: dict, settings: dict, output_dir: 
         overwrite_output_dir=True,
         max_steps=run["steps"],
         per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=eval_batch(task, split, settings),
+        per_device_eval_batch_size=eval_batch(task),
         logging_steps=1,
         eval_strategy="steps",
-        # before training, in the grid's runs (DPO: a policy equal to its reference has rewards 0, no eval needed)
-        eval_on_start=task != "dpo" and run["seed"] == 0 and run["steps"] == settings["steps"],
-        eval_steps=max(1, run["steps"] // settings["evals"]),
+        # before training, once per arm: in its grid's ×1 run (every factor starts from the same weights; DPO: a
+        # policy equal to its reference has rewards 0, no eval needed)
+        eval_on_start=task != "dpo" and grid_run(run, settings) and run["rate"] == 1.0,
+        eval_steps=max(1, -(-run["steps"] // settings["evals"])),  # ceil: `evals` evals, the last at the end
         save_strategy="no",
         report_to="none",
         use_cpu=True,

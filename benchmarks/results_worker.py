@@ -118,16 +118,17 @@ def run(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="stackwise-results-") as tmp:
         recipes = {
             split: arms.run_recipe(spec["task"], spec["arm"], spec, settings, os.path.join(tmp, split), split)
-            for split in ("test", "val")
+            for split in arms.eval_splits(spec, settings)
         }
         if recipes["test"] is None:
             return {"status": "not run", "reason": f"{task.arms[spec['arm']].recipe} does not exist (yet)"}
         try:
-            prepared = pipe.prepare(validate_recipe(recipes["test"], task.arms[spec["arm"]].recipe))
-            val = pipe.prepare(validate_recipe(recipes["val"], task.arms[spec["arm"]].recipe)).eval_dataset
+            prepared = {split: pipe.prepare(validate_recipe(raw, task.arms[spec["arm"]].recipe))
+                        for split, raw in recipes.items()}  # fmt: skip
         except StackwiseError as err:
             return {"status": "not run", "reason": " ".join(str(err).split())}
-        prepared = dataclasses.replace(prepared, eval_dataset={"val": val, "test": prepared.eval_dataset})
+        evals = {split: p.eval_dataset for split, p in sorted(prepared.items(), reverse=True)}  # val, then test
+        prepared = dataclasses.replace(prepared["test"], eval_dataset=evals)
         base = memory.status_kib("VmRSS")["VmRSS"]
         trainer = pipe.build_trainer(prepared, model=pipe.load_model(prepared))
         trainer.remove_callback(PrinterCallback)
