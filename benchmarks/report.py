@@ -415,7 +415,8 @@ def protocol(manifest: dict) -> list[str]:
         "6. **Words from numbers.** An arm is called better or worse than another only when the 95% intervals of "
         "their means do not overlap; otherwise it is a tie. Each run is its own process with 1 torch thread, two at "
         "a time from one queue: the grid's first round goes in first, factor by factor, then each arm queues its "
-        "next runs as soon as their inputs exist, so the arms interleave.",
+        "next runs as soon as their inputs exist, so the arms interleave. Every eval runs on a fork of torch's "
+        "RNG, so the evals a run makes never change its training.",
         "7. **Costs in the tables.** GFLOPs and CPU seconds of training (medians over the seeds; evals excluded); the "
         "process's peak RSS; the optimizer state at its largest; *cache hits*, the share of rows whose frozen "
         "prefix the activation cache served (`cache: auto` stores only where rows are expected to repeat: 0 when "

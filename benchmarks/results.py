@@ -25,7 +25,8 @@ Run it (CPU only, offline, after ``make assets``), then render the page::
 Every run evaluates the test split a few times during training and at its end (DPO once, at the end: its policy
 starts equal to its reference), so each gives a curve of the metric against its cumulative training FLOPs; the
 grid's runs evaluate the validation split alongside, and each arm's ×1 grid run also before training (every factor
-starts from the same weights). FLOPs come from PyTorch's FLOP counter over every optimizer step
+starts from the same weights); every eval runs on a fork of torch's RNG, so a run's training is the same whichever
+evals it makes. FLOPs come from PyTorch's FLOP counter over every optimizer step
 (machine-independent); CPU time is each run's process time over the same spans; each run is its own process with
 1 torch thread, ``--jobs`` at a time from one queue: the grid's first round goes in first, factor by factor, and
 each arm queues its next runs as soon as their inputs exist, so arms interleave and no slot waits for a stage to

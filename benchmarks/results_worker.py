@@ -86,6 +86,21 @@ def probe(trainer, total_steps: int):
     return Probe()
 
 
+def isolate_evals(trainer) -> None:
+    """Run every eval on a fork of torch's RNG, so evals never change the training that follows: each DataLoader
+    iterator draws its base seed from the global RNG, which would shift later dropout masks and shuffles (the
+    classification runs train with dropout). A run's training is then the same whichever evals it makes."""
+    import torch
+
+    evaluate = trainer.evaluate
+
+    def forked(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = forked
+
+
 def curve(log_history: list, flops: list, cpu: list, keys: list) -> list:
     """[step, cumulative FLOPs, cumulative CPU s, {split: {key: value}}] at every eval."""
     points = {}
@@ -132,6 +147,7 @@ def run(spec: dict) -> dict:
         base = memory.status_kib("VmRSS")["VmRSS"]
         trainer = pipe.build_trainer(prepared, model=pipe.load_model(prepared))
         trainer.remove_callback(PrinterCallback)
+        isolate_evals(trainer)
         counter = probe(trainer, prepared.total_steps)
         trainer.add_callback(counter)
         started = time.perf_counter()
