@@ -327,17 +327,19 @@ def run_growth(opts, settings: dict, pool: concurrent.futures.Executor) -> None:
         try:
             with open(path) as f:
                 stored = json.load(f)
-            if stored.get("status") == "ok" and stored.get("settings") == settings["growth"]:
-                return stored
+            if stored.get("status") == "ok" and stored.get("settings") == settings["growth"] and "started" in stored:
+                return stored  # (a run without its start time is re-run: the page's wall time needs its interval)
         except (OSError, ValueError):
             pass
         command = [sys.executable, os.path.abspath(__file__), "--growth-worker", arm, str(seed), *opts.argv]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         started = time.perf_counter()
         out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=opts.timeout)
         line = next((s for s in out.stdout.splitlines() if s.startswith(GROWTH_TAG)), None)
         result = json.loads(line[len(GROWTH_TAG) :]) if line else {"status": "failed", "reason": out.stderr[-500:]}
-        result.update(arm=arm, seed=seed, settings=settings["growth"], wall_s=time.perf_counter() - started)
+        result.update(arm=arm, seed=seed, settings=settings["growth"], started=when,
+                      wall_s=time.perf_counter() - started)  # fmt: skip
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"  growth-{arm}-seed{seed}: {result['status']}", flush=True)
