@@ -7,29 +7,11 @@ import os
 import statistics
 import time
 
-from common import cache_step_timer
+from common import cache_step_timer, pydoc_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct")
 DEMO = os.path.join(ROOT, "recipes", "demo.yaml")
-
-
-def demo_corpus(rows: int, folder: str) -> str:
-    """The first lines of the demo's training text holding about ``rows`` chunks of 128 tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    kept, tokens = [], 0
-    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
-        for line in f:
-            if tokens >= rows * 128 + 64:
-                break
-            kept.append(line)
-            tokens += len(tokenizer(line)["input_ids"])
-    path = os.path.join(folder, "train.txt")
-    with open(path, "w") as f:
-        f.writelines(kept)
-    return path
 
 
 def demo_arm(activations: str, corpus: str, folder: str) -> dict:
@@ -93,7 +75,7 @@ def demo_arm(activations: str, corpus: str, folder: str) -> dict:
 def bench_demo(args, rows: int, tmp: str) -> dict:
     import gc
 
-    corpus = demo_corpus(rows, tmp)
+    corpus = pydoc_corpus(rows, 128, tmp)
     print(f"\n== demo recipe (recipes/demo.yaml), 3 epochs over {rows} chunks of 128 tokens", flush=True)
     runs = {}
     for activations in args.demo_arms:

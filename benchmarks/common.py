@@ -6,6 +6,8 @@ import os
 import platform
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def cpu_jiffies() -> tuple[int, int] | None:
     """(busy, total) jiffies of the whole machine from ``/proc/stat``; None where there is none."""
@@ -82,3 +84,25 @@ def cache_step_timer():
             )
 
     return StepTimer()
+
+
+def pydoc_corpus(rows: int, seq: int, folder: str) -> str:
+    """The first lines of the Python-docs training text holding about ``rows`` chunks of ``seq`` SmolLM2 tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "models", "SmolLM2-135M-Instruct"
+        )
+    )
+    kept, tokens = [], 0
+    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
+        for line in f:
+            if tokens >= rows * seq + seq // 2:
+                break
+            kept.append(line)
+            tokens += len(tokenizer(line)["input_ids"])
+    path = os.path.join(folder, "train.txt")
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return path
