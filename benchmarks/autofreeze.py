@@ -50,6 +50,7 @@ import tempfile
 import time
 
 import yaml
+from common import pydoc_corpus  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {
@@ -85,24 +86,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "autofreeze.json"))
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="write one report from these runs' JSON files")
     return parser
-
-
-def corpus(rows: int, seq: int, folder: str) -> str:
-    """The first lines of the Python-docs training text holding about ``rows`` chunks of ``seq`` SmolLM2 tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct"))
-    kept, tokens = [], 0
-    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
-        for line in f:
-            if tokens >= rows * seq + seq // 2:
-                break
-            kept.append(line)
-            tokens += len(tokenizer(line)["input_ids"])
-    path = os.path.join(folder, "train.txt")
-    with open(path, "w") as f:
-        f.writelines(kept)
-    return path
 
 
 def arm_recipe(job: str, arm: str, seed: int, opts, folder: str, train_file: str | None) -> dict:
@@ -247,7 +230,7 @@ def main(argv=None) -> None:
     jobs = opts.only or list(RECIPES)
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        train_file = corpus(opts.smollm2_rows, opts.smollm2_seq, folder) if "smollm2" in jobs else None
+        train_file = pydoc_corpus(opts.smollm2_rows, opts.smollm2_seq, folder) if "smollm2" in jobs else None
         for seed in range(opts.first_seed, opts.first_seed + opts.seeds):
             for job in jobs:
                 order = ARMS if seed % 2 == 0 else ARMS[::-1]

@@ -61,11 +61,11 @@ import os
 import statistics
 import time
 
-from common import CpuShare, cpu_model, load_average  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from cache_demo import bench_demo  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import CpuShare, cache_step_timer, cpu_model, load_average  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOLLM2 = os.path.join(ROOT, ".cache", "models", "SmolLM2-135M-Instruct")
-DEMO = os.path.join(ROOT, "recipes", "demo.yaml")
 ARMS = ("off", "cached", "auto-off", "all")
 TARGET_OF_LIMIT = 0.8
 TARGET_VS_ALL = 3.0
@@ -241,37 +241,6 @@ def lazy_fill(epochs: float, speedup: float) -> float:
 # ---- timed runs --------------------------------------------------------------------------------------------
 
 
-def make_timer():
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Step spans, the train loop's span, and the cache's hits / looked-up rows per step."""
-
-        def __init__(self):
-            self.trainer = None
-            self.steps: list[dict] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.train_begin = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.train_s = time.perf_counter() - self.train_begin
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.counts = list(getattr(self.trainer, "_cache_counts", [0, 0]))
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            span = time.perf_counter() - self.begin
-            now = getattr(self.trainer, "_cache_counts", [0, 0])
-            phase = self.trainer._phase_state.index if self.trainer._phase_state is not None else 0
-            self.steps.append(
-                {"s": span, "hits": now[0] - self.counts[0], "rows": now[1] - self.counts[1], "phase": phase}
-            )
-
-    return StepTimer()
-
-
 def run_arm(name: str, spec: dict, size: dict, arm: str, rows: list, out_dir: str) -> dict:
     import datasets
     from transformers import PrinterCallback
@@ -299,7 +268,7 @@ def run_arm(name: str, spec: dict, size: dict, arm: str, rows: list, out_dir: st
         data_seed=0,
         dataloader_num_workers=0,
     )
-    timer = make_timer()
+    timer = cache_step_timer()
     model = build_model(name, spec, size["seq_len"])
     dataset = datasets.Dataset.from_dict({"input_ids": data, "labels": data})
     trainer = StackwiseTrainer(model=model, args=args, train_dataset=dataset, callbacks=[timer])
@@ -436,113 +405,6 @@ def bench_model(name: str, args, size: dict, repeats: int, tmp: str) -> dict:
             )
             gc.collect()
     return summarize(name, spec, size, runs, limits, args.drop)
-
-
-# ---- the demo recipe ---------------------------------------------------------------------------------------
-
-
-def demo_corpus(rows: int, folder: str) -> str:
-    """The first lines of the demo's training text holding about ``rows`` chunks of 128 tokens."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    kept, tokens = [], 0
-    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
-        for line in f:
-            if tokens >= rows * 128 + 64:
-                break
-            kept.append(line)
-            tokens += len(tokenizer(line)["input_ids"])
-    path = os.path.join(folder, "train.txt")
-    with open(path, "w") as f:
-        f.writelines(kept)
-    return path
-
-
-def demo_arm(activations: str, corpus: str, folder: str) -> dict:
-    from transformers import PrinterCallback
-
-    from hf_stackwise.cli.pipeline import build_trainer, prepare
-    from hf_stackwise.recipe.loader import load_recipe
-
-    overrides = {
-        "data.train.data_files": corpus,
-        "training.max_steps": "-1",
-        "training.num_train_epochs": "3",
-        "training.eval_strategy": "no",
-        "training.eval_on_start": "false",
-        "training.save_strategy": "no",
-        "training.logging_steps": "1000",
-        "training.disable_tqdm": "true",
-        "training.output_dir": os.path.join(folder, f"demo-{activations}"),
-        "cache.activations": activations,
-    }
-    recipe = load_recipe(DEMO, [f"--{k}={v}" for k, v in overrides.items()])
-    prepared = prepare(recipe)
-    trainer = build_trainer(prepared)
-    trainer.remove_callback(PrinterCallback)  # it prints the final train metrics
-    timer = make_timer()
-    trainer.add_callback(timer)
-    timer.trainer = trainer
-    start = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    loss = trainer.evaluate()["eval_loss"]
-    phases = []
-    for d in trainer.cache_decisions or []:
-        steps = [s for s in timer.steps if s["phase"] == d.index]
-        looked = sum(s["rows"] for s in steps)
-        phases.append(
-            {
-                "phase": trainer.schedule.phases[d.index].name,
-                "on": d.on,
-                "cut_blocks": d.cut,
-                "reason": d.reason,
-                "visits": round(d.visits, 3),
-                "hit_rate_expected": round(d.hit_rate, 3) if d.on else 0.0,
-                "hit_rate_measured": round(sum(s["hits"] for s in steps) / looked, 3) if looked else 0.0,
-                "steps": len(steps),
-                "step_s": statistics.median(s["s"] for s in steps) if steps else None,
-            }
-        )
-    return {
-        "activations": activations,
-        "rows": len(prepared.train_dataset),
-        "steps": trainer.state.global_step,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - start,
-        "eval_loss": loss,
-        "phases": phases,
-    }
-
-
-def bench_demo(args, rows: int, tmp: str) -> dict:
-    import gc
-
-    corpus = demo_corpus(rows, tmp)
-    print(f"\n== demo recipe (recipes/demo.yaml), 3 epochs over {rows} chunks of 128 tokens", flush=True)
-    runs = {}
-    for activations in args.demo_arms:
-        run = runs[activations] = demo_arm(activations, corpus, tmp)
-        cached = ", ".join(
-            f"{p['phase']}: " + (f"cut {p['cut_blocks']}, hits {p['hit_rate_measured']:.2f}" if p["on"] else "off")
-            for p in run["phases"]
-        )
-        print(
-            f"   activations {activations:<5}  {run['steps']} steps  train {run['train_s']:7.1f} s  eval loss "
-            f"{run['eval_loss']:.6f}  [{cached or 'no cache'}]",
-            flush=True,
-        )
-        gc.collect()
-    base = runs.get("false")
-    summary = {"runs": runs}
-    if base:
-        summary["ratio"] = {
-            f"wall_uncached_over_{a}": base["train_s"] / r["train_s"] for a, r in runs.items() if a != "false"
-        }
-        summary["eval_loss_delta"] = {a: r["eval_loss"] - base["eval_loss"] for a, r in runs.items() if a != "false"}
-    return summary
 
 
 # ---- main --------------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def worker(arm: str, out_dir: str) -> None:
     import datasets
     import torch
     import torch.distributed as dist
-    from cache import MODELS, build_model, make_timer, schedules, token_rows
+    from cache import MODELS, build_model, schedules, token_rows
+    from common import cache_step_timer
     from transformers import PrinterCallback
 
     from hf_stackwise.trainer import StackwiseArguments, StackwiseTrainer
@@ -82,7 +83,7 @@ def worker(arm: str, out_dir: str) -> None:
         seed=0,
         data_seed=0,
     )
-    timer = make_timer()
+    timer = cache_step_timer()
     cls = PerRankStores if arm == "per-rank" else StackwiseTrainer
     dataset = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     model = build_model("llama", spec, SIZE["seq_len"])

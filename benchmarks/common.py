@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_jiffies() -> tuple[int, int] | None:
@@ -48,3 +51,58 @@ class CpuShare:
             return None
         own = (sum(os.times()[:4]) - self.own) * os.sysconf("SC_CLK_TCK")
         return max(0.0, (end[0] - self.start[0]) - own) / (end[1] - self.start[1])
+
+
+def cache_step_timer():
+    """A TrainerCallback timing every step and counting the activation cache's hits and looked-up rows in it
+    (set its ``trainer`` before training)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Step spans, the train loop's span, and the cache's hits / looked-up rows per step."""
+
+        def __init__(self):
+            self.trainer = None
+            self.steps: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.train_begin = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.train_s = time.perf_counter() - self.train_begin
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.counts = list(getattr(self.trainer, "_cache_counts", [0, 0]))
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            span = time.perf_counter() - self.begin
+            now = getattr(self.trainer, "_cache_counts", [0, 0])
+            phase = self.trainer._phase_state.index if self.trainer._phase_state is not None else 0
+            self.steps.append(
+                {"s": span, "hits": now[0] - self.counts[0], "rows": now[1] - self.counts[1], "phase": phase}
+            )
+
+    return StepTimer()
+
+
+def pydoc_corpus(rows: int, seq: int, folder: str) -> str:
+    """The first lines of the Python-docs training text holding about ``rows`` chunks of ``seq`` SmolLM2 tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "models", "SmolLM2-135M-Instruct"
+        )
+    )
+    kept, tokens = [], 0
+    with open(os.path.join(ROOT, ".cache", "data", "pydoc_train.txt")) as f:
+        for line in f:
+            if tokens >= rows * seq + seq // 2:
+                break
+            kept.append(line)
+            tokens += len(tokenizer(line)["input_ids"])
+    path = os.path.join(folder, "train.txt")
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return path
