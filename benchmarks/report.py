@@ -347,18 +347,20 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
 # ---- the page ----------------------------------------------------------------------------------------------
 
 
-def busy_seconds(runs) -> float:
-    """Wall seconds during which at least one run was in progress: the union of the runs' [start, start + wall]."""
-    spans = sorted(
-        (start, start + r["wall_s"])
+def busy_seconds(runs, at_least: int = 1) -> float:
+    """Wall seconds during which at least `at_least` runs were in progress (1: the union of their intervals)."""
+    events = sorted(
+        (t, step)
         for r in runs
         if "started" in r
         for start in [datetime.datetime.fromisoformat(r["started"]).timestamp()]
+        for t, step in ((start, 1), (start + r["wall_s"], -1))
     )
-    total, end = 0.0, float("-inf")
-    for lo, hi in spans:
-        total += max(0.0, hi - max(lo, end))
-        end = max(end, hi)
+    total, active, last = 0.0, 0, None
+    for t, step in events:
+        if last is not None and active >= at_least:
+            total += t - last
+        active, last = active + step, t
     return total
 
 
@@ -373,7 +375,9 @@ def header(manifest: dict, runs: dict, growth: dict) -> list[str]:
         f"- **Runs made** {dates[0] if dates else '–'} to {dates[-1] if dates else '–'} (UTC); "
         f"{plural(len(done), 'run')}, {sum(r['wall_s'] for r in done) / 3600:.1f} hours of runs in all, "
         f"{busy_seconds(done) / 3600:.1f} hours of wall time with runs in progress (two at a time: what "
-        f"`make bench-report` takes on this machine); commit `{m.get('commit')}`.",
+        f"`make bench-report` takes on this machine); commit `{m.get('commit')}`. Two runs were in progress for "
+        f"{busy_seconds(done, 2) / 3600:.1f} of those hours; a run alone (the end of the queue, or next to a run "
+        "killed by an interruption and made again) left a core idle.",
         f"- **Machine**: {m['cpu']}, {m['cores']} cores, {ram}; {m['platform']}, Python {m['python']}; torch "
         f"threads per run: {', '.join(map(str, threads)) or 'unknown'}.",
         "- **Versions**: " + ", ".join(f"{k.replace('-', '_')} {v}" for k, v in m["versions"].items()) + ".",

@@ -107,6 +107,8 @@ def test_busy_wall_time_is_the_union_of_the_runs_intervals():
     runs = [{"started": f"2026-01-01T00:00:{s:02d}+00:00", "wall_s": w} for s, w in ((0, 20), (10, 20), (50, 5))]
     runs.append({"started": "2026-01-01T00:00:40+00:00", "wall_s": 30})  # covers the 5 s run at 50 s
     assert report_module().busy_seconds(runs) == 30 + 30  # [0, 30] and [40, 70]
+    assert report_module().busy_seconds(runs, 2) == 10 + 5  # [10, 20] and [50, 55]
+    assert report_module().busy_seconds(runs, 3) == 0
 
 
 def test_page_from_fixture_json(tmp_path):
