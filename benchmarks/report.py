@@ -281,7 +281,7 @@ def task_section(name: str, runs: dict, manifest: dict, images: str, image_rel: 
     if not choices:
         return [*lines, "Not run yet.", ""]
     by_stage = stages(name, runs, choices, seeds, s["steps"])
-    starts = {a: runs.get((name, a, 1.0, 0, s["steps"])) for a in task.arms}  # evaluated before training
+    starts = {a: runs.get((name, a, arms.START_RATE, 0, s["steps"])) for a in task.arms}  # eval before training
     start = (starts.get(task.full) or {}).get("before") or {}
     before = [start["test"][task.metric]] if task.metric in start.get("test", {}) else []
     lines += [

@@ -209,6 +209,9 @@ def eval_batch(task: str) -> int:
     return 1 if task == "dpo" else 8
 
 
+START_RATE = 1.0  # the grid run of this factor also evaluates before training: the start of every curve of its arm
+
+
 def grid_run(run: dict, settings: dict) -> bool:
     """A run of the rate grid (seed 0, the task's steps): the only runs scored on the validation split."""
     return run["seed"] == 0 and run["steps"] == settings["steps"]
@@ -261,7 +264,7 @@ def run_recipe(task: str, arm_name: str, run: dict, settings: dict, output_dir: 
         eval_strategy="steps",
         # before training, once per arm: in its grid's ×1 run (every factor starts from the same weights; DPO: a
         # policy equal to its reference has rewards 0, no eval needed)
-        eval_on_start=task != "dpo" and grid_run(run, settings) and run["rate"] == 1.0,
+        eval_on_start=task != "dpo" and grid_run(run, settings) and run["rate"] == START_RATE,
         eval_steps=max(1, -(-run["steps"] // settings["evals"])),  # ceil: `evals` evals, the last at the end
         save_strategy="no",
         report_to="none",
